@@ -1,0 +1,180 @@
+"""The ASGI application: webhook, media stream, operations endpoints and the calls API.
+
+``relay.app:app`` builds its runtime from the environment on start-up; tests and the
+demo use ``create_app(settings)`` with their own settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import re
+from collections.abc import AsyncIterator
+from urllib.parse import parse_qsl
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from relay.bridge import CallBridge
+from relay.config import Settings
+from relay.runtime import Runtime
+from relay.security import InvalidSignature, check_signature, mint_stream_token, public_request_url
+from relay.twilio import twiml
+
+log = logging.getLogger("relay.app")
+_SID = re.compile(r"[A-Za-z0-9]{2,64}")
+XML = "application/xml"
+
+
+def _public_base(runtime: Runtime, request: Request) -> str:
+    if runtime.settings.public_url:
+        return runtime.settings.public_url
+    proto = request.headers.get("x-forwarded-proto") or request.url.scheme
+    host = request.headers.get("x-forwarded-host") or request.headers.get("host") or request.url.netloc
+    return f"{proto}://{host}"
+
+
+async def _read_limited(request: Request, limit: int) -> bytes | None:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+async def incoming_call(request: Request) -> Response:
+    """Twilio's voice webhook: verify the signature, answer with <Connect><Stream>."""
+    runtime: Runtime = request.app.state.runtime
+    settings = runtime.settings
+    body = await _read_limited(request, settings.max_webhook_body_bytes)
+    if body is None:
+        runtime.metrics.calls_refused.labels("webhook_too_large").inc()
+        log.warning("webhook body over %d bytes refused", settings.max_webhook_body_bytes)
+        return PlainTextResponse("request body too large", status_code=413)
+    try:
+        form = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False))
+    except UnicodeDecodeError:
+        return PlainTextResponse("malformed form body", status_code=400)
+    url = public_request_url(settings.public_url, str(request.url))
+    if settings.twilio_auth_token:
+        try:
+            check_signature(
+                settings.twilio_auth_token,
+                url,
+                form,
+                request.headers.get("x-twilio-signature"),
+                settings_header=request.headers.get("x-twilio-webhooks-signature-settings"),
+            )
+        except InvalidSignature as exc:
+            runtime.metrics.calls_refused.labels("bad_signature").inc()
+            log.warning("webhook refused: %s", exc, extra={"call_sid": form.get("CallSid", "")[:64], "url": url})
+            return PlainTextResponse("invalid signature", status_code=403)
+    call_sid = form.get("CallSid", "")
+    if not _SID.fullmatch(call_sid):
+        return PlainTextResponse("missing or invalid CallSid", status_code=400)
+    if runtime.draining or runtime.full:
+        reason = "draining" if runtime.draining else "full"
+        runtime.metrics.calls_refused.labels(reason).inc()
+        log.warning("call turned away (%s)", reason, extra={"call_sid": call_sid})
+        body_xml = (
+            twiml.dial(settings.overflow_dial, say_first=None)
+            if settings.overflow_dial
+            else twiml.say_and_hangup(settings.overflow_say)
+        )
+        return Response(body_xml, media_type=XML)
+    token = mint_stream_token(settings.stream_secret, call_sid, settings.stream_token_ttl_s)
+    parameters = {"token": token, "from": form.get("From", "")[:32], "to": form.get("To", "")[:32]}
+    stream = twiml.stream_url(_public_base(runtime, request))
+    log.info("call answered with a stream", extra={"call_sid": call_sid})
+    return Response(twiml.connect_stream(stream, parameters), media_type=XML)
+
+
+async def media_stream(websocket: WebSocket) -> None:
+    runtime: Runtime = websocket.app.state.runtime
+    await CallBridge(runtime, websocket).run()
+
+
+async def transfer_whisper(request: Request) -> Response:
+    """TwiML spoken to the human agent before a transferred caller is connected."""
+    runtime: Runtime = request.app.state.runtime
+    text = request.query_params.get("text", "")
+    sig = request.query_params.get("sig", "")
+    if not text or not runtime.whisper_valid(text, sig):
+        return PlainTextResponse("forbidden", status_code=403)
+    return Response(twiml.say_only(text), media_type=XML)
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    checks = await runtime.readiness()
+    return JSONResponse(checks, status_code=200 if checks["ready"] else 503)
+
+
+async def metrics(request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    await runtime.readiness()  # refresh store gauges
+    return Response(runtime.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def get_call(request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    expected = runtime.settings.relay_api_token
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if not expected or scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), expected.encode()):
+        return JSONResponse(
+            {"error": "a valid bearer token is required"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+        )
+    call_sid = request.path_params["call_sid"]
+    if not _SID.fullmatch(call_sid):
+        return JSONResponse({"error": "invalid call SID"}, status_code=400)
+    try:
+        record = await runtime.store.get_call(call_sid)
+    except Exception as exc:
+        log.warning("call lookup failed: %s", type(exc).__name__, extra={"call_sid": call_sid})
+        return JSONResponse({"error": "state store unavailable"}, status_code=503)
+    if record is None:
+        return JSONResponse({"error": "no such call"}, status_code=404)
+    return Response(orjson.dumps(record.to_json()), media_type="application/json")
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        rt = runtime or Runtime(settings or Settings.from_env())
+        app.state.runtime = rt
+        await rt.start()
+        try:
+            yield
+        finally:
+            await rt.stop()
+
+    routes = [
+        Route("/incoming-call", incoming_call, methods=["POST"]),
+        WebSocketRoute("/media-stream", media_stream),
+        Route("/transfer-whisper", transfer_whisper, methods=["POST", "GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/calls/{call_sid}", get_call, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    if runtime is not None:
+        app.state.runtime = runtime
+    return app
+
+
+app = create_app()

@@ -1,0 +1,641 @@
+"""The I/O half of a call: one Twilio WebSocket, one (replaceable) Realtime WebSocket.
+
+Caller audio goes Twilio -> Realtime and answer audio Realtime -> Twilio in two straight
+loops; everything else (store writes, tools, metrics) hangs off the side. Decisions are
+the call object's (relay.call); this module moves messages, runs timers and tasks, and
+makes sure every task and socket of the call ends with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections import deque
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import websockets
+from starlette.websockets import WebSocket, WebSocketState
+from websockets.asyncio.client import ClientConnection
+
+from relay import logs
+from relay.call import Call, Entry, Metric, RunTool, SummaryReady, UpstreamFailed, UsageReport
+from relay.metrics import HOP_SAMPLE_EVERY
+from relay.realtime import client
+from relay.realtime import events as ev
+from relay.security import StreamTokenError, check_signature, InvalidSignature, verify_stream_token
+from relay.tools import ToolContext
+from relay.twilio import messages as tw
+from relay.twilio import twiml
+
+if TYPE_CHECKING:
+    from relay.runtime import Runtime
+
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN = 1013
+CALLER_AUDIO_BUFFER_FRAMES = 150  # 3 s of caller audio kept while a new Realtime session opens
+FINAL_SUMMARY_WAIT_S = 4.0
+
+
+class CallBridge:
+    def __init__(self, runtime: Runtime, websocket: WebSocket) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.ws = websocket
+        self.log: logs.CallLogger = logs.call_logger("", "")
+        self.call: Call | None = None
+        self.call_sid = ""
+        self.caller = ""
+        self.called = ""
+        self.upstream: ClientConnection | None = None
+        self.ending = False
+        self.end_reason = ""
+        self.fatal: UpstreamFailed | None = None
+        self.twilio_closed = False
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._twilio_task: asyncio.Task[None] | None = None
+        self._upstream_task: asyncio.Task[None] | None = None
+        self._audio_backlog: deque[str] = deque(maxlen=CALLER_AUDIO_BUFFER_FRAMES)
+        self._final_summary = asyncio.Event()
+        self._rollover = False
+        self._session_timeout = False
+        self._dtmf_times: deque[float] = deque()
+        self.cost_usd = 0.0
+        self.started_at = time.monotonic()
+        self.agent = self.settings.agent
+        self.allowed_tools: tuple[str, ...] | None = None
+
+    # ---- admission -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve one Media Stream from accept to the last task's end."""
+        await self.ws.accept()
+        if self.runtime.draining:
+            self.runtime.metrics.calls_refused.labels("draining").inc()
+            await self._close_twilio(CLOSE_TRY_AGAIN, "instance draining")
+            return
+        start = await self._await_start()
+        if start is None:
+            return
+        await self._serve(start)
+
+    async def _await_start(self) -> tw.Start | None:
+        settings = self.settings
+        try:
+            async with asyncio.timeout(settings.start_timeout_s):
+                while True:
+                    message = await self.ws.receive()
+                    if message["type"] == "websocket.disconnect":
+                        return None
+                    text = message.get("text")
+                    if text is None:
+                        continue
+                    if len(text) > settings.max_twilio_message_bytes:
+                        await self._refuse(CLOSE_TOO_BIG, "oversized frame before start")
+                        return None
+                    try:
+                        event = tw.parse(text)
+                    except tw.MalformedMessage as exc:
+                        self.log.warning("malformed frame before start skipped: %s", exc)
+                        continue
+                    if isinstance(event, tw.Start):
+                        return await self._admit(event)
+        except TimeoutError:
+            await self._refuse(CLOSE_POLICY, "no valid start message in time")
+            return None
+
+    async def _refuse(self, code: int, reason: str) -> None:
+        self.runtime.metrics.calls_refused.labels(reason.split(":")[0][:40]).inc()
+        self.log.warning("stream refused: %s", reason)
+        await self._close_twilio(code, reason[:100])
+
+    async def _admit(self, start: tw.Start) -> tw.Start | None:
+        """The stream token (and the upgrade signature, when present) must match this call."""
+        self.log = logs.call_logger(start.call_sid, start.stream_sid, "relay.bridge")
+        token = start.custom_parameters.get("token", "")
+        try:
+            expiry = verify_stream_token(self.settings.stream_secret, start.call_sid, token)
+        except StreamTokenError as exc:
+            await self._refuse(CLOSE_POLICY, f"stream token rejected: {exc}")
+            return None
+        signature = self.ws.headers.get("x-twilio-signature")
+        if signature and self.settings.twilio_auth_token and self.settings.public_url:
+            try:
+                check_signature(
+                    self.settings.twilio_auth_token,
+                    twiml.stream_url(self.settings.public_url),
+                    {},
+                    signature,
+                )
+            except InvalidSignature as exc:
+                await self._refuse(CLOSE_POLICY, f"upgrade signature rejected: {exc}")
+                return None
+        digest = hashlib.sha256(token.encode()).hexdigest()[:32]
+        try:
+            first_use = await asyncio.wait_for(
+                self.runtime.store.claim_once(f"stream-token:{digest}", max(60, int(expiry - time.time()) + 60)),
+                timeout=1.0,
+            )
+        except Exception as exc:  # the store being down must not stop calls; the token still expires
+            self.log.warning("could not check stream token reuse (%s); admitting", type(exc).__name__)
+            first_use = True
+        if not first_use:
+            await self._refuse(CLOSE_POLICY, "stream token already used")
+            return None
+        return start
+
+    # ---- the call ------------------------------------------------------------------------
+
+    async def _serve(self, start: tw.Start) -> None:
+        runtime = self.runtime
+        self.call_sid = start.call_sid
+        self.caller = start.custom_parameters.get("from", "")
+        self.called = start.custom_parameters.get("to", "")
+        self.agent = runtime.profile_for(self.called)
+        self.allowed_tools = self.agent.tools
+        memory = await self._caller_memory()
+        suffix = f"Notes from this caller's previous calls: {memory}" if memory else ""
+        self.call = Call(
+            call_sid=start.call_sid,
+            stream_sid=start.stream_sid,
+            dialect=runtime.dialect,
+            agent=self.agent,
+            model=self.settings.model,
+            tools=runtime.tools.specs(self.allowed_tools),
+            instructions_suffix=suffix,
+            summary_max_turns=self.settings.summary_max_turns,
+            summary_max_tokens=self.settings.summary_max_tokens,
+            summary_keep_turns=self.settings.summary_keep_turns,
+            logger=logs.call_logger(start.call_sid, start.stream_sid),
+        )
+        runtime.register(self)
+        runtime.store.call_started(
+            self.call_sid,
+            {
+                "from": self.caller,
+                "to": self.called,
+                "stream_sid": start.stream_sid,
+                "started": datetime.now(UTC).isoformat(),
+                "instance": runtime.instance_id,
+                "dialect": runtime.dialect.name,
+                "model": self.settings.model,
+                "profile": self.agent.name,
+                "caller_memory": "1" if memory else "0",
+            },
+        )
+        self.log.info("call started", extra={"caller_known": bool(memory), "profile": self.agent.name})
+        self._upstream_task = asyncio.create_task(self._upstream_supervisor(), name=f"upstream-{self.call_sid}")
+        self._twilio_task = asyncio.current_task()  # type: ignore[assignment]
+        try:
+            await self._twilio_loop()
+        except asyncio.CancelledError:
+            if not self.ending:
+                raise
+        finally:
+            await self._teardown()
+
+    async def _caller_memory(self) -> str | None:
+        if not (self.settings.caller_memory and self.caller):
+            return None
+        try:
+            return await asyncio.wait_for(self.runtime.store.get_caller_memory(self.caller), timeout=0.5)
+        except Exception as exc:
+            self.log.warning("caller memory unavailable (%s); continuing without", type(exc).__name__)
+            return None
+
+    async def _twilio_loop(self) -> None:
+        assert self.call is not None
+        call = self.call
+        receive = self.ws.receive
+        max_bytes = self.settings.max_twilio_message_bytes
+        parse = tw.parse
+        media_type = tw.Media
+        frame = 0
+        hop = self.runtime.metrics.hop_latency.labels("caller_to_realtime")
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                self.twilio_closed = True
+                self._mark_ending("caller_disconnected")
+                return
+            text = message.get("text")
+            if text is None:
+                self.log.warning("binary frame from Twilio ignored")
+                continue
+            if len(text) > max_bytes:
+                self.log.warning("oversized Twilio frame (%d bytes); closing stream", len(text))
+                self._mark_ending("oversized_frame")
+                await self._close_twilio(CLOSE_TOO_BIG, "frame too large")
+                return
+            frame += 1
+            sampled = frame % HOP_SAMPLE_EVERY == 0
+            t0 = time.perf_counter() if sampled else 0.0
+            try:
+                event = parse(text)
+            except tw.MalformedMessage as exc:
+                self.log.warning("malformed Twilio frame skipped: %s", exc)
+                continue
+            if type(event) is media_type:
+                call.frames_in += 1
+                await self._send_upstream(client.APPEND_PREFIX + event.payload + client.APPEND_SUFFIX)
+                if sampled:
+                    hop.observe(time.perf_counter() - t0)
+                continue
+            if isinstance(event, tw.Mark):
+                call.twilio_mark(event.name)
+            elif isinstance(event, tw.Dtmf):
+                if self._dtmf_allowed():
+                    call.twilio_dtmf(event.digit)
+                    await self._flush()
+            elif isinstance(event, tw.Stop):
+                self._mark_ending("caller_hung_up")
+                return
+            elif isinstance(event, tw.Start):
+                self.log.warning("second start message on one stream ignored")
+            elif isinstance(event, tw.Unknown):
+                self.log.debug("unknown Twilio event %s ignored", event.event)
+
+    def _dtmf_allowed(self) -> bool:
+        now = time.monotonic()
+        window = self._dtmf_times
+        while window and now - window[0] > 1.0:
+            window.popleft()
+        if len(window) >= self.settings.max_dtmf_per_second:
+            self.log.warning("DTMF flood: digit dropped (limit %g per second)", self.settings.max_dtmf_per_second)
+            return False
+        window.append(now)
+        return True
+
+    # ---- sending ---------------------------------------------------------------------------
+
+    async def _send_upstream(self, text: str) -> None:
+        upstream = self.upstream
+        if upstream is None:
+            if text.startswith(client.APPEND_PREFIX):
+                self._audio_backlog.append(text)
+            return
+        try:
+            await upstream.send(text)
+        except websockets.ConnectionClosed:
+            if text.startswith(client.APPEND_PREFIX):
+                self._audio_backlog.append(text)
+
+    async def _send_twilio(self, text: str) -> None:
+        if self.twilio_closed:
+            return
+        try:
+            await self.ws.send_text(text)
+        except Exception:  # the caller's socket is gone; the Twilio loop ends the call
+            self.twilio_closed = True
+
+    async def _flush(self) -> None:
+        """Send what the call object produced and perform its effects."""
+        assert self.call is not None
+        to_twilio, to_upstream, effects = self.call.drain()
+        for text in to_twilio:
+            await self._send_twilio(text)
+        for text in to_upstream:
+            await self._send_upstream(text)
+        for effect in effects:
+            self._apply(effect)
+
+    def _apply(self, effect: Any) -> None:
+        store = self.runtime.store
+        metrics = self.runtime.metrics
+        if isinstance(effect, Metric):
+            metrics.observe(effect.name, effect.value, effect.label)
+        elif isinstance(effect, Entry):
+            store.add_entry(self.call_sid, {"kind": effect.kind, "t": time.time(), **effect.data})
+        elif isinstance(effect, UsageReport):
+            store.add_usage(self.call_sid, effect.usage)
+            prices = self.settings.price_per_1k_tokens
+            for kind, count in effect.usage.items():
+                metrics.tokens.labels(kind).inc(count)
+            self.cost_usd += _cost(effect.usage, prices)
+        elif isinstance(effect, RunTool):
+            self._spawn(self._run_tool(effect), f"tool-{effect.name}")
+        elif isinstance(effect, SummaryReady):
+            store.set_summary(self.call_sid, effect.text)
+            if effect.final:
+                if self.settings.caller_memory and self.caller:
+                    store.set_caller_memory(self.caller, effect.text)
+                self._final_summary.set()
+        elif isinstance(effect, UpstreamFailed):
+            if effect.fatal:
+                self.fatal = effect
+                self.log.error("Realtime API refused the session (%s): %s", effect.code, effect.message)
+            else:
+                self._rollover = True
+            if self.upstream is not None:
+                self._spawn(self.upstream.close(), "upstream-close")
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"{name}-{self.call_sid}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # ---- upstream ----------------------------------------------------------------------------
+
+    async def _connect_upstream(self) -> ClientConnection:
+        settings = self.settings
+        return await websockets.connect(
+            settings.realtime_ws_url,
+            additional_headers=self.runtime.dialect.headers(settings.openai_api_key),
+            compression=None,
+            max_size=settings.max_upstream_message_bytes,
+            ping_interval=settings.ws_ping_interval_s,
+            ping_timeout=settings.ws_ping_timeout_s,
+            open_timeout=10,
+            close_timeout=2,
+            user_agent_header="phone-relay",
+        )
+
+    async def _upstream_supervisor(self) -> None:
+        """Keep a configured Realtime session attached for as long as the call lasts."""
+        assert self.call is not None
+        call = self.call
+        settings = self.settings
+        failures = 0
+        opened_once = False
+        while not self.ending:
+            try:
+                upstream = await self._connect_upstream()
+            except Exception as exc:
+                failures += 1
+                self.log.warning("Realtime connection failed (%s: %s)", type(exc).__name__, str(exc)[:200])
+                if failures > settings.reconnect_attempts:
+                    await self._end("realtime_unavailable")
+                    return
+                await asyncio.sleep(settings.reconnect_backoff_s * 2 ** (failures - 1))
+                continue
+            if opened_once:
+                self.runtime.metrics.upstream_reconnects.labels("rollover" if self._rollover else "dropped").inc()
+                call.effects.append(Entry("system", {"event": "realtime_reconnected", "rollover": self._rollover}))
+            opened_once = True
+            self._rollover = False
+            self._session_timeout = False
+            self.upstream = upstream
+            call.upstream_opened()
+            await self._flush()
+            while self._audio_backlog:
+                await self._send_upstream(self._audio_backlog.popleft())
+            watchdog = self._spawn(self._session_watchdog(upstream), "session-watchdog")
+            try:
+                await self._upstream_reader(upstream)
+            finally:
+                watchdog.cancel()
+                self.upstream = None
+                with contextlib.suppress(Exception):
+                    await upstream.close()
+            became_ready = call.session_ready
+            call.upstream_lost()
+            await self._flush()
+            if self.ending:
+                return
+            if self.fatal is not None:
+                await self._end(f"realtime_error:{self.fatal.code}")
+                return
+            if self._rollover:
+                self.log.info("Realtime session rolled over")
+                continue
+            if became_ready and not self._session_timeout:
+                failures = 0
+            failures += 1
+            reason = "session.update timeout" if self._session_timeout else f"closed with {upstream.close_code}"
+            self.log.warning("Realtime session lost (%s); reconnecting (attempt %d)", reason, failures)
+            if failures > settings.reconnect_attempts:
+                await self._end("realtime_unavailable")
+                return
+            await asyncio.sleep(settings.reconnect_backoff_s * 2 ** (failures - 1))
+
+    async def _session_watchdog(self, upstream: ClientConnection) -> None:
+        """Close a session that never confirms its configuration, and roll over long sessions."""
+        assert self.call is not None
+        await asyncio.sleep(self.settings.session_update_timeout_s)
+        if not self.call.session_ready:
+            self._session_timeout = True
+            self.log.warning("no session.updated within %.1f s", self.settings.session_update_timeout_s)
+            await upstream.close(1000, "session.update timeout")
+            return
+        remaining = self.settings.session_max_s - self.settings.session_update_timeout_s
+        await asyncio.sleep(max(0.0, remaining))
+        # Roll over between turns so nothing the caller is hearing is cut.
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline and not (self.call.playback_idle and not self.call.caller_speaking):
+            await asyncio.sleep(0.05)
+        self._rollover = True
+        self.log.info("Realtime session reached its planned maximum; opening a new one")
+        await upstream.close(1000, "rollover")
+
+    async def _upstream_reader(self, upstream: ClientConnection) -> None:
+        assert self.call is not None
+        call = self.call
+        parse = self.runtime.dialect.parse
+        audio_delta = ev.AudioDelta
+        hop = self.runtime.metrics.hop_latency.labels("realtime_to_caller")
+        count = 0
+        try:
+            async for raw in upstream:
+                count += 1
+                sampled = count % HOP_SAMPLE_EVERY == 0
+                t0 = time.perf_counter() if sampled else 0.0
+                try:
+                    event = parse(raw)
+                except ev.MalformedEvent as exc:
+                    self.log.warning("malformed Realtime event skipped: %s", exc)
+                    continue
+                call.upstream_event(event)
+                if type(event) is audio_delta:
+                    for text in call.to_twilio:
+                        await self._send_twilio(text)
+                    call.to_twilio.clear()
+                    if call.to_upstream or call.effects:
+                        await self._flush()
+                    if sampled:
+                        hop.observe(time.perf_counter() - t0)
+                else:
+                    await self._flush()
+        except websockets.ConnectionClosed:
+            pass
+
+    # ---- tools ---------------------------------------------------------------------------------
+
+    def tool_context(self) -> ToolContext:
+        return ToolContext(
+            call_sid=self.call_sid,
+            caller=self.caller,
+            called=self.called,
+            profile=self.agent,
+            store=self.runtime.store,
+            log=logs.call_logger(self.call_sid, self.call.stream_sid if self.call else "", "relay.tools"),
+            end_call=self.end_call,
+            transfer_call=self.transfer_call,
+            summary=lambda: self.call.summary if self.call else None,
+        )
+
+    async def _run_tool(self, request: RunTool) -> None:
+        assert self.call is not None
+        result = await self.runtime.tools.run(
+            request.name, request.arguments, self.tool_context(), allowed=self.allowed_tools
+        )
+        self.runtime.metrics.tool_calls.labels(request.name, result.outcome).inc()
+        self.runtime.metrics.tool_duration.labels(request.name).observe(result.duration_s)
+        if self.call.phase.value == "closed":
+            return
+        self.call.tool_result(request.call_id, result.output, ok=result.outcome == "ok")
+        await self._flush()
+
+    async def wait_playback_idle(self, timeout: float) -> bool:
+        """Until Twilio has acknowledged every mark of the audio sent (or the timeout)."""
+        assert self.call is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.call.playback_idle or self.twilio_closed:
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    async def end_call(self, reason: str = "assistant_ended") -> None:
+        """Let the goodbye play out, then hang up through Twilio's REST API and close both sockets."""
+        played = await self.wait_playback_idle(self.settings.end_call_mark_timeout_s)
+        if not played:
+            self.log.info("goodbye not acknowledged within %.1f s; hanging up", self.settings.end_call_mark_timeout_s)
+        control = self.runtime.twilio_control
+        if control is not None:
+            try:
+                await control.hangup(self.call_sid)
+            except Exception as exc:
+                self.log.warning("REST hang-up failed (%s); closing the stream instead", type(exc).__name__)
+        await self._end(reason)
+
+    async def transfer_call(self, number: str, whisper: str | None = None) -> None:
+        """Hand the caller to a human: the live call's TwiML becomes <Dial>, which ends our stream."""
+        control = self.runtime.twilio_control
+        await self.wait_playback_idle(self.settings.end_call_mark_timeout_s)
+        if control is None:
+            raise RuntimeError("transfers need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
+        await control.redirect(self.call_sid, twiml.dial(number, whisper_url=self.runtime.whisper_url(whisper)))
+        await self._end("transferred")
+
+    # ---- ending ------------------------------------------------------------------------------------
+
+    def _mark_ending(self, reason: str) -> None:
+        if not self.ending:
+            self.ending = True
+            self.end_reason = reason
+
+    async def _end(self, reason: str) -> None:
+        """End the call from our side: stop the Twilio loop, which runs the teardown."""
+        self._mark_ending(reason)
+        if reason in ("realtime_unavailable",) or reason.startswith("realtime_error"):
+            await self._redirect_to_fallback()
+        await self._close_twilio(1000, reason[:100])
+        task = self._twilio_task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
+
+    async def _redirect_to_fallback(self) -> None:
+        number = self.settings.fallback_number
+        control = self.runtime.twilio_control
+        if not number or control is None:
+            return
+        try:
+            await control.redirect(self.call_sid, twiml.dial(number))
+            self.log.info("call redirected to the fallback number")
+        except Exception as exc:
+            self.log.warning("fallback redirect failed (%s)", type(exc).__name__)
+
+    async def goodbye(self, text: str, timeout: float) -> None:
+        """Shutdown: a short spoken goodbye where the session allows, then close."""
+        call = self.call
+        if call is not None and call.session_ready and self.upstream is not None and not self.ending:
+            call.effects.append(Entry("system", {"event": "drain_goodbye"}))
+            call.say(f"Say exactly this and nothing else: {text}", interrupt=True)
+            await self._flush()
+            await asyncio.sleep(0.2)
+            await self.wait_playback_idle(timeout)
+        await self._end("shutdown")
+
+    async def _close_twilio(self, code: int, reason: str) -> None:
+        if self.twilio_closed:
+            return
+        self.twilio_closed = True
+        with contextlib.suppress(Exception):
+            if self.ws.application_state != WebSocketState.DISCONNECTED:
+                await self.ws.close(code=code, reason=reason)
+
+    async def _teardown(self) -> None:
+        call = self.call
+        if call is None:
+            return
+        self._mark_ending("stream_closed")
+        if (
+            self.settings.caller_memory
+            and self.caller
+            and self.upstream is not None
+            and call.session_ready
+            and (call.turn_count > 0 or call.summary)
+        ):
+            if call.request_summary(final=True):
+                await self._flush()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._final_summary.wait(), FINAL_SUMMARY_WAIT_S)
+        call.close(self.end_reason)
+        for effect in call.drain()[2]:
+            self._apply(effect)
+        if self._upstream_task is not None and self._upstream_task is not asyncio.current_task():
+            self._upstream_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._upstream_task
+        for task in list(self.tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        if self.tasks:
+            await asyncio.gather(*[t for t in self.tasks if t is not asyncio.current_task()], return_exceptions=True)
+        if self.upstream is not None:
+            with contextlib.suppress(Exception):
+                await self.upstream.close()
+            self.upstream = None
+        await self._close_twilio(1000, "call ended")
+        duration = time.monotonic() - self.started_at
+        self.runtime.store.call_updated(
+            self.call_sid,
+            {
+                "ended": datetime.now(UTC).isoformat(),
+                "end_reason": self.end_reason,
+                "duration_s": f"{duration:.1f}",
+                "frames_in": str(call.frames_in),
+                "frames_out": str(call.frames_out),
+                "cost_usd": f"{self.cost_usd:.4f}",
+            },
+        )
+        self.runtime.metrics.calls_ended.labels(self.end_reason).inc()
+        if self.settings.price_per_1k_tokens:
+            self.runtime.metrics.call_cost.observe(self.cost_usd)
+        self.runtime.unregister(self)
+        self.log.info(
+            "call ended",
+            extra={"reason": self.end_reason, "duration_s": round(duration, 1), "frames_in": call.frames_in,
+                   "frames_out": call.frames_out},
+        )
+
+
+_PRICE_KINDS = {
+    "input_text": "input_text",
+    "input_audio": "input_audio",
+    "input_cached": "cached",
+    "output_text": "output_text",
+    "output_audio": "output_audio",
+}
+
+
+def _cost(usage: dict[str, int], prices: Any) -> float:
+    total = 0.0
+    for kind, price_kind in _PRICE_KINDS.items():
+        if price_kind in prices and kind in usage:
+            total += usage[kind] / 1000.0 * float(prices[price_kind])
+    return total

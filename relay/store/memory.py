@@ -1,0 +1,220 @@
+"""In-process `Store` for a single instance (no REDIS_URL) and for tests.
+
+It mirrors RedisStore's observable behaviour: entries round-trip through JSON (so callers see
+the same types either way), call state and caller memory expire after their TTLs (checked on
+read, plus an occasional sweep so an idle process does not grow forever), and claims expire.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from .base import CallRecord, encode_entry, hash_number
+
+__all__ = ["MemoryStore"]
+
+_SWEEP_EVERY = 1000  # writes between sweeps of expired state
+
+
+@dataclass(slots=True)
+class _Call:
+    expires_at: float
+    meta: dict[str, str] = field(default_factory=dict)
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    usage: dict[str, int] = field(default_factory=dict)
+    summary: str | None = None
+
+
+def _meta_fields(meta: Mapping[str, str]) -> dict[str, str]:
+    return {str(k): str(v) for k, v in meta.items() if v is not None}
+
+
+def _json_copy(entry: Mapping[str, Any]) -> dict[str, Any]:
+    decoded = orjson.loads(encode_entry(entry))
+    if not isinstance(decoded, dict):
+        raise TypeError("entry must be a mapping")
+    return decoded
+
+
+class MemoryStore:
+    """Dict-backed store; writes apply immediately, so there is never a queue or a drop."""
+
+    def __init__(
+        self,
+        *,
+        state_ttl_s: int = 7 * 24 * 3600,
+        caller_memory_ttl_s: int = 30 * 24 * 3600,
+        number_salt: str = "",
+        logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._state_ttl = float(state_ttl_s)
+        self._caller_ttl = float(caller_memory_ttl_s)
+        self._salt = number_salt
+        self._log = logger or logging.getLogger("relay.store")
+        self._clock = clock
+        self._calls: dict[str, _Call] = {}
+        self._callers: dict[str, tuple[str, float]] = {}
+        self._claims: dict[str, float] = {}
+        self._writes = 0
+        self._rejected = 0
+        self._rejected_logged = False
+
+    # lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Nothing to start: writes are applied synchronously."""
+
+    async def close(self, flush_timeout: float = 2.0) -> None:
+        """Nothing to flush; state stays readable so tests can inspect it after close."""
+
+    # writes --------------------------------------------------------------------------------------
+
+    def call_started(self, call_sid: str, meta: Mapping[str, str]) -> None:
+        self._apply(lambda: self._merge_meta(call_sid, meta))
+
+    def call_updated(self, call_sid: str, meta: Mapping[str, str]) -> None:
+        self._apply(lambda: self._merge_meta(call_sid, meta))
+
+    def add_entry(self, call_sid: str, entry: Mapping[str, Any]) -> None:
+        def apply() -> None:
+            copy = _json_copy(entry)
+            self._call(call_sid).entries.append(copy)
+
+        self._apply(apply)
+
+    def add_usage(self, call_sid: str, usage: Mapping[str, int]) -> None:
+        def apply() -> None:
+            deltas = {str(k): int(v) for k, v in usage.items()}
+            if not deltas:
+                return
+            totals = self._call(call_sid).usage
+            for k, v in deltas.items():
+                totals[k] = totals.get(k, 0) + v
+
+        self._apply(apply)
+
+    def set_summary(self, call_sid: str, summary: str) -> None:
+        def apply() -> None:
+            self._call(call_sid).summary = str(summary)
+
+        self._apply(apply)
+
+    def set_caller_memory(self, caller_number: str, summary: str) -> None:
+        def apply() -> None:
+            key = hash_number(caller_number, self._salt)
+            self._callers[key] = (str(summary), self._clock() + self._caller_ttl)
+
+        self._apply(apply)
+
+    # reads ---------------------------------------------------------------------------------------
+
+    async def get_call(self, call_sid: str) -> CallRecord | None:
+        call = self._live_call(call_sid)
+        if call is None:
+            return None
+        return CallRecord(
+            call_sid=call_sid,
+            meta=dict(call.meta),
+            entries=[dict(e) for e in call.entries],
+            summary=call.summary,
+            usage=dict(call.usage),
+        )
+
+    async def recent_entries(self, call_sid: str, n: int) -> list[dict[str, Any]]:
+        call = self._live_call(call_sid)
+        if call is None or n <= 0:
+            return []
+        return [dict(e) for e in call.entries[-n:]]
+
+    async def get_caller_memory(self, caller_number: str) -> str | None:
+        key = hash_number(caller_number, self._salt)
+        item = self._callers.get(key)
+        if item is None:
+            return None
+        if item[1] <= self._clock():
+            del self._callers[key]
+            return None
+        return item[0]
+
+    async def claim_once(self, key: str, ttl_s: int) -> bool:
+        now = self._clock()
+        expires = self._claims.get(key)
+        if expires is not None and expires > now:
+            return False
+        self._claims[key] = now + ttl_s
+        return True
+
+    async def ping(self) -> bool:
+        return True
+
+    async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109 (contract: a budget, not a cancel)
+        return True
+
+    # observability -------------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return 0
+
+    @property
+    def dropped_writes(self) -> int:
+        """Only writes with unusable data (e.g. non-integer usage) are ever dropped here."""
+        return self._rejected
+
+    @property
+    def kind(self) -> str:
+        return "memory"
+
+    # internals -----------------------------------------------------------------------------------
+
+    def _apply(self, fn: Callable[[], None]) -> None:
+        """Run a write, keeping the never-raise promise even for malformed input."""
+        try:
+            fn()
+        except Exception as exc:
+            self._rejected += 1
+            if not self._rejected_logged:
+                self._rejected_logged = True
+                self._log.warning("store write rejected (logged once): %r", exc)
+            return
+        self._writes += 1
+        if self._writes % _SWEEP_EVERY == 0:
+            self._sweep()
+
+    def _merge_meta(self, call_sid: str, meta: Mapping[str, str]) -> None:
+        fields = _meta_fields(meta)
+        if fields:
+            self._call(call_sid).meta.update(fields)
+
+    def _call(self, call_sid: str) -> _Call:
+        """The live record for a write, created if needed, with its TTL refreshed (like EXPIRE)."""
+        expires_at = self._clock() + self._state_ttl
+        call = self._live_call(call_sid)
+        if call is None:
+            call = self._calls[call_sid] = _Call(expires_at=expires_at)
+        else:
+            call.expires_at = expires_at
+        return call
+
+    def _live_call(self, call_sid: str) -> _Call | None:
+        call = self._calls.get(call_sid)
+        if call is not None and call.expires_at <= self._clock():
+            del self._calls[call_sid]
+            return None
+        return call
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        for sid in [s for s, c in self._calls.items() if c.expires_at <= now]:
+            del self._calls[sid]
+        for key in [k for k, (_, exp) in self._callers.items() if exp <= now]:
+            del self._callers[key]
+        for key in [k for k, exp in self._claims.items() if exp <= now]:
+            del self._claims[key]

@@ -1,0 +1,1 @@
+"""Twilio wire formats: Media Streams messages, TwiML and signatures. No sockets here."""

@@ -1,0 +1,63 @@
+"""TwiML answers to the voice webhook, built with twilio's own VoiceResponse."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from twilio.twiml.voice_response import Connect, Dial, VoiceResponse
+
+
+def stream_url(public_base: str, path: str = "/media-stream") -> str:
+    """wss:// for https:// bases (production); ws:// for plain http (local development)."""
+    parts = urlsplit(public_base)
+    scheme = "wss" if parts.scheme in ("https", "wss") else "ws"
+    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + path, "", ""))
+
+
+def connect_stream(url: str, parameters: Mapping[str, str], *, after_say: str | None = None) -> str:
+    """<Connect><Stream> with <Parameter>s; TwiML after </Connect> runs when our side ends the stream."""
+    response = VoiceResponse()
+    connect = Connect()
+    stream = connect.stream(url=url)
+    for name, value in parameters.items():
+        stream.parameter(name=name, value=value)
+    response.append(connect)
+    if after_say:
+        response.say(after_say)
+    return str(response.to_xml())
+
+
+def say_and_hangup(message: str) -> str:
+    response = VoiceResponse()
+    response.say(message)
+    response.hangup()
+    return str(response.to_xml())
+
+
+def dial(
+    number: str, *, say_first: str | None = None, caller_id: str | None = None, whisper_url: str | None = None
+) -> str:
+    """<Dial> a number; ``whisper_url`` serves TwiML played to the callee before they are connected."""
+    response = VoiceResponse()
+    if say_first:
+        response.say(say_first)
+    dial_verb = Dial(caller_id=caller_id) if caller_id else Dial()
+    if whisper_url:
+        dial_verb.number(number, url=whisper_url, method="POST")
+    else:
+        dial_verb.number(number)
+    response.append(dial_verb)
+    return str(response.to_xml())
+
+
+def hangup() -> str:
+    response = VoiceResponse()
+    response.hangup()
+    return str(response.to_xml())
+
+
+def say_only(message: str) -> str:
+    response = VoiceResponse()
+    response.say(message)
+    return str(response.to_xml())

@@ -1,0 +1,146 @@
+"""Shared test fixtures. Redis: a shared server for ordinary tests, private ones for fault tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+_SHARED_REDIS = ("127.0.0.1", 6379)
+_SHARED_DB = 15
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it; small race, fine for tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _redis_answers(host: str, port: int) -> bool:
+    client = redis.Redis(host=host, port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def _redis_server_binary() -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail(
+            "no Redis on 127.0.0.1:6379 and no `redis-server` on PATH: "
+            "install Redis (e.g. apt-get install redis-server) to run the Redis tests"
+        )
+    return binary
+
+
+class RedisProcess:
+    """A redis-server subprocess a test may kill, pause or restart without touching others."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._binary = _redis_server_binary()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._paused = False
+        self.start()
+
+    def start(self) -> None:
+        """Launch with no persistence (a restart starts empty) and wait until it answers PING."""
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self._proc = subprocess.Popen(
+            [self._binary, *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not _redis_answers("127.0.0.1", self.port):
+            if self._proc.poll() is not None:
+                pytest.fail(f"redis-server on port {self.port} exited with {self._proc.returncode}")
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"redis-server on port {self.port} did not answer PING within 10 s")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL: the abrupt failure clients see when a Redis host dies."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+        self._proc = None
+        self._paused = False
+
+    def restart(self) -> None:
+        """Kill if running, then start an empty server on the same port."""
+        self.kill()
+        self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server accepts TCP connections but answers nothing (a stalled Redis)."""
+        assert self._proc is not None, "redis-server is not running"
+        os.kill(self._proc.pid, signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """SIGCONT after pause()."""
+        if self._proc is not None and self._paused:
+            os.kill(self._proc.pid, signal.SIGCONT)
+        self._paused = False
+
+    def stop(self) -> None:
+        self.resume()
+        self.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> Iterator[str]:
+    """Redis for ordinary tests: the local server's db 15 if it answers, else a throwaway one."""
+    if _redis_answers(*_SHARED_REDIS):
+        yield f"redis://{_SHARED_REDIS[0]}:{_SHARED_REDIS[1]}/{_SHARED_DB}"
+        return
+    server = RedisProcess()
+    try:
+        yield f"redis://127.0.0.1:{server.port}/{_SHARED_DB}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def store_prefix() -> str:
+    """A key prefix unique to this test, so tests can share one Redis and clean up exactly."""
+    return f"test:{uuid.uuid4().hex}:"
+
+
+@pytest.fixture
+def redis_url(redis_server_url: str, store_prefix: str) -> Iterator[str]:
+    """The shared Redis URL; deletes every `store_prefix*` key after the test."""
+    yield redis_server_url
+    client = redis.Redis.from_url(redis_server_url, socket_timeout=5)
+    try:
+        keys = list(client.scan_iter(match=f"{store_prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisProcess]:
+    """A dedicated redis-server (`.url`, `.port`, `.kill()`, `.restart()`, `.pause()`, `.resume()`)."""
+    server = RedisProcess()
+    try:
+        yield server
+    finally:
+        server.stop()
