@@ -29,6 +29,7 @@ from relay.realtime.dialect import Dialect
 from relay.twilio.messages import Outbound, is_base64
 
 ULAW_BYTES_PER_MS = 8
+FRAME_MS = 20
 SUMMARY_PURPOSE = "summary"
 RECENT_TURNS_KEPT = 12
 
@@ -592,14 +593,16 @@ class Call:
         """The chunk being played right now and how much of it the caller has heard.
 
         Marks only confirm whole chunks; the head chunk has been playing since the later of
-        its send time and the previous acknowledgement, at 8 bytes per ms.
+        its send time and the previous acknowledgement, at 8 bytes per ms, in 20 ms frames.
         """
         if not self._pending_marks:
             return None, 0
         _, item_id, nbytes, sent_at = self._pending_marks[0]
         started = max(sent_at, self._last_ack_at)
         elapsed_ms = max(0.0, self.clock() - started) * 1000.0
-        return item_id, min(nbytes, int(elapsed_ms) * ULAW_BYTES_PER_MS)
+        # Audio is played in 20 ms frames and a frame that has begun is heard whole.
+        frames_begun = int(elapsed_ms // FRAME_MS) + 1 if elapsed_ms > 0 else 0
+        return item_id, min(nbytes, frames_begun * FRAME_MS * ULAW_BYTES_PER_MS)
 
     def _on_speech_started(self, event: ev.SpeechStarted) -> None:
         self.caller_speaking = True

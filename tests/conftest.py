@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -9,10 +10,16 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import redis
+
+from relay.config import Settings
+from relay.sim.caller import CallerConfig, SimulatedCaller
+from relay.sim.local import LocalRelay
+from relay.sim.realtime import RealtimeSimulator, SimConfig
 
 _SHARED_REDIS = ("127.0.0.1", 6379)
 _SHARED_DB = 15
@@ -144,3 +151,44 @@ def private_redis() -> Iterator[RedisProcess]:
         yield server
     finally:
         server.stop()
+
+
+# ---- relay, Realtime simulator and simulated caller on loopback --------------------------------
+
+AUTH_TOKEN = "test-auth-token-5f2b9c0e7d"
+API_KEY = "sk-test-9f8e7d6c5b4a39281706"
+
+
+def relay_settings(realtime_url: str, **overrides: Any) -> Settings:
+    base = Settings(
+        openai_api_key=API_KEY,
+        realtime_url=realtime_url,
+        twilio_auth_token=AUTH_TOKEN,
+        stream_secret=b"test-stream-secret-0123456789",
+        caller_memory=False,
+        start_timeout_s=2.0,
+        session_update_timeout_s=3.0,
+        reconnect_backoff_s=0.05,
+        relay_api_token="test-api-token-abcdef",
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def make_caller(relay: LocalRelay, **overrides: Any) -> SimulatedCaller:
+    overrides.setdefault("auth_token", AUTH_TOKEN)
+    config = CallerConfig(base_url=relay.base_url, **overrides)
+    return SimulatedCaller(config)
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[RealtimeSimulator]:
+    simulator = RealtimeSimulator(SimConfig(realtime_factor=8.0))
+    await simulator.start()
+    yield simulator
+    await simulator.stop()
+
+
+@pytest.fixture
+async def relay(sim: RealtimeSimulator) -> AsyncIterator[LocalRelay]:
+    async with LocalRelay(relay_settings(sim.url)) as running:
+        yield running

@@ -143,7 +143,7 @@ def test_truncate_counts_the_part_of_a_chunk_already_playing() -> None:
     clock.now += 0.037
     call.upstream_event(ev.SpeechStarted(0, "u"))
     truncate = orjson.loads(call.drain()[1][0])
-    assert truncate["audio_end_ms"] == 137
+    assert truncate["audio_end_ms"] == 140  # 100 acknowledged + the 20 ms frame begun at 37 ms
 
 
 def test_barge_in_after_response_done_does_not_cancel() -> None:

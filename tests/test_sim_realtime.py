@@ -19,6 +19,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from openai.types.beta.realtime import RealtimeClientEvent as BetaClientEvent
 from openai.types.beta.realtime import RealtimeServerEvent as BetaServerEvent
 from openai.types.realtime import RealtimeClientEvent as GAClientEvent
@@ -108,23 +110,23 @@ class Client:
             CLIENT_ADAPTERS[self.dialect].validate_python(event)
         await self.ws.send(orjson.dumps(event).decode())
 
-    async def recv(self, timeout: float = 5.0) -> JSON:
-        event: JSON = orjson.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+    async def recv(self, wait_s: float = 5.0) -> JSON:
+        event: JSON = orjson.loads(await asyncio.wait_for(self.ws.recv(), wait_s))
         self.events.append(event)
         return event
 
-    async def until(self, kind: str, timeout: float = 5.0) -> list[JSON]:
+    async def until(self, kind: str, wait_s: float = 5.0) -> list[JSON]:
         """Events up to and including the next one of type ``kind``."""
         seen: list[JSON] = []
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + wait_s
         while True:
             event = await self.recv(max(0.01, deadline - time.monotonic()))
             seen.append(event)
             if event["type"] == kind:
                 return seen
 
-    async def expect(self, kind: str, timeout: float = 5.0) -> JSON:
-        return (await self.until(kind, timeout))[-1]
+    async def expect(self, kind: str, wait_s: float = 5.0) -> JSON:
+        return (await self.until(kind, wait_s))[-1]
 
     async def quiet(self, seconds: float = 0.15) -> list[JSON]:
         """Whatever arrives within ``seconds`` (used to prove something did not happen)."""
@@ -157,8 +159,8 @@ async def open_client(
         yield Client(ws, dialect)
 
 
-def session_update(dialect: str, *, turn_detection: JSON | None | str = "vad", **extra: Any) -> JSON:
-    """A relay-like ``session.update`` in the dialect's shape (µ-law both ways, VAD, transcription, a tool)."""
+def session_update(dialect: str, *, turn_detection: JSON | str | None = "vad", **extra: Any) -> JSON:
+    """A relay-like ``session.update`` in the dialect's shape (µ-law, VAD, transcription, a tool)."""
     vad: JSON | None = (
         {"type": "server_vad", "silence_duration_ms": 300, "prefix_padding_ms": 300}
         if turn_detection == "vad"
@@ -276,7 +278,9 @@ async def test_scripted_call_conforms_and_behaves(sim: RealtimeSimulator, dialec
         assert user_item["role"] == "user" and user_item["content"][0]["type"] == "input_audio"
         transcription = turn[kinds.index("conversation.item.input_audio_transcription.completed")]
         assert transcription["transcript"] == "caller turn 1 (1.2 s)"
-        assert kinds.index("conversation.item.input_audio_transcription.completed") < kinds.index("response.created")
+        assert kinds.index("conversation.item.input_audio_transcription.completed") < kinds.index(
+            "response.created"
+        )
         assert turn[-1]["response"]["status"] == "completed"
 
         # Caller turn 2 is scripted as a function call instead of audio.
@@ -292,7 +296,9 @@ async def test_scripted_call_conforms_and_behaves(sim: RealtimeSimulator, dialec
         assert (args_done.get("name") == "lookup_order") is (dialect == "ga")
         assert not any(e["type"] == names["audio_delta"] for e in call_turn)
         output = call_turn[-1]["response"]["output"]
-        assert [o["type"] for o in output] == ["function_call"] and output[0]["arguments"] == '{"order": "A1"}'
+        assert [o["type"] for o in output] == ["function_call"] and output[0][
+            "arguments"
+        ] == '{"order": "A1"}'
 
         await client.send(
             {
@@ -306,7 +312,11 @@ async def test_scripted_call_conforms_and_behaves(sim: RealtimeSimulator, dialec
         await client.send(
             {
                 "type": "conversation.item.create",
-                "item": {"type": "function_call_output", "call_id": call_item["call_id"], "output": '{"ok":true}'},
+                "item": {
+                    "type": "function_call_output",
+                    "call_id": call_item["call_id"],
+                    "output": '{"ok":true}',
+                },
             }
         )
         await client.expect(names["item_added"])
@@ -340,13 +350,23 @@ async def test_scripted_call_conforms_and_behaves(sim: RealtimeSimulator, dialec
         assert sent_ms == sum(delta_ms(client.events, dialect)[-len(delta_ms(barge, dialect)) - 3 :])
 
         await client.send(
-            {"type": "conversation.item.truncate", "item_id": long_item, "content_index": 0, "audio_end_ms": sent_ms + 500}
+            {
+                "type": "conversation.item.truncate",
+                "item_id": long_item,
+                "content_index": 0,
+                "audio_end_ms": sent_ms + 500,
+            }
         )
         error = (await client.expect("error"))["error"]
         assert error["type"] == "invalid_request_error" and error["code"] == "invalid_value"
         assert error["message"] == f"Audio content of {sent_ms} ms is already shorter than {sent_ms + 500} ms"
         await client.send(
-            {"type": "conversation.item.truncate", "item_id": long_item, "content_index": 0, "audio_end_ms": sent_ms // 2}
+            {
+                "type": "conversation.item.truncate",
+                "item_id": long_item,
+                "content_index": 0,
+                "audio_end_ms": sent_ms // 2,
+            }
         )
         truncated = await client.expect("conversation.item.truncated")
         assert truncated["audio_end_ms"] == sent_ms // 2
@@ -366,7 +386,11 @@ async def test_scripted_call_conforms_and_behaves(sim: RealtimeSimulator, dialec
         assert error["event_id"] == "evt_cancel"
 
         # DTMF as a text item; the scripted text match turns the next response into a tool call.
-        dtmf = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "DTMF 9 pressed"}]}
+        dtmf = {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": "DTMF 9 pressed"}],
+        }
         await client.send({"type": "conversation.item.create", "item": dtmf})
         added = await client.expect(names["item_added"])
         assert added["item"]["content"][0]["text"] == "DTMF 9 pressed"
@@ -399,12 +423,21 @@ async def test_scripted_call_conforms_and_behaves(sim: RealtimeSimulator, dialec
         await client.send({"type": "conversation.item.delete", "item_id": greeting_item})
         assert (await client.expect("error"))["error"]["code"] == "item_not_found"
         await client.send(
-            {"type": "conversation.item.truncate", "item_id": "item_missing", "content_index": 0, "audio_end_ms": 1}
+            {
+                "type": "conversation.item.truncate",
+                "item_id": "item_missing",
+                "content_index": 0,
+                "audio_end_ms": 1,
+            }
         )
         assert (await client.expect("error"))["error"]["code"] == "item_not_found"
         await client.send({"type": "no.such.event", "event_id": "evt_unknown"}, validate=False)
         error = (await client.expect("error"))["error"]
-        assert error["code"] == "invalid_value" and error["param"] == "type" and error["event_id"] == "evt_unknown"
+        assert (
+            error["code"] == "invalid_value"
+            and error["param"] == "type"
+            and error["event_id"] == "evt_unknown"
+        )
         await client.ws.send("{not json")
         assert (await client.expect("error"))["error"]["code"] == "invalid_json"
         await client.send({"type": "input_audio_buffer.append", "audio": "***"}, validate=False)
@@ -468,9 +501,21 @@ async def test_wrong_path_is_refused_before_upgrade(sim: RealtimeSimulator) -> N
     [
         ("ga", {"modalities": ["audio"], "input_audio_format": "g711_ulaw"}, "beta_api_shape_disabled"),
         ("ga", {"type": "realtime", "input_audio_format": "g711_ulaw"}, "unknown_parameter"),
-        ("ga", {"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcm"}}}}, "unsupported_audio_format"),
-        ("ga", {"type": "realtime", "audio": {"output": {"format": {"type": "audio/pcma"}}}}, "unsupported_audio_format"),
-        ("ga", {"type": "realtime", "audio": {"input": {"turn_detection": {"silence_duration_ms": 9}}}}, None),
+        (
+            "ga",
+            {"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcm"}}}},
+            "unsupported_audio_format",
+        ),
+        (
+            "ga",
+            {"type": "realtime", "audio": {"output": {"format": {"type": "audio/pcma"}}}},
+            "unsupported_audio_format",
+        ),
+        (
+            "ga",
+            {"type": "realtime", "audio": {"input": {"turn_detection": {"silence_duration_ms": 9}}}},
+            None,
+        ),
         ("beta", {"type": "realtime"}, "unknown_parameter"),
         ("beta", {"audio": {"input": {"format": {"type": "audio/pcmu"}}}}, "unknown_parameter"),
         ("beta", {"input_audio_format": "pcm16"}, "unsupported_audio_format"),
@@ -481,7 +526,9 @@ async def test_session_update_rejections(
 ) -> None:
     async with open_client(sim, dialect) as client:
         before = (await client.expect("session.created"))["session"]
-        await client.send({"type": "session.update", "event_id": "evt_bad", "session": session}, validate=False)
+        await client.send(
+            {"type": "session.update", "event_id": "evt_bad", "session": session}, validate=False
+        )
         error = (await client.expect("error"))["error"]
         assert error["code"] == (code or "missing_required_parameter")
         assert error["event_id"] == "evt_bad" and error["param"].startswith("session.")
@@ -502,7 +549,7 @@ async def test_max_session_duration_sends_error_and_closes(sim: RealtimeSimulato
     sim.config.max_session_s = 0.2
     async with open_client(sim) as client:
         await client.expect("session.created")
-        error = (await client.expect("error", timeout=2))["error"]
+        error = (await client.expect("error", wait_s=2))["error"]
         assert error["code"] == "session_expired"
         assert error["message"].startswith("Your session hit the maximum duration of")
         with pytest.raises(ConnectionClosed):
@@ -537,8 +584,13 @@ async def test_manual_turns_without_vad(sim: RealtimeSimulator) -> None:
 
 async def test_vad_without_interrupt_or_auto_response(sim: RealtimeSimulator) -> None:
     sim.config.realtime_factor = 2.0
-    sim.config.reply_ms = 1200
-    vad = {"type": "server_vad", "silence_duration_ms": 200, "create_response": False, "interrupt_response": False}
+    sim.config.reply_ms = 800
+    vad = {
+        "type": "server_vad",
+        "silence_duration_ms": 200,
+        "create_response": False,
+        "interrupt_response": False,
+    }
     async with open_client(sim, "beta") as client:
         await configured(client, "beta", turn_detection=vad)
         await client.send({"type": "response.create"})
@@ -549,6 +601,32 @@ async def test_vad_without_interrupt_or_auto_response(sim: RealtimeSimulator) ->
         assert any(e["type"] == "input_audio_buffer.committed" for e in events)
         assert not any(e["type"] == "response.created" for e in await client.quiet(0.15))
     assert_conforms(sim.sessions[0])
+
+
+@pytest.mark.parametrize(
+    ("lead_ms", "speech_ms", "append_bytes"),
+    [(0, 400, 160), (120, 60, 160), (1000, 300, 100), (500, 200, 1000)],
+)
+async def test_vad_timing(sim: RealtimeSimulator, lead_ms: int, speech_ms: int, append_bytes: int) -> None:
+    """Windows are 20 ms of the session's input, whatever the append sizes (odd sizes are carried over)."""
+    vad = {
+        "type": "server_vad",
+        "silence_duration_ms": 300,
+        "prefix_padding_ms": 300,
+        "create_response": False,
+    }
+    async with open_client(sim) as client:
+        await configured(client, "ga", turn_detection=vad)
+        audio = ulaw.silence(lead_ms) + ulaw.synth_speech(speech_ms, seed=lead_ms) + ulaw.silence(400)
+        for offset in range(0, len(audio), append_bytes):
+            chunk = base64.b64encode(audio[offset : offset + append_bytes]).decode()
+            await client.send({"type": "input_audio_buffer.append", "audio": chunk})
+        started = await client.expect("input_audio_buffer.speech_started")
+        stopped = await client.expect("input_audio_buffer.speech_stopped")
+        assert started["audio_start_ms"] == max(0, lead_ms - 300)
+        assert stopped["audio_end_ms"] == lead_ms + speech_ms + 300
+        items = sim.sessions[0].items()
+        assert items[0]["audio_ms"] == stopped["audio_end_ms"] - started["audio_start_ms"]
 
 
 async def test_client_cancel_and_pacing() -> None:
@@ -591,7 +669,9 @@ async def test_drop_all_aborts_without_close_frame(sim: RealtimeSimulator) -> No
 
 async def test_stop_leaves_no_tasks_behind() -> None:
     baseline = asyncio.all_tasks()
-    sim = RealtimeSimulator(SimConfig(realtime_factor=1.0, reply_ms=5000, response_delay_ms=0, max_session_s=30))
+    sim = RealtimeSimulator(
+        SimConfig(realtime_factor=1.0, reply_ms=5000, response_delay_ms=0, max_session_s=30)
+    )
     await sim.start()
     async with contextlib.AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(open_client(sim)) for _ in range(3)]
@@ -645,10 +725,23 @@ def test_ulaw_tables_match_g711() -> None:
     assert ulaw.FRAME_BYTES == 160 and ulaw.ULAW_BYTES_PER_MS == 8 and ulaw.SILENCE_BYTE == 0xFF
 
 
+@given(st.lists(st.integers(-40000, 40000), max_size=300))
+def test_ulaw_round_trip_error_is_bounded(samples: list[int]) -> None:
+    decoded = ulaw.decode(ulaw.encode(samples))
+    assert len(decoded) == len(samples)
+    for sample, value in zip(samples, decoded, strict=True):
+        if abs(sample) <= 32635:
+            assert abs(sample - value) <= abs(sample) / 16 + 8
+        else:
+            assert value == (32124 if sample > 0 else -32124)
+
+
 def test_ulaw_signals() -> None:
     assert ulaw.silence(20) == b"\xff" * 160 and ulaw.rms(ulaw.silence(100)) == 0.0 and ulaw.rms(b"") == 0.0
     speech = ulaw.synth_speech(2000, seed=7)
-    assert len(speech) == 16000 and speech == ulaw.synth_speech(2000, seed=7) != ulaw.synth_speech(2000, seed=8)
+    assert len(speech) == 16000 and speech == ulaw.synth_speech(2000, seed=7) != ulaw.synth_speech(
+        2000, seed=8
+    )
     windows = [ulaw.rms(speech[i : i + 160]) for i in range(0, len(speech), 160)]
     assert min(windows) > 3 * SimConfig().vad_rms_threshold
     tone = ulaw.tone(1000, 440.0, 0.5)
@@ -660,11 +753,24 @@ def test_wav_round_trip_and_formats(tmp_path: Path) -> None:
     pcm_path = tmp_path / "speech.wav"
     ulaw.write_wav(pcm_path, speech)
     with wave.open(str(pcm_path)) as wav:
-        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate(), wav.getnframes()) == (1, 2, 8000, 2400)
+        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate(), wav.getnframes()) == (
+            1,
+            2,
+            8000,
+            2400,
+        )
     assert ulaw.decode(ulaw.read_wav(pcm_path)) == ulaw.decode(speech)
 
     fmt = struct.pack("<HHIIHH", 7, 1, 8000, 8000, 1, 8)
-    mulaw = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(speech)) + speech
+    mulaw = (
+        b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", len(fmt))
+        + fmt
+        + b"data"
+        + struct.pack("<I", len(speech))
+        + speech
+    )
     mulaw_path = tmp_path / "mulaw.wav"
     mulaw_path.write_bytes(b"RIFF" + struct.pack("<I", len(mulaw)) + mulaw)
     assert ulaw.read_wav(mulaw_path) == speech

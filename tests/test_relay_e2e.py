@@ -1,0 +1,296 @@
+"""Whole calls through the real relay (uvicorn on loopback), the Realtime simulator and the simulated caller."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+import os
+from typing import Any
+
+import orjson
+import pytest
+import websockets
+from conftest import API_KEY, AUTH_TOKEN, make_caller, relay_settings
+from openai.types.beta.realtime import RealtimeClientEvent as BetaClientEvent
+from openai.types.realtime import RealtimeClientEvent as GaClientEvent
+from pydantic import TypeAdapter
+from twilio.request_validator import RequestValidator
+
+from relay.security import mint_stream_token
+from relay.sim import ulaw
+from relay.sim.local import LocalRelay
+from relay.sim.realtime import RealtimeSimulator, SimConfig
+
+CLIENT_TYPES = {"ga": TypeAdapter(GaClientEvent), "beta": TypeAdapter(BetaClientEvent)}
+
+
+async def wait_for(condition: Any, timeout: float = 5.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return bool(condition())
+
+
+def sent_audio(sim: RealtimeSimulator, session_index: int = 0) -> list[str]:
+    """Audio deltas the simulator sent, in order, in either dialect."""
+    session = sim.sessions[session_index]
+    return [e["delta"] for e in session.sent if e["type"] in ("response.output_audio.delta", "response.audio.delta")]
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+async def test_call_relays_every_frame_untouched_and_speaks_valid_protocol(dialect: str) -> None:
+    sim = RealtimeSimulator(SimConfig(realtime_factor=8.0, greeting_reply_ms=800, reply_ms=600))
+    await sim.start()
+    settings = relay_settings(sim.url, dialect=dialect)
+    try:
+        async with LocalRelay(settings) as relay:
+            caller = make_caller(relay)
+            await caller.connect()
+            assert await caller.wait_for_audio(800, timeout=5)  # greeting first
+            await caller.wait_idle(timeout=5)
+            await caller.say_and_wait(ulaw.synth_speech(600) + ulaw.silence(800))
+            assert await caller.wait_for_audio(1400, timeout=5)  # the reply
+            await caller.wait_idle(timeout=5)
+            await caller.hangup()
+            assert await wait_for(lambda: not relay.runtime.calls)
+    finally:
+        await sim.stop()
+    session = sim.sessions[0]
+    assert session.dialect == dialect
+    # every caller frame reached the model as the very same base64 string, in order
+    assert session.appended == caller.sent_payloads
+    # every delta reached the caller as the very same string, in order, nothing else
+    assert caller.received_payloads == sent_audio(sim)
+    # one mark per media message
+    kinds = [kind for _, kind, _ in caller.events]
+    assert kinds.count("mark_in") == kinds.count("media_in")
+    # the relay asked for exactly one response itself (the greeting): server VAD answered the turn
+    types = [event["type"] for _, event in session.received]
+    assert types.count("response.create") == 1
+    assert types[0] == "session.update"
+    for _, event in session.received:
+        CLIENT_TYPES[dialect].validate_python(event)
+    assert not caller.errors
+
+
+async def test_barge_in_truncates_at_what_the_caller_heard(sim: RealtimeSimulator) -> None:
+    sim.config.greeting_reply_ms = 8000
+    sim.config.reply_ms = 500
+    async with LocalRelay(relay_settings(sim.url)) as relay:
+        caller = make_caller(relay)
+        await caller.connect()
+        assert await caller.wait_for_audio(1500, timeout=5)
+        caller.say(ulaw.synth_speech(700) + ulaw.silence(700))
+        assert await wait_for(lambda: any(kind == "clear" for _, kind, _ in caller.events), timeout=5)
+        heard_ms = caller.played_bytes / ulaw.ULAW_BYTES_PER_MS
+        clear_index = next(i for i, (_, kind, _) in enumerate(caller.events) if kind == "clear")
+        assert await wait_for(lambda: bool(sim.sessions[0].truncates), timeout=5)
+        truncate = sim.sessions[0].truncates[0]
+        assert abs(truncate["audio_end_ms"] - heard_ms) <= 20, (truncate, heard_ms)
+        assert truncate["ok"]
+        # nothing of the interrupted greeting is heard after the clear
+        greeting_item = truncate["item_id"]
+        session = sim.sessions[0]
+        greeting_deltas = {
+            e["delta"] for e in session.sent
+            if e["type"] == "response.output_audio.delta" and e["item_id"] == greeting_item
+        }
+        media_after_clear = [
+            details for _, kind, details in caller.events[clear_index:] if kind == "media_in"
+        ]
+        received_after = caller.received_payloads[len(caller.received_payloads) - len(media_after_clear):]
+        assert not greeting_deltas & set(received_after)
+        await caller.wait_idle(timeout=5)
+        await caller.hangup()
+
+
+async def test_dtmf_reaches_the_model_as_text_and_one_response(sim: RealtimeSimulator) -> None:
+    sim.config.greeting_reply_ms = 200
+    async with LocalRelay(relay_settings(sim.url)) as relay:
+        caller = make_caller(relay)
+        await caller.connect()
+        await caller.wait_for_audio(200, timeout=5)
+        await caller.wait_idle(timeout=5)
+        await caller.press("5")
+        assert await wait_for(lambda: len(sim.sessions[0].received) >= 4, timeout=5)
+        await caller.hangup()
+    received = [event for _, event in sim.sessions[0].received]
+    index = next(i for i, e in enumerate(received) if e["type"] == "conversation.item.create")
+    assert received[index]["item"]["content"][0]["text"] == "The caller pressed 5"
+    assert received[index + 1]["type"] == "response.create"
+
+
+async def test_tampered_webhook_and_stream_are_refused_before_any_realtime_session(
+    sim: RealtimeSimulator, relay: LocalRelay
+) -> None:
+    # a webhook whose form was changed after signing
+    caller = make_caller(relay)
+    form = caller.webhook_form()
+    url = relay.base_url + "/incoming-call"
+    signature = RequestValidator(AUTH_TOKEN).compute_signature(url, form)
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        ok = await http.post(url, data=form, headers={"X-Twilio-Signature": signature})
+        assert ok.status_code == 200 and "<Connect><Stream" in ok.text
+        tampered = await http.post(url, data={**form, "From": "+15559999999"},
+                                   headers={"X-Twilio-Signature": signature})
+        assert tampered.status_code == 403
+        other_url = await http.post(url + "?x=1", data=form, headers={"X-Twilio-Signature": signature})
+        assert other_url.status_code == 403
+        unsigned = await http.post(url, data=form)
+        assert unsigned.status_code == 403
+    stream = caller.parse_twiml(ok.text)
+
+    # a stream token minted for another call, a forged one, an expired one, none at all
+    other = mint_stream_token(b"test-stream-secret-0123456789", "CA" + "9" * 32, 60)
+    expired = mint_stream_token(b"test-stream-secret-0123456789", caller.call_sid, -5)
+    forged = stream.parameters["token"][:-4] + "AAAA"
+    for token in (other, expired, forged, ""):
+        bad = make_caller(relay, call_sid=caller.call_sid)
+        await bad.connect(stream, parameters_override={**stream.parameters, "token": token})
+        assert await bad.wait_closed(timeout=5) == 1008
+    # a wrong signature on the upgrade request
+    wrong_sig = make_caller(relay, call_sid=caller.call_sid, auth_token="not-the-token")
+    await wrong_sig.connect(stream)
+    assert await wrong_sig.wait_closed(timeout=5) == 1008
+    assert sim.connections == 0
+
+    # the genuine stream works, once; replaying its token is refused
+    good = make_caller(relay, call_sid=caller.call_sid)
+    await good.connect(stream)
+    assert await good.wait_for_audio(100, timeout=5)
+    replay = make_caller(relay, call_sid=caller.call_sid)
+    await replay.connect(stream)
+    assert await replay.wait_closed(timeout=5) == 1008
+    await good.hangup()
+    assert sim.connections == 1
+
+
+async def test_socket_without_start_is_closed(sim: RealtimeSimulator, relay: LocalRelay) -> None:
+    async with websockets.connect(relay.base_url.replace("http", "ws") + "/media-stream") as ws:
+        await ws.send(orjson.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}).decode())
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            await asyncio.wait_for(ws.recv(), timeout=5)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    assert sim.connections == 0
+
+
+async def test_malformed_frames_are_skipped_and_the_call_continues(
+    sim: RealtimeSimulator, relay: LocalRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    caller = make_caller(relay)
+    await caller.connect()
+    assert await caller.wait_for_audio(100, timeout=5)
+    ws = caller._ws
+    assert ws is not None
+    for junk in ["{not json", "[1,2]", '{"event":"media","media":{"payload":"***"}}',
+                 '{"event":"media","media":"x"}', '{"event":"dtmf","dtmf":{"digit":"X"}}',
+                 '{"event":"brand_new","foo":1}', '{"event":"mark","mark":{"name":"9999.1"}}']:
+        await ws.send(junk)
+    before = sim.sessions[0].append_count
+    assert await wait_for(lambda: sim.sessions[0].append_count > before + 10, timeout=5)
+    await caller.hangup()
+    warnings = [r for r in caplog.records if "malformed Twilio frame" in r.getMessage()]
+    assert len(warnings) == 5
+    assert all(getattr(r, "call_sid", "") == caller.call_sid for r in warnings)
+    assert sim.sessions[0].appended == caller.sent_payloads
+
+
+async def test_twenty_concurrent_calls_keep_every_frame_in_order(sim: RealtimeSimulator) -> None:
+    sim.config.greeting_reply_ms = 1000
+    sim.config.reply_ms = 600
+    async with LocalRelay(relay_settings(sim.url)) as relay:
+        callers = [make_caller(relay) for _ in range(20)]
+        await asyncio.gather(*(c.connect() for c in callers))
+
+        async def converse(c: Any, seed: int) -> None:
+            await c.wait_for_audio(1000, timeout=10)
+            await c.wait_idle(timeout=10)
+            await c.say_and_wait(ulaw.synth_speech(500, seed=seed) + ulaw.silence(700))
+            await c.wait_for_audio(1600, timeout=10)
+            await c.wait_idle(timeout=10)
+            await c.hangup()
+
+        await asyncio.gather(*(converse(c, i) for i, c in enumerate(callers)))
+        assert await wait_for(lambda: not relay.runtime.calls, timeout=10)
+    by_call = {s.query.get("x") or i: s for i, s in enumerate(sim.sessions)}
+    assert len(by_call) == 20
+    appended = sorted(tuple(s.appended) for s in sim.sessions)
+    sent = sorted(tuple(c.sent_payloads) for c in callers)
+    assert appended == sent
+    deltas = sorted(tuple(sent_audio(sim, i)) for i in range(20))
+    heard = sorted(tuple(c.received_payloads) for c in callers)
+    assert deltas == heard
+    assert all(len(c.received_payloads) > 10 for c in callers)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_hundred_calls_leave_no_tasks_or_sockets(sim: RealtimeSimulator) -> None:
+    sim.config.greeting_reply_ms = 100
+    sim.config.record_audio = False
+    async with LocalRelay(relay_settings(sim.url)) as relay:
+        async def one_call(end_by_caller: bool) -> None:
+            caller = make_caller(relay)
+            await caller.connect()
+            await caller.wait_for_audio(60, timeout=10)
+            if end_by_caller:
+                await caller.hangup()
+            else:  # the Realtime side goes away for good
+                await caller.hangup()
+
+        await one_call(True)
+        await asyncio.sleep(0.2)
+        gc.collect()
+        tasks_before = len(asyncio.all_tasks())
+        fds_before = _open_fds()
+        for batch in range(5):
+            await asyncio.gather(*(one_call(i % 2 == 0) for i in range(20)))
+        assert await wait_for(lambda: not relay.runtime.calls, timeout=10)
+        await asyncio.sleep(0.3)
+        gc.collect()
+        assert len(asyncio.all_tasks()) <= tasks_before
+        assert _open_fds() <= fds_before + 2
+        assert not sim.active_sessions()
+        assert sim.connections == 101
+
+
+async def test_realtime_close_ends_the_call_cleanly_when_it_cannot_come_back(sim: RealtimeSimulator) -> None:
+    async with LocalRelay(relay_settings(sim.url, reconnect_attempts=0)) as relay:
+        caller = make_caller(relay)
+        await caller.connect()
+        assert await caller.wait_for_audio(100, timeout=5)
+        await sim.drop_all()
+        assert await caller.wait_closed(timeout=5) == 1000
+        assert await wait_for(lambda: not relay.runtime.calls)
+        record = await relay.runtime.store.get_call(caller.call_sid)
+        assert record is not None and record.meta["end_reason"] == "realtime_unavailable"
+
+
+async def test_fatal_realtime_error_is_not_retried(sim: RealtimeSimulator) -> None:
+    sim.config.expected_api_key = "sk-some-other-key-000000"
+    async with LocalRelay(relay_settings(sim.url)) as relay:
+        caller = make_caller(relay)
+        await caller.connect()
+        assert await caller.wait_closed(timeout=5) == 1000
+        assert await wait_for(lambda: not relay.runtime.calls)
+        record = await relay.runtime.store.get_call(caller.call_sid)
+        assert record is not None
+        assert record.meta["end_reason"] == "realtime_error:invalid_api_key"
+    assert sim.connections == 1
+    assert API_KEY not in str(record.to_json())
+
+
+def test_payload_string_is_never_decoded_on_the_way() -> None:
+    """Non-canonical but valid base64 (padding bits set) would change if decoded and re-encoded."""
+    odd = "/////x=="  # decodes to 4 bytes; canonical re-encoding is "/////w=="
+    assert base64.b64encode(base64.b64decode(odd)).decode() != odd
+    from relay.realtime import client
+
+    assert orjson.loads(client.append_audio(odd))["audio"] == odd
