@@ -26,9 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from relay.demo import run_demo
 
-    return asyncio.run(
-        run_demo(dialect=args.dialect, record=args.record, seconds=args.seconds, verbose=args.verbose)
-    )
+    return asyncio.run(run_demo(dialect=args.dialect, record=args.record, seconds=args.seconds, verbose=args.verbose))
 
 
 def _simulator(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from relay.call import Call, Entry, Metric, RunTool, SummaryReady, UpstreamFaile
 from relay.metrics import HOP_SAMPLE_EVERY
 from relay.realtime import client
 from relay.realtime import events as ev
-from relay.security import StreamTokenError, check_signature, InvalidSignature, verify_stream_token
+from relay.security import InvalidSignature, StreamTokenError, check_signature, verify_stream_token
 from relay.tools import ToolContext
 from relay.twilio import messages as tw
 from relay.twilio import twiml
@@ -188,7 +188,7 @@ class CallBridge:
         )
         self.log.info("call started", extra={"caller_known": bool(memory), "profile": self.agent.name})
         self._upstream_task = asyncio.create_task(self._upstream_supervisor(), name=f"upstream-{self.call_sid}")
-        self._twilio_task = asyncio.current_task()  # type: ignore[assignment]
+        self._twilio_task = asyncio.current_task()
         try:
             await self._twilio_loop()
         except asyncio.CancelledError:
@@ -619,8 +619,12 @@ class CallBridge:
         self.runtime.unregister(self)
         self.log.info(
             "call ended",
-            extra={"reason": self.end_reason, "duration_s": round(duration, 1), "frames_in": call.frames_in,
-                   "frames_out": call.frames_out},
+            extra={
+                "reason": self.end_reason,
+                "duration_s": round(duration, 1),
+                "frames_in": call.frames_in,
+                "frames_out": call.frames_out,
+            },
         )
 
 

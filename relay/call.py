@@ -378,8 +378,7 @@ class Call:
             self.dialect.response_create(
                 instructions=(
                     "Summarize this phone conversation so far for your own memory in at most five "
-                    "sentences: who the caller is, what they want, what was decided, open items."
-                    + previous
+                    "sentences: who the caller is, what they want, what was decided, open items." + previous
                 ),
                 out_of_band=True,
                 metadata={"purpose": SUMMARY_PURPOSE, "final": "1" if final else "0"},
@@ -414,7 +413,7 @@ class Call:
 
     # ---- upstream events -----------------------------------------------------------------
 
-    def upstream_event(self, event: ev.ServerEvent) -> None:  # noqa: C901 - one dispatch table
+    def upstream_event(self, event: ev.ServerEvent) -> None:
         kind = type(event)
         if kind is ev.AudioDelta:
             assert isinstance(event, ev.AudioDelta)
@@ -443,9 +442,7 @@ class Call:
         elif kind is ev.AssistantTranscriptDone:
             assert isinstance(event, ev.AssistantTranscriptDone)
             if event.response_id not in self._out_of_band and event.transcript:
-                self.effects.append(
-                    Entry("assistant", {"text": event.transcript, "item_id": event.item_id})
-                )
+                self.effects.append(Entry("assistant", {"text": event.transcript, "item_id": event.item_id}))
                 self.turns.append(_Turn("Assistant", event.transcript))
         elif kind is ev.InputTranscriptCompleted:
             assert isinstance(event, ev.InputTranscriptCompleted)
@@ -517,9 +514,7 @@ class Call:
             self._flush_queued_create()
             return
         if event.status == "failed":
-            self.log.warning(
-                "response %s failed: %s", event.response_id, event.error_code or event.status_reason
-            )
+            self.log.warning("response %s failed: %s", event.response_id, event.error_code or event.status_reason)
         if self.active_response == event.response_id or self.active_response is None:
             self.active_response = None
         if event.function_calls:
@@ -631,8 +626,14 @@ class Call:
                     self._send_upstream(client.truncate(item_id, audio_end_ms))
                     self.effects.append(Metric("truncations", 1.0))
                 self.effects.append(
-                    Entry("interruption", {"item_id": item_id, "audio_end_ms": audio_end_ms,
-                                           "received_ms": received // ULAW_BYTES_PER_MS})
+                    Entry(
+                        "interruption",
+                        {
+                            "item_id": item_id,
+                            "audio_end_ms": audio_end_ms,
+                            "received_ms": received // ULAW_BYTES_PER_MS,
+                        },
+                    )
                 )
             self._pending_marks.clear()
             self.unplayed_bytes = 0

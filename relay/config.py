@@ -16,8 +16,7 @@ Dialect = Literal["ga", "beta"]
 VadType = Literal["server_vad", "semantic_vad", "none"]
 
 DEFAULT_INSTRUCTIONS = (
-    "You are a friendly, concise phone assistant. Speak naturally, keep answers short, "
-    "and ask one question at a time."
+    "You are a friendly, concise phone assistant. Speak naturally, keep answers short, and ask one question at a time."
 )
 DEFAULT_GREETING = "Greet the caller warmly in one short sentence and ask how you can help."
 GA_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
@@ -202,9 +201,7 @@ class Settings:
             speed=_float(env, "RELAY_VOICE_SPEED", 1.0, 0.25),
             vad=vad,
             transcription_model=env.get("RELAY_TRANSCRIPTION_MODEL", "gpt-4o-transcribe") or None,
-            noise_reduction=(
-                _choice(env, "RELAY_NOISE_REDUCTION", "near_field", ("near_field", "far_field", "off"))
-            ),
+            noise_reduction=(_choice(env, "RELAY_NOISE_REDUCTION", "near_field", ("near_field", "far_field", "off"))),
         )
         if agent.noise_reduction == "off":
             agent = replace(agent, noise_reduction=None)

@@ -15,9 +15,7 @@ class Metrics:
         r = self.registry
         self.active_calls = Gauge("relay_active_calls", "Calls currently relayed by this instance", registry=r)
         self.calls_ended = Counter("relay_calls_ended_total", "Calls ended, by reason", ["reason"], registry=r)
-        self.calls_refused = Counter(
-            "relay_calls_refused_total", "Webhooks or streams refused", ["reason"], registry=r
-        )
+        self.calls_refused = Counter("relay_calls_refused_total", "Webhooks or streams refused", ["reason"], registry=r)
         self.hop_latency = Histogram(
             "relay_hop_latency_seconds",
             "Time from receiving a frame to handing it to the other socket (sampled)",
@@ -34,18 +32,14 @@ class Metrics:
         )
         self.barge_ins = Counter("relay_barge_ins_total", "Caller interruptions of assistant audio", registry=r)
         self.truncations = Counter("relay_truncations_total", "conversation.item.truncate sent", registry=r)
-        self.realtime_errors = Counter(
-            "relay_realtime_errors_total", "Realtime API error events", ["code"], registry=r
-        )
+        self.realtime_errors = Counter("relay_realtime_errors_total", "Realtime API error events", ["code"], registry=r)
         self.upstream_reconnects = Counter(
             "relay_upstream_reconnects_total", "New Realtime sessions opened mid-call", ["reason"], registry=r
         )
         self.tool_calls = Counter(
             "relay_tool_calls_total", "Tool calls by name and outcome", ["name", "outcome"], registry=r
         )
-        self.tool_duration = Histogram(
-            "relay_tool_duration_seconds", "Tool handler duration", ["name"], registry=r
-        )
+        self.tool_duration = Histogram("relay_tool_duration_seconds", "Tool handler duration", ["name"], registry=r)
         self.tokens = Counter("relay_tokens_total", "Tokens reported by response.done", ["kind"], registry=r)
         self.call_cost = Histogram(
             "relay_call_cost_usd",

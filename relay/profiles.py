@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from relay.config import GA_VOICES, AgentSettings, ConfigError, VadSettings
+from relay.config import GA_VOICES, AgentSettings, ConfigError
 
 _PROFILE_KEYS = {
     "instructions": str,

@@ -82,8 +82,12 @@ def _run_worker(settings_env: dict[str, str], sockets: list[socket.socket] | Non
 
 
 def _secrets(settings: Settings) -> list[str | None]:
-    return [settings.openai_api_key, settings.twilio_auth_token, settings.relay_api_token,
-            settings.stream_secret.decode(errors="ignore") if settings.stream_secret else None]
+    return [
+        settings.openai_api_key,
+        settings.twilio_auth_token,
+        settings.relay_api_token,
+        settings.stream_secret.decode(errors="ignore") if settings.stream_secret else None,
+    ]
 
 
 def serve(settings: Settings, workers: int = 1) -> None:

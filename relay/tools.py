@@ -236,7 +236,9 @@ class ToolRegistry:
         names = list(self.tools) if allowed is None else [n for n in allowed if n in self.tools]
         return [self.tools[n].realtime_tool() for n in names]
 
-    async def run(self, name: str, arguments: str, ctx: ToolContext, allowed: Iterable[str] | None = None) -> ToolResult:
+    async def run(
+        self, name: str, arguments: str, ctx: ToolContext, allowed: Iterable[str] | None = None
+    ) -> ToolResult:
         started = time.monotonic()
         spec = self.tools.get(name)
         if spec is None or (allowed is not None and name not in set(allowed)):

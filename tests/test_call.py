@@ -115,8 +115,12 @@ def test_barge_in_truncates_at_played_audio_and_clears() -> None:
     to_twilio, to_upstream, effects = call.drain()
     assert [orjson.loads(m)["event"] for m in to_twilio] == ["clear"]
     sent = [orjson.loads(m) for m in to_upstream]
-    assert sent[0] == {"type": "conversation.item.truncate", "item_id": "item_a", "content_index": 0,
-                       "audio_end_ms": 200}
+    assert sent[0] == {
+        "type": "conversation.item.truncate",
+        "item_id": "item_a",
+        "content_index": 0,
+        "audio_end_ms": 200,
+    }
     assert sent[1] == {"type": "response.cancel", "response_id": "resp_1"}
     assert Metric("barge_ins") in effects
     assert call.unplayed_bytes == 0
@@ -207,8 +211,11 @@ def test_active_response_error_requeues() -> None:
     ready(call)
     call.twilio_dtmf("1")
     create = [orjson.loads(m) for m in call.drain()[1]][1]
-    call.upstream_event(ev.ServerError("invalid_request_error", "conversation_already_has_active_response",
-                                       "busy", None, create["event_id"]))
+    call.upstream_event(
+        ev.ServerError(
+            "invalid_request_error", "conversation_already_has_active_response", "busy", None, create["event_id"]
+        )
+    )
     call.upstream_event(ev.ResponseCreated("resp_vad", None, None))
     call.upstream_event(ev.ResponseDone("resp_vad", "completed", None, (), {}, None, ""))
     assert [orjson.loads(m)["type"] for m in call.drain()[1]] == ["response.create"]
@@ -241,8 +248,17 @@ def test_usage_and_summary_trim_context() -> None:
     assert sent[-1]["response"]["conversation"] == "none"
     assert sent[-1]["response"]["metadata"]["purpose"] == "summary"
     call.upstream_event(ev.ResponseCreated("rs", {"purpose": "summary", "final": "0"}, None))
-    call.upstream_event(ev.ResponseDone("rs", "completed", None, (), {"input": 10, "output": 5},
-                                        {"purpose": "summary", "final": "0"}, "They want a table."))
+    call.upstream_event(
+        ev.ResponseDone(
+            "rs",
+            "completed",
+            None,
+            (),
+            {"input": 10, "output": 5},
+            {"purpose": "summary", "final": "0"},
+            "They want a table.",
+        )
+    )
     to_twilio, upstream, effects = call.drain()
     assert to_twilio == []
     sent = [orjson.loads(m) for m in upstream]
@@ -341,8 +357,9 @@ def test_property_played_never_exceeds_received(sequence: list[tuple[str, int, i
 @pytest.mark.parametrize("dialect", ["ga", "beta"])
 def test_session_update_uses_ulaw_both_ways(dialect: str) -> None:
     clock = Clock()
-    call = Call(call_sid="CA1", stream_sid=STREAM, dialect=get_dialect(dialect), agent=AgentSettings(),
-                model="m", clock=clock)
+    call = Call(
+        call_sid="CA1", stream_sid=STREAM, dialect=get_dialect(dialect), agent=AgentSettings(), model="m", clock=clock
+    )
     call.upstream_opened()
     session = orjson.loads(call.drain()[1][0])["session"]
     if dialect == "ga":

@@ -600,9 +600,7 @@ def relay_services() -> dict[str, dict[str, Any]]:
 
 def test_compose_matches_the_compose_specification() -> None:
     jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed")
-    pytest.importorskip(
-        "check_jsonschema", reason="check-jsonschema (vendored compose-spec schema) is not installed"
-    )
+    pytest.importorskip("check_jsonschema", reason="check-jsonschema (vendored compose-spec schema) is not installed")
     from importlib.resources import files
 
     schema_file = files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json")

@@ -36,11 +36,24 @@ def _set_fields(model: Any) -> Any:
 
 def test_oracle_catches_misspelled_fields() -> None:
     with pytest.raises(AssertionError):
-        assert_valid("ga", {"type": "conversation.item.truncate", "item_id": "i", "content_index": 0,
-                            "audio_end_ms": 5, "audio_endms": 3})
+        assert_valid(
+            "ga",
+            {
+                "type": "conversation.item.truncate",
+                "item_id": "i",
+                "content_index": 0,
+                "audio_end_ms": 5,
+                "audio_endms": 3,
+            },
+        )
     with pytest.raises(AssertionError):
-        assert_valid("ga", {"type": "session.update",
-                            "session": {"type": "realtime", "audio": {"input": {"formatt": {"type": "audio/pcmu"}}}}})
+        assert_valid(
+            "ga",
+            {
+                "type": "session.update",
+                "session": {"type": "realtime", "audio": {"input": {"formatt": {"type": "audio/pcmu"}}}},
+            },
+        )
 
 
 def assert_valid(dialect: str, event: dict[str, Any] | str) -> None:
@@ -49,16 +62,27 @@ def assert_valid(dialect: str, event: dict[str, Any] | str) -> None:
     assert _set_fields(parsed) == data, f"fields the {dialect} types do not know: {data}"
 
 
-TOOLS = [{"type": "function", "name": "lookup_order", "description": "Find an order",
-          "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}},
-                         "required": ["order_id"], "additionalProperties": False}}]
+TOOLS = [
+    {
+        "type": "function",
+        "name": "lookup_order",
+        "description": "Find an order",
+        "parameters": {
+            "type": "object",
+            "properties": {"order_id": {"type": "string"}},
+            "required": ["order_id"],
+            "additionalProperties": False,
+        },
+    }
+]
 
 
 def agents() -> list[AgentSettings]:
     return [
         AgentSettings(),
-        AgentSettings(vad=VadSettings(type="semantic_vad", eagerness="low"), transcription_model=None,
-                      noise_reduction=None),
+        AgentSettings(
+            vad=VadSettings(type="semantic_vad", eagerness="low"), transcription_model=None, noise_reduction=None
+        ),
         AgentSettings(vad=VadSettings(type="none")),
         AgentSettings(vad=VadSettings(idle_timeout_ms=6000, create_response=False), voice="cedar", speed=1.2),
     ]
@@ -75,8 +99,16 @@ def test_session_updates_validate(dialect: str) -> None:
 
 
 def test_mcp_servers_pass_through_in_ga_tools() -> None:
-    agent = AgentSettings(mcp_servers=({"type": "mcp", "server_label": "crm", "server_url": "https://crm.example/mcp",
-                                        "require_approval": "never"},))
+    agent = AgentSettings(
+        mcp_servers=(
+            {
+                "type": "mcp",
+                "server_label": "crm",
+                "server_url": "https://crm.example/mcp",
+                "require_approval": "never",
+            },
+        )
+    )
     event = get_dialect("ga").session_update(agent, model="m", instructions="x", tools=TOOLS)
     assert event["session"]["tools"][-1]["type"] == "mcp"
     assert_valid("ga", event)
@@ -98,8 +130,7 @@ def test_client_events_validate(dialect: str) -> None:
         client.delete_item("item_1"),
         d.response_create(),
         d.response_create(instructions="Greet the caller"),
-        d.response_create(instructions="Summarize", out_of_band=True, metadata={"purpose": "summary"},
-                          text_only=True),
+        d.response_create(instructions="Summarize", out_of_band=True, metadata={"purpose": "summary"}, text_only=True),
     ]
     for event in events:
         assert_valid(dialect, event)
@@ -108,8 +139,16 @@ def test_client_events_validate(dialect: str) -> None:
 @pytest.mark.parametrize("dialect", ["ga", "beta"])
 def test_call_object_output_validates(dialect: str) -> None:
     """Drive a call through greeting, barge-in, DTMF, tools and a summary; validate all it sends."""
-    call = Call(call_sid="CA1", stream_sid="MZ1", dialect=get_dialect(dialect), agent=AgentSettings(),
-                model="m", tools=TOOLS, summary_max_turns=2, summary_keep_turns=1)
+    call = Call(
+        call_sid="CA1",
+        stream_sid="MZ1",
+        dialect=get_dialect(dialect),
+        agent=AgentSettings(),
+        model="m",
+        tools=TOOLS,
+        summary_max_turns=2,
+        summary_keep_turns=1,
+    )
     sent: list[str] = []
     call.upstream_opened()
     call.upstream_event(ev.SessionUpdated({}))
@@ -123,14 +162,21 @@ def test_call_object_output_validates(dialect: str) -> None:
     call.upstream_event(ev.ResponseCreated("r2", {"purpose": "summary"}, None))
     call.upstream_event(ev.ResponseDone("r2", "completed", None, (), {}, {"purpose": "summary"}, "sum"))
     call.upstream_event(ev.ResponseCreated("r3", None, None))
-    call.upstream_event(ev.ResponseDone("r3", "completed", None,
-                                        (ev.FunctionCall("c1", "lookup_order", '{"order_id":"1"}', "f1"),), {},
-                                        None, ""))
+    call.upstream_event(
+        ev.ResponseDone(
+            "r3", "completed", None, (ev.FunctionCall("c1", "lookup_order", '{"order_id":"1"}', "f1"),), {}, None, ""
+        )
+    )
     call.tool_result("c1", '{"status":"shipped"}')
     sent.extend(call.drain()[1])
     kinds = {orjson.loads(m)["type"] for m in sent}
-    assert {"session.update", "response.create", "conversation.item.truncate", "conversation.item.create",
-            "conversation.item.delete"} <= kinds
+    assert {
+        "session.update",
+        "response.create",
+        "conversation.item.truncate",
+        "conversation.item.create",
+        "conversation.item.delete",
+    } <= kinds
     for message in sent:
         assert_valid(dialect, message)
 
@@ -140,13 +186,28 @@ def test_parser_reads_simulator_shapes(dialect: str) -> None:
     """Server events built to the openai types parse into the normalized vocabulary."""
     d = get_dialect(dialect)
     delta_type = "response.output_audio.delta" if dialect == "ga" else "response.audio.delta"
-    delta = {"type": delta_type, "event_id": "e1", "response_id": "r", "item_id": "i", "output_index": 0,
-             "content_index": 0, "delta": "/////w=="}
+    delta = {
+        "type": delta_type,
+        "event_id": "e1",
+        "response_id": "r",
+        "item_id": "i",
+        "output_index": 0,
+        "content_index": 0,
+        "delta": "/////w==",
+    }
     SERVER[dialect].validate_python(delta)
     assert d.parse(orjson.dumps(delta)) == ev.AudioDelta("r", "i", "/////w==")
-    error = {"type": "error", "event_id": "e2",
-             "error": {"type": "invalid_request_error", "code": "invalid_value", "message": "m", "param": None,
-                       "event_id": "x"}}
+    error = {
+        "type": "error",
+        "event_id": "e2",
+        "error": {
+            "type": "invalid_request_error",
+            "code": "invalid_value",
+            "message": "m",
+            "param": None,
+            "event_id": "x",
+        },
+    }
     SERVER[dialect].validate_python(error)
     parsed = d.parse(orjson.dumps(error))
     assert isinstance(parsed, ev.ServerError) and parsed.code == "invalid_value" and parsed.event_id == "x"
@@ -154,8 +215,13 @@ def test_parser_reads_simulator_shapes(dialect: str) -> None:
 
 def test_malformed_events_raise_named_error() -> None:
     d = get_dialect("ga")
-    for raw in [b"{", b"[]", b'{"type": 3}', b'{"type":"response.output_audio.delta","delta":5}',
-                b'{"type":"input_audio_buffer.speech_started","audio_start_ms":"x","item_id":"i"}']:
+    for raw in [
+        b"{",
+        b"[]",
+        b'{"type": 3}',
+        b'{"type":"response.output_audio.delta","delta":5}',
+        b'{"type":"input_audio_buffer.speech_started","audio_start_ms":"x","item_id":"i"}',
+    ]:
         with pytest.raises(ev.MalformedEvent):
             d.parse(raw)
     assert isinstance(d.parse(b'{"type":"brand.new.event"}'), ev.Unknown)

@@ -95,13 +95,12 @@ async def test_barge_in_truncates_at_what_the_caller_heard(sim: RealtimeSimulato
         greeting_item = truncate["item_id"]
         session = sim.sessions[0]
         greeting_deltas = {
-            e["delta"] for e in session.sent
+            e["delta"]
+            for e in session.sent
             if e["type"] == "response.output_audio.delta" and e["item_id"] == greeting_item
         }
-        media_after_clear = [
-            details for _, kind, details in caller.events[clear_index:] if kind == "media_in"
-        ]
-        received_after = caller.received_payloads[len(caller.received_payloads) - len(media_after_clear):]
+        media_after_clear = [details for _, kind, details in caller.events[clear_index:] if kind == "media_in"]
+        received_after = caller.received_payloads[len(caller.received_payloads) - len(media_after_clear) :]
         assert not greeting_deltas & set(received_after)
         await caller.wait_idle(timeout=5)
         await caller.hangup()
@@ -136,8 +135,9 @@ async def test_tampered_webhook_and_stream_are_refused_before_any_realtime_sessi
     async with httpx.AsyncClient() as http:
         ok = await http.post(url, data=form, headers={"X-Twilio-Signature": signature})
         assert ok.status_code == 200 and "<Connect><Stream" in ok.text
-        tampered = await http.post(url, data={**form, "From": "+15559999999"},
-                                   headers={"X-Twilio-Signature": signature})
+        tampered = await http.post(
+            url, data={**form, "From": "+15559999999"}, headers={"X-Twilio-Signature": signature}
+        )
         assert tampered.status_code == 403
         other_url = await http.post(url + "?x=1", data=form, headers={"X-Twilio-Signature": signature})
         assert other_url.status_code == 403
@@ -187,9 +187,15 @@ async def test_malformed_frames_are_skipped_and_the_call_continues(
     assert await caller.wait_for_audio(100, timeout=5)
     ws = caller._ws
     assert ws is not None
-    for junk in ["{not json", "[1,2]", '{"event":"media","media":{"payload":"***"}}',
-                 '{"event":"media","media":"x"}', '{"event":"dtmf","dtmf":{"digit":"X"}}',
-                 '{"event":"brand_new","foo":1}', '{"event":"mark","mark":{"name":"9999.1"}}']:
+    for junk in [
+        "{not json",
+        "[1,2]",
+        '{"event":"media","media":{"payload":"***"}}',
+        '{"event":"media","media":"x"}',
+        '{"event":"dtmf","dtmf":{"digit":"X"}}',
+        '{"event":"brand_new","foo":1}',
+        '{"event":"mark","mark":{"name":"9999.1"}}',
+    ]:
         await ws.send(junk)
     before = sim.sessions[0].append_count
     assert await wait_for(lambda: sim.sessions[0].append_count > before + 10, timeout=5)
@@ -236,21 +242,24 @@ async def test_hundred_calls_leave_no_tasks_or_sockets(sim: RealtimeSimulator) -
     sim.config.greeting_reply_ms = 100
     sim.config.record_audio = False
     async with LocalRelay(relay_settings(sim.url)) as relay:
-        async def one_call(end_by_caller: bool) -> None:
+
+        async def one_call(hang_up: bool) -> None:
             caller = make_caller(relay)
             await caller.connect()
             await caller.wait_for_audio(60, timeout=10)
-            if end_by_caller:
+            if hang_up:
                 await caller.hangup()
-            else:  # the Realtime side goes away for good
-                await caller.hangup()
+            else:  # the caller's socket just goes away, without a stop message
+                assert caller._ws is not None
+                await caller._ws.close()
+                await caller.wait_closed(timeout=5)
 
         await one_call(True)
         await asyncio.sleep(0.2)
         gc.collect()
         tasks_before = len(asyncio.all_tasks())
         fds_before = _open_fds()
-        for batch in range(5):
+        for _ in range(5):
             await asyncio.gather(*(one_call(i % 2 == 0) for i in range(20)))
         assert await wait_for(lambda: not relay.runtime.calls, timeout=10)
         await asyncio.sleep(0.3)

@@ -153,9 +153,7 @@ async def open_client(
     if dialect == "beta":
         headers["OpenAI-Beta"] = "realtime=v1"
     model = "gpt-realtime" if dialect == "ga" else "gpt-4o-realtime-preview"
-    async with connect(
-        f"{sim.url}?model={model}", additional_headers=headers, compression=None, max_size=None
-    ) as ws:
+    async with connect(f"{sim.url}?model={model}", additional_headers=headers, compression=None, max_size=None) as ws:
         yield Client(ws, dialect)
 
 
@@ -278,9 +276,7 @@ async def test_scripted_call_conforms_and_behaves(sim: RealtimeSimulator, dialec
         assert user_item["role"] == "user" and user_item["content"][0]["type"] == "input_audio"
         transcription = turn[kinds.index("conversation.item.input_audio_transcription.completed")]
         assert transcription["transcript"] == "caller turn 1 (1.2 s)"
-        assert kinds.index("conversation.item.input_audio_transcription.completed") < kinds.index(
-            "response.created"
-        )
+        assert kinds.index("conversation.item.input_audio_transcription.completed") < kinds.index("response.created")
         assert turn[-1]["response"]["status"] == "completed"
 
         # Caller turn 2 is scripted as a function call instead of audio.
@@ -296,9 +292,7 @@ async def test_scripted_call_conforms_and_behaves(sim: RealtimeSimulator, dialec
         assert (args_done.get("name") == "lookup_order") is (dialect == "ga")
         assert not any(e["type"] == names["audio_delta"] for e in call_turn)
         output = call_turn[-1]["response"]["output"]
-        assert [o["type"] for o in output] == ["function_call"] and output[0][
-            "arguments"
-        ] == '{"order": "A1"}'
+        assert [o["type"] for o in output] == ["function_call"] and output[0]["arguments"] == '{"order": "A1"}'
 
         await client.send(
             {
@@ -433,11 +427,7 @@ async def test_scripted_call_conforms_and_behaves(sim: RealtimeSimulator, dialec
         assert (await client.expect("error"))["error"]["code"] == "item_not_found"
         await client.send({"type": "no.such.event", "event_id": "evt_unknown"}, validate=False)
         error = (await client.expect("error"))["error"]
-        assert (
-            error["code"] == "invalid_value"
-            and error["param"] == "type"
-            and error["event_id"] == "evt_unknown"
-        )
+        assert error["code"] == "invalid_value" and error["param"] == "type" and error["event_id"] == "evt_unknown"
         await client.ws.send("{not json")
         assert (await client.expect("error"))["error"]["code"] == "invalid_json"
         await client.send({"type": "input_audio_buffer.append", "audio": "***"}, validate=False)
@@ -521,14 +511,10 @@ async def test_wrong_path_is_refused_before_upgrade(sim: RealtimeSimulator) -> N
         ("beta", {"input_audio_format": "pcm16"}, "unsupported_audio_format"),
     ],
 )
-async def test_session_update_rejections(
-    sim: RealtimeSimulator, dialect: str, session: JSON, code: str | None
-) -> None:
+async def test_session_update_rejections(sim: RealtimeSimulator, dialect: str, session: JSON, code: str | None) -> None:
     async with open_client(sim, dialect) as client:
         before = (await client.expect("session.created"))["session"]
-        await client.send(
-            {"type": "session.update", "event_id": "evt_bad", "session": session}, validate=False
-        )
+        await client.send({"type": "session.update", "event_id": "evt_bad", "session": session}, validate=False)
         error = (await client.expect("error"))["error"]
         assert error["code"] == (code or "missing_required_parameter")
         assert error["event_id"] == "evt_bad" and error["param"].startswith("session.")
@@ -669,9 +655,7 @@ async def test_drop_all_aborts_without_close_frame(sim: RealtimeSimulator) -> No
 
 async def test_stop_leaves_no_tasks_behind() -> None:
     baseline = asyncio.all_tasks()
-    sim = RealtimeSimulator(
-        SimConfig(realtime_factor=1.0, reply_ms=5000, response_delay_ms=0, max_session_s=30)
-    )
+    sim = RealtimeSimulator(SimConfig(realtime_factor=1.0, reply_ms=5000, response_delay_ms=0, max_session_s=30))
     await sim.start()
     async with contextlib.AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(open_client(sim)) for _ in range(3)]
@@ -739,9 +723,7 @@ def test_ulaw_round_trip_error_is_bounded(samples: list[int]) -> None:
 def test_ulaw_signals() -> None:
     assert ulaw.silence(20) == b"\xff" * 160 and ulaw.rms(ulaw.silence(100)) == 0.0 and ulaw.rms(b"") == 0.0
     speech = ulaw.synth_speech(2000, seed=7)
-    assert len(speech) == 16000 and speech == ulaw.synth_speech(2000, seed=7) != ulaw.synth_speech(
-        2000, seed=8
-    )
+    assert len(speech) == 16000 and speech == ulaw.synth_speech(2000, seed=7) != ulaw.synth_speech(2000, seed=8)
     windows = [ulaw.rms(speech[i : i + 160]) for i in range(0, len(speech), 160)]
     assert min(windows) > 3 * SimConfig().vad_rms_threshold
     tone = ulaw.tone(1000, 440.0, 0.5)
@@ -762,15 +744,7 @@ def test_wav_round_trip_and_formats(tmp_path: Path) -> None:
     assert ulaw.decode(ulaw.read_wav(pcm_path)) == ulaw.decode(speech)
 
     fmt = struct.pack("<HHIIHH", 7, 1, 8000, 8000, 1, 8)
-    mulaw = (
-        b"WAVE"
-        + b"fmt "
-        + struct.pack("<I", len(fmt))
-        + fmt
-        + b"data"
-        + struct.pack("<I", len(speech))
-        + speech
-    )
+    mulaw = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(speech)) + speech
     mulaw_path = tmp_path / "mulaw.wav"
     mulaw_path.write_bytes(b"RIFF" + struct.pack("<I", len(mulaw)) + mulaw)
     assert ulaw.read_wav(mulaw_path) == speech

@@ -233,9 +233,7 @@ async def test_claim_once_across_instances(redis_url: str, store_prefix: str) ->
         await b.close()
 
 
-async def test_overflow_drops_oldest(
-    redis_url: str, store_prefix: str, caplog_store: pytest.LogCaptureFixture
-) -> None:
+async def test_overflow_drops_oldest(redis_url: str, store_prefix: str, caplog_store: pytest.LogCaptureFixture) -> None:
     store = _redis_store(redis_url, store_prefix, queue_size=5)
     for i in range(8):  # writer not started yet: everything stays queued
         store.add_entry("CA4", {"kind": "caller", "t": float(i), "i": i})

@@ -119,7 +119,7 @@ def _parse_response_done(msg: dict[str, Any]) -> ev.ResponseDone:
                     ev.FunctionCall(
                         call_id=_s(item, "call_id"),
                         name=_s(item, "name"),
-                        arguments=item.get("arguments") if isinstance(item.get("arguments"), str) else "",
+                        arguments=_opt_s(item, "arguments") or "",
                         item_id=_opt_s(item, "id") or "",
                     )
                 )

@@ -218,9 +218,7 @@ class SimulatedCaller:
     async def webhook(self) -> tuple[int, str]:
         """POST the signed voice webhook; the signature covers the public URL, not base_url."""
         form = self.webhook_form()
-        signature = RequestValidator(self.config.auth_token).compute_signature(
-            self._public_base + WEBHOOK_PATH, form
-        )
+        signature = RequestValidator(self.config.auth_token).compute_signature(self._public_base + WEBHOOK_PATH, form)
         headers = {"X-Twilio-Signature": signature, "User-Agent": WEBHOOK_USER_AGENT}
         url = self.config.base_url.rstrip("/") + WEBHOOK_PATH
         async with httpx.AsyncClient(trust_env=False, timeout=10.0) as client:
@@ -294,9 +292,7 @@ class SimulatedCaller:
                 "streamSid": self.stream_sid,
                 "callSid": self.call_sid,
                 "tracks": ["inbound"],
-                "customParameters": dict(
-                    stream.parameters if parameters_override is None else parameters_override
-                ),
+                "customParameters": dict(stream.parameters if parameters_override is None else parameters_override),
                 "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
             },
             "streamSid": self.stream_sid,
@@ -435,9 +431,7 @@ class SimulatedCaller:
     async def _echo_mark(self, name: str) -> None:
         if self._hanging_up:
             return  # after `stop` Twilio sends nothing more
-        await self._send(
-            {"event": "mark", "sequenceNumber": "", "streamSid": self.stream_sid, "mark": {"name": name}}
-        )
+        await self._send({"event": "mark", "sequenceNumber": "", "streamSid": self.stream_sid, "mark": {"name": name}})
         self.marks_echoed.append(name)
         self._record("mark_echo", name=name)
 
@@ -609,7 +603,7 @@ class SimulatedCaller:
             await asyncio.gather(self._receiver, return_exceptions=True)
         self._mark_closed(self._ws.close_code)
 
-    async def wait_closed(self, timeout: float) -> int | None:  # noqa: ASYNC109 - contract: None on timeout
+    async def wait_closed(self, timeout: float) -> int | None:
         """Wait for the relay (or a hangup) to end the call; the close code, or None on timeout."""
         try:
             async with asyncio.timeout(timeout):
@@ -636,12 +630,12 @@ class SimulatedCaller:
             self._waiters -= 1
         return True
 
-    async def wait_for_audio(self, min_ms: int, timeout: float) -> bool:  # noqa: ASYNC109 - False on timeout
+    async def wait_for_audio(self, min_ms: int, timeout: float) -> bool:
         """Wait until at least min_ms of assistant audio has been played (not merely received)."""
         needed = min_ms * ULAW_BYTES_PER_MS
         return await self._wait_until(lambda: self.played_bytes >= needed, timeout)
 
-    async def wait_idle(self, timeout: float) -> bool:  # noqa: ASYNC109 - False on timeout
+    async def wait_idle(self, timeout: float) -> bool:
         """Wait until the assistant has gone quiet: nothing left to play and no fresh audio."""
 
         def idle() -> bool:

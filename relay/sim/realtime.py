@@ -419,7 +419,7 @@ class _Peer:
         self.ws = ws
         self.rec = rec
         self.names = _NAMES[rec.dialect]
-        self.outbox: asyncio.Queue[bytes | _Close] = asyncio.Queue()
+        self.outbox: asyncio.Queue[str | _Close] = asyncio.Queue()
         self.tasks: set[asyncio.Task[None]] = set()
         self.finished = asyncio.Event()
         self.closing = False
@@ -506,9 +506,7 @@ class _Peer:
 
     async def _expire_after(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
-        self._emit_error(
-            "session_expired", f"Your session hit the maximum duration of {seconds / 60:g} minutes."
-        )
+        self._emit_error("session_expired", f"Your session hit the maximum duration of {seconds / 60:g} minutes.")
         self._close(1000, "session_expired")
 
     def _close(self, code: int, reason: str) -> None:
@@ -540,7 +538,7 @@ class _Peer:
                 if isinstance(message, _Close):
                     await ws.close(message.code, message.reason)
                     return
-                await ws.send(message, text=True)
+                await ws.send(message)
 
     async def _read_loop(self) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -548,9 +546,7 @@ class _Peer:
                 if self.closing:
                     continue
                 if isinstance(message, bytes):
-                    self._emit_error(
-                        "invalid_value", "Binary frames are not supported; send JSON text frames."
-                    )
+                    self._emit_error("invalid_value", "Binary frames are not supported; send JSON text frames.")
                     continue
                 self._on_text(message)
 
@@ -564,7 +560,7 @@ class _Peer:
             self.rec.sent.append({**event, "delta": ""})  # load runs: keep the event, drop the audio
         else:
             self.rec.sent.append(event)
-        self.outbox.put_nowait(orjson.dumps(event))
+        self.outbox.put_nowait(orjson.dumps(event).decode())
 
     def _emit_error(
         self, code: str | None, message: str, *, param: str | None = None, client_event: JSON | None = None
@@ -599,9 +595,7 @@ class _Peer:
         try:
             event = orjson.loads(text)
         except orjson.JSONDecodeError:
-            self._emit_error(
-                "invalid_json", "We could not parse the JSON body of your event; send a JSON object."
-            )
+            self._emit_error("invalid_json", "We could not parse the JSON body of your event; send a JSON object.")
             return
         if not isinstance(event, dict):
             self._emit_error("invalid_json", "Each client event must be a JSON object.")
@@ -675,9 +669,7 @@ class _Peer:
             if section is None:
                 continue
             if not isinstance(section, dict):
-                raise _Problem(
-                    "invalid_type", f"Invalid type for 'session.audio.{side}'.", f"session.audio.{side}"
-                )
+                raise _Problem("invalid_type", f"Invalid type for 'session.audio.{side}'.", f"session.audio.{side}")
             self._reject_unknown(section, keys, f"session.audio.{side}")
             if "format" in section:
                 fmt = section["format"]
@@ -691,9 +683,7 @@ class _Peer:
                     )
         input_section = audio.get("input")
         if isinstance(input_section, dict) and "turn_detection" in input_section:
-            self._check_turn_detection(
-                input_section["turn_detection"], "session.audio.input.turn_detection", True
-            )
+            self._check_turn_detection(input_section["turn_detection"], "session.audio.input.turn_detection", True)
         output_section = audio.get("output")
         if isinstance(output_section, dict) and "voice" in output_section:
             self._check_voice(output_section["voice"], "session.audio.output.voice")
@@ -704,8 +694,7 @@ class _Peer:
             if key in update and update[key] != "g711_ulaw":
                 raise _Problem(
                     "unsupported_audio_format",
-                    f"The simulator only speaks µ-law: 'session.{key}' must be 'g711_ulaw', "
-                    f"got {update[key]!r}.",
+                    f"The simulator only speaks µ-law: 'session.{key}' must be 'g711_ulaw', got {update[key]!r}.",
                     f"session.{key}",
                 )
         if "turn_detection" in update:
@@ -748,11 +737,7 @@ class _Peer:
     def _merge(self, target: JSON, update: JSON) -> None:
         """Deep-merge the containers (``audio``/``input``/``output``); every leaf value replaces the old."""
         for key, value in update.items():
-            if (
-                key in ("audio", "input", "output")
-                and isinstance(value, dict)
-                and isinstance(target.get(key), dict)
-            ):
+            if key in ("audio", "input", "output") and isinstance(value, dict) and isinstance(target.get(key), dict):
                 self._merge(target[key], value)
             elif key == "turn_detection":
                 target[key] = _normalize_turn_detection(_clone(value), self.rec.dialect)
@@ -826,9 +811,7 @@ class _Peer:
         if turn_detection.get("type") == "semantic_vad":
             silence_ms = _SEMANTIC_VAD_SILENCE_MS
         else:
-            silence_ms = int(
-                turn_detection.get("silence_duration_ms") or _SERVER_VAD_DEFAULTS["silence_duration_ms"]
-            )
+            silence_ms = int(turn_detection.get("silence_duration_ms") or _SERVER_VAD_DEFAULTS["silence_duration_ms"])
         if self.quiet_ms >= silence_ms:
             self._speech_stopped(end_ms, turn_detection)
 
@@ -838,9 +821,7 @@ class _Peer:
         self.in_speech = True
         self.loud_ms = self.quiet_ms = 0
         self.speech_item_id = _new_id("item")
-        self.speech_start_ms = max(
-            self.buffer_start_bytes // ulaw.ULAW_BYTES_PER_MS, onset_ms - padding_ms, 0
-        )
+        self.speech_start_ms = max(self.buffer_start_bytes // ulaw.ULAW_BYTES_PER_MS, onset_ms - padding_ms, 0)
         self.rec.speech_started_at.append(time.monotonic())
         self._emit(
             {
@@ -963,9 +944,7 @@ class _Peer:
             )
         item_id = item.get("id")
         if item_id is not None and (not isinstance(item_id, str) or len(item_id) > 32):
-            raise _Problem(
-                "invalid_value", "Invalid 'item.id': expected a string of at most 32 characters.", "item.id"
-            )
+            raise _Problem("invalid_value", "Invalid 'item.id': expected a string of at most 32 characters.", "item.id")
         if item_id is not None and self._find(item_id) is not None:
             raise _Problem("item_id_already_exists", f"Item with id '{item_id}' already exists.", "item.id")
         if kind == "message":
@@ -984,9 +963,7 @@ class _Peer:
         elif kind == "function_call_output":
             call_id = item.get("call_id")
             if call_id not in self.known_call_ids:
-                raise _Problem(
-                    "invalid_value", f"Tool call ID '{call_id}' not found in conversation.", "item.call_id"
-                )
+                raise _Problem("invalid_value", f"Tool call ID '{call_id}' not found in conversation.", "item.call_id")
             if not isinstance(item.get("output"), str):
                 raise _Problem(
                     "missing_required_parameter", "Missing required parameter: 'item.output'.", "item.output"
@@ -1030,9 +1007,7 @@ class _Peer:
             texts = [
                 part["text"]
                 for part in stored["content"]
-                if isinstance(part, dict)
-                and part.get("type") == "input_text"
-                and isinstance(part.get("text"), str)
+                if isinstance(part, dict) and part.get("type") == "input_text" and isinstance(part.get("text"), str)
             ]
             for needle, calls in self.cfg.function_calls_on_text.items():
                 if any(needle in text for text in texts):
@@ -1055,9 +1030,7 @@ class _Peer:
         audio_end_ms = _require(event, "audio_end_ms", int)
         sent_ms = int(record["sent_ms"])
         if item is None:
-            raise _Problem(
-                "item_not_found", f"Item with id '{item_id}' not found in conversation.", "item_id"
-            )
+            raise _Problem("item_not_found", f"Item with id '{item_id}' not found in conversation.", "item_id")
         if item.get("role") != "assistant" or item_id not in self.rec._sent_audio_ms:
             raise _Problem("invalid_value", "Only assistant messages with audio can be truncated.", "item_id")
         if content_index != 0:
@@ -1104,15 +1077,11 @@ class _Peer:
         item_id = _require(event, "item_id", str)
         item = self._find(item_id)
         if item is None:
-            raise _Problem(
-                "item_not_found", f"Item with id '{item_id}' not found in conversation.", "item_id"
-            )
+            raise _Problem("item_not_found", f"Item with id '{item_id}' not found in conversation.", "item_id")
         self._emit({"type": "conversation.item.retrieved", "item": _clone(item)})
 
     def _on_webrtc_only(self, event: JSON) -> None:
-        raise _Problem(
-            "invalid_value", f"'{event['type']}' is only supported on WebRTC and SIP connections.", "type"
-        )
+        raise _Problem("invalid_value", f"'{event['type']}' is only supported on WebRTC and SIP connections.", "type")
 
     # ------------------------------------------------------------------ responses
 
@@ -1244,11 +1213,7 @@ class _Peer:
             "content": [],
         }
         self._open_item(response, item)
-        part = (
-            {"type": "audio", "transcript": ""}
-            if response.modality == "audio"
-            else {"type": "text", "text": ""}
-        )
+        part = {"type": "audio", "transcript": ""} if response.modality == "audio" else {"type": "text", "text": ""}
         self._emit({"type": "response.content_part.added", **self._where(response, item), "part": part})
         return item
 
@@ -1328,9 +1293,7 @@ class _Peer:
                 break
             ms = min(max(1, chunk_sizes[chunk_index % len(chunk_sizes)]), total - position)
             chunk = audio[position * ulaw.ULAW_BYTES_PER_MS : (position + ms) * ulaw.ULAW_BYTES_PER_MS]
-            self._emit(
-                {"type": self.names.audio_delta, **where, "delta": base64.b64encode(chunk).decode("ascii")}
-            )
+            self._emit({"type": self.names.audio_delta, **where, "delta": base64.b64encode(chunk).decode("ascii")})
             position += ms
             response.sent_audio_ms = position
             if not response.out_of_band:
@@ -1534,9 +1497,7 @@ class RealtimeSimulator:
         server.close()
         await server.wait_closed()
         if self._peers:
-            await asyncio.wait(
-                [asyncio.create_task(p.finished.wait()) for p in self._peers.values()], timeout=5
-            )
+            await asyncio.wait([asyncio.create_task(p.finished.wait()) for p in self._peers.values()], timeout=5)
 
     async def drop_all(self) -> None:
         """Abort every open socket without a close frame, as a network failure or crash would."""

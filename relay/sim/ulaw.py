@@ -68,9 +68,7 @@ def decode(data: bytes) -> list[int]:
 def encode(samples: Iterable[int]) -> bytes:
     """Linear PCM16 sample values (clipped to int16) to µ-law bytes."""
     table = _ENCODE
-    return bytes(
-        table[(s if -32768 <= s <= 32767 else (32767 if s > 0 else -32768)) & 0xFFFF] for s in samples
-    )
+    return bytes(table[(s if -32768 <= s <= 32767 else (32767 if s > 0 else -32768)) & 0xFFFF] for s in samples)
 
 
 def rms(data: bytes) -> float:
@@ -180,9 +178,7 @@ def read_wav(path: str | Path) -> bytes:
         raise ValueError(f"{path}: missing fmt or data chunk")
     tag, channels, rate, bits = fmt
     if channels != 1 or rate != SAMPLE_RATE_HZ:
-        raise ValueError(
-            f"{path}: need 8000 Hz mono, found {rate} Hz with {channels} channels (no resampling)"
-        )
+        raise ValueError(f"{path}: need 8000 Hz mono, found {rate} Hz with {channels} channels (no resampling)")
     if tag == _WAVE_FORMAT_MULAW and bits == 8:
         return bytes(data)
     if tag == _WAVE_FORMAT_PCM and bits == 16:
@@ -191,6 +187,4 @@ def read_wav(path: str | Path) -> bytes:
         if sys.byteorder == "big":
             pcm.byteswap()
         return encode(pcm)
-    raise ValueError(
-        f"{path}: unsupported WAV encoding (format tag {tag}, {bits} bits); need 16-bit PCM or µ-law"
-    )
+    raise ValueError(f"{path}: unsupported WAV encoding (format tag {tag}, {bits} bits); need 16-bit PCM or µ-law")

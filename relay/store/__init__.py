@@ -42,8 +42,7 @@ def make_store(
     log = logger or logging.getLogger("relay.store")
     if not redis_url:
         log.warning(
-            "REDIS_URL is not set: using the in-process store; state is per-process, "
-            "so run a single instance only"
+            "REDIS_URL is not set: using the in-process store; state is per-process, so run a single instance only"
         )
         return MemoryStore(
             state_ttl_s=state_ttl_s,

@@ -146,7 +146,7 @@ class Store(Protocol):
         """True if the backend answers now (readiness); never raises."""
         ...
 
-    async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109 (contract: a budget, not a cancel)
+    async def flush(self, timeout: float) -> bool:
         """Wait until every write queued before this call is stored; False on timeout."""
         ...
 

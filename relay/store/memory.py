@@ -154,7 +154,7 @@ class MemoryStore:
     async def ping(self) -> bool:
         return True
 
-    async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109 (contract: a budget, not a cancel)
+    async def flush(self, timeout: float) -> bool:
         return True
 
     # observability -------------------------------------------------------------------------------

@@ -197,9 +197,7 @@ class RedisStore:
         if self._closed:
             raise RuntimeError("store is closed")
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(
-                self._writer_loop(), name="relay-store-writer"
-            )
+            self._task = asyncio.get_running_loop().create_task(self._writer_loop(), name="relay-store-writer")
             self._task.add_done_callback(self._writer_exited)
 
     async def close(self, flush_timeout: float = 2.0) -> None:
@@ -318,7 +316,7 @@ class RedisStore:
         except (RedisError, OSError, TimeoutError):
             return False
 
-    async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109 (contract: a budget, not a cancel)
+    async def flush(self, timeout: float) -> bool:
         """True once nothing queued before this call is pending (written, or dropped and counted).
 
         False on timeout, or if the writer is not running (nothing would ever drain the queue).
@@ -488,9 +486,7 @@ class RedisStore:
                 owners.append(None)
         return owners
 
-    def _apply_once(
-        self, pipe: Pipeline, op: _Op, suffix: str, mode: bytes, payload: list[bytes | str | int]
-    ) -> None:
+    def _apply_once(self, pipe: Pipeline, op: _Op, suffix: str, mode: bytes, payload: list[bytes | str | int]) -> None:
         pipe.evalsha(
             _APPLY_ONCE_SHA,
             2,
