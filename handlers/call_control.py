@@ -1,10 +1,19 @@
-"""Built-in call control: hang up politely, transfer to a human. Both go through Twilio's REST API."""
+"""Built-in call control: hang up politely, transfer to a human. Both go through Twilio's REST API.
+
+- ``end_call`` waits until Twilio has acknowledged the marks of everything the caller was sent
+  (the goodbye has played; at most ``RELAY_END_CALL_TIMEOUT`` seconds), then completes the call
+  (``Status=completed``) and closes the Realtime session.
+- ``transfer_call`` dials a destination named in the call's profile (``transfer_numbers``); a
+  number the model makes up is refused unless the profile sets ``allow_any_transfer_number``.
+  With ``whisper_summary`` the human hears a short summary before being connected.
+"""
 
 from __future__ import annotations
 
 import re
 from typing import Annotated, Any
 
+from relay.config import AgentSettings
 from relay.tools import ToolContext, ToolFailure, tool
 
 _E164 = re.compile(r"\+[1-9][0-9]{7,14}")
@@ -25,12 +34,26 @@ async def end_call(
     return {"ok": True}
 
 
+def _transfer_destinations(tool: dict[str, Any], profile: AgentSettings) -> dict[str, Any]:
+    """Show the model the destinations of this call's profile (and only those, unless any number is allowed)."""
+    names = sorted(profile.transfer_numbers)
+    destination = tool["parameters"]["properties"]["destination"]
+    if names and not profile.allow_any_transfer_number:
+        destination["enum"] = names
+    listed = ", ".join(names) if names else "none configured"
+    tool["description"] += f" Available destinations: {listed}."
+    if profile.allow_any_transfer_number:
+        tool["description"] += " A phone number in E.164 form (+15551234567) is also accepted."
+    return tool
+
+
 @tool(
     description=(
         "Transfer the caller to a human colleague. 'destination' is the name of a configured "
         "destination (for example 'sales' or 'billing'). Tell the caller you are transferring them first."
     ),
     timeout_s=60.0,
+    adapt=_transfer_destinations,
 )
 async def transfer_call(
     ctx: ToolContext,
@@ -38,17 +61,20 @@ async def transfer_call(
     reason: Annotated[str, "Short reason for the transfer, for the human colleague"] = "",
 ) -> dict[str, Any]:
     numbers = ctx.profile.transfer_numbers
-    if destination in numbers:
-        number = numbers[destination]
-    elif ctx.profile.allow_any_transfer_number and _E164.fullmatch(destination):
-        number = destination
+    wanted = destination.strip()
+    if wanted in numbers:
+        number = numbers[wanted]
+    elif wanted in numbers.values():  # the model used a configured number instead of its name
+        number = wanted
+    elif ctx.profile.allow_any_transfer_number and _E164.fullmatch(wanted):
+        number = wanted
     else:
         available = ", ".join(sorted(numbers)) or "none"
         raise ToolFailure(f"unknown destination {destination!r}; available destinations: {available}")
     whisper = None
     if ctx.profile.whisper_summary:
         summary = ctx.summary()
-        whisper = "Incoming transfer. " + (reason + ". " if reason else "") + (summary or "")
-    ctx.log.info("transferring the call to %s", destination)
-    await ctx.transfer_call(number, whisper)
-    return {"ok": True, "transferred_to": destination}
+        whisper = "Incoming transfer. " + (reason.strip().rstrip(".") + ". " if reason.strip() else "") + (summary or "")
+    ctx.log.info("transferring the call to %s", wanted)
+    await ctx.transfer_call(number, whisper.strip() if whisper else None)
+    return {"ok": True, "transferred_to": wanted}

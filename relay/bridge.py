@@ -37,6 +37,9 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN = 1013
 CALLER_AUDIO_BUFFER_FRAMES = 150  # 3 s of caller audio kept while a new Realtime session opens
+# Frames written just before a dropped socket is noticed die in flight; a replacement session
+# (which has heard nothing yet) gets this much recent caller audio again.
+REPLAY_FRAMES = 75
 FINAL_SUMMARY_WAIT_S = 4.0
 
 
@@ -59,6 +62,7 @@ class CallBridge:
         self._twilio_task: asyncio.Task[None] | None = None
         self._upstream_task: asyncio.Task[None] | None = None
         self._audio_backlog: deque[str] = deque(maxlen=CALLER_AUDIO_BUFFER_FRAMES)
+        self._recent_audio: deque[str] = deque(maxlen=REPLAY_FRAMES)
         self._final_summary = asyncio.Event()
         self._rollover = False
         self._session_timeout = False
@@ -282,6 +286,9 @@ class CallBridge:
         except websockets.ConnectionClosed:
             if text.startswith(client.APPEND_PREFIX):
                 self._audio_backlog.append(text)
+            return
+        if text.startswith(client.APPEND_PREFIX):
+            self._recent_audio.append(text)
 
     async def _send_twilio(self, text: str) -> None:
         if self.twilio_closed:
@@ -381,8 +388,11 @@ class CallBridge:
             self.upstream = upstream
             call.upstream_opened()
             await self._flush()
-            while self._audio_backlog:
-                await self._send_upstream(self._audio_backlog.popleft())
+            replay = list(self._recent_audio) + list(self._audio_backlog)
+            self._recent_audio.clear()
+            self._audio_backlog.clear()
+            for text in replay:
+                await self._send_upstream(text)
             watchdog = self._spawn(self._session_watchdog(upstream), "session-watchdog")
             try:
                 await self._upstream_reader(upstream)

@@ -177,6 +177,7 @@ class Call:
         self._out_of_band: set[str] = set()
         self._dropped_responses: set[str] = set()
         self._create_in_flight: dict[str, Any] | None = None
+        self._sent_creates: dict[str, dict[str, Any]] = {}  # event_id -> response.create, recent ones
         self._queued_creates: deque[dict[str, Any]] = deque()
         self._create_seq = 0
         self._response_had_audio: set[str] = set()
@@ -344,13 +345,19 @@ class Call:
             self._queued_creates.append(create)
             return
         if self.active_response is None and self._create_in_flight is None:
-            self._create_in_flight = create
-            self._send_upstream(create)
+            self._send_create(create)
             return
         is_plain = "response" not in create
         if is_plain and any("response" not in queued for queued in self._queued_creates):
             return  # one plain response will see every new item; don't ask twice
         self._queued_creates.append(create)
+
+    def _send_create(self, create: dict[str, Any]) -> None:
+        self._create_in_flight = create
+        self._sent_creates[create["event_id"]] = create
+        while len(self._sent_creates) > 16:
+            del self._sent_creates[next(iter(self._sent_creates))]
+        self._send_upstream(create)
 
     def say(self, instructions: str, *, interrupt: bool = False) -> None:
         """Make the assistant speak now (drain goodbye, announcements), optionally cutting it off."""
@@ -363,9 +370,7 @@ class Call:
     def _flush_queued_create(self) -> None:
         if self.session_ready and self._queued_creates and self.active_response is None:
             if self._create_in_flight is None:
-                create = self._queued_creates.popleft()
-                self._create_in_flight = create
-                self._send_upstream(create)
+                self._send_create(self._queued_creates.popleft())
 
     def request_summary(self, *, final: bool = False) -> bool:
         """Ask for an out-of-band text summary; never spoken, never relayed to the caller."""
@@ -490,10 +495,12 @@ class Call:
         metadata = event.metadata or {}
         if metadata.get("purpose") == SUMMARY_PURPOSE or event.conversation == "none":
             self._out_of_band.add(event.response_id)
-            if self._create_in_flight is not None and "response" in self._create_in_flight:
-                if self._create_in_flight["response"].get("conversation") == "none":
-                    self._create_in_flight = None
+            in_flight = self._create_in_flight
+            if in_flight is not None and in_flight.get("response", {}).get("conversation") == "none":
+                self._create_in_flight = None
             return
+        # Ours or one the server started by itself; if the latter, ours fails with
+        # "already has an active response" and is queued again by its event_id.
         self._create_in_flight = None
         self.active_response = event.response_id
         if self.phase is not Phase.GREETING:
@@ -534,17 +541,18 @@ class Call:
         if code == "response_cancel_not_active":
             self.log.debug("cancel raced the end of the response (harmless)")
             return
-        if code == "conversation_already_has_active_response":
-            retry = self._create_in_flight
+        refused = self._sent_creates.pop(error.event_id, None) if error.event_id else None
+        if refused is not None and self._create_in_flight is refused:
             self._create_in_flight = None
-            if retry is not None and (not error.event_id or retry.get("event_id") == error.event_id):
-                self._queued_creates.appendleft(retry)
+        if code == "conversation_already_has_active_response":
+            # A server-VAD response won the race; ours runs once that one is done.
+            if refused is not None and refused not in self._queued_creates:
+                self._queued_creates.appendleft(refused)
             self.log.info("response.create raced an active response; queued until it is done")
+            self._flush_queued_create()
             return
-        failed = self._create_in_flight
-        if failed is not None and error.event_id and failed.get("event_id") == error.event_id:
-            self._create_in_flight = None  # the server refused this response.create; do not wait for it
-            if failed.get("response", {}).get("conversation") == "none":
+        if refused is not None:
+            if refused.get("response", {}).get("conversation") == "none":
                 self._summary_in_flight = False
             self._flush_queued_create()
         fatal = code in ev.FATAL_ERROR_CODES

@@ -1,19 +1,115 @@
-"""Prometheus metrics. Nothing here runs per audio frame except sampled hop latency."""
+"""Prometheus metrics. Nothing here runs per audio frame except sampled hop latency.
+
+One process: every metric lives in the ``Metrics`` object's own registry and ``render()``
+exposes it. Several worker processes (``--workers`` / ``WEB_CONCURRENCY``) sharing one
+port: set ``PROMETHEUS_MULTIPROC_DIR`` to an empty writable directory and every worker
+writes its values to memory-mapped files there; whichever worker answers ``/metrics``
+then reports the sum over all of them (prometheus-client's multiprocess mode). Without
+that variable each scrape sees only the worker that happened to answer it.
+"""
 
 from __future__ import annotations
 
+import glob
+import os
+import re
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 M2E_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
-HOP_SAMPLE_EVERY = 25  # one frame in 25 (every half second of caller audio) is timed
+TOOL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+COST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+HOP_SAMPLE_EVERY = 25  # one frame in 25 (every half second of caller audio) is timed, starting with the first
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MAX_LABEL_VALUES = 50  # per label of free-form origin (error codes, tool names, end reasons)
+OTHER = "other"
+
+# Token kinds as flattened from response.done usage (relay.realtime.dialect.flatten_usage).
+TOKEN_DETAIL_KINDS = ("input_text", "input_audio", "input_image", "input_cached", "output_text", "output_audio")
+_LABEL_SAFE = re.compile(r"[^A-Za-z0-9_.:\-]")
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def reset_multiprocess_dir(path: str | None = None) -> None:
+    """Start of a server: remove metric files a previous run left behind (they would add up)."""
+    path = path or multiprocess_dir()
+    if not path:
+        return
+    os.makedirs(path, exist_ok=True)
+    for name in glob.glob(os.path.join(path, "*.db")):
+        os.remove(name)
+
+
+def mark_worker_dead(pid: int) -> None:
+    """A worker exited: drop its live gauges (active calls, queue depth); its counters stay."""
+    if multiprocess_dir():
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
+class _LabelGuard:
+    """Caps the distinct values of a free-form label so a misbehaving peer cannot explode cardinality."""
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        value = _LABEL_SAFE.sub("_", value or "unknown")[:64] or "unknown"
+        if value in self.seen:
+            return value
+        if len(self.seen) >= self.limit:
+            return OTHER
+        self.seen.add(value)
+        return value
+
+
+def price_kind(kind: str) -> str:
+    """The RELAY_PRICE_<KIND>_PER_1K setting that prices a flattened usage kind."""
+    return "cached" if kind == "input_cached" else kind
+
+
+def usage_cost(usage: Mapping[str, int], prices: Mapping[str, float]) -> float:
+    """USD for one response.done usage, from per-1000-token prices by kind.
+
+    Cached input tokens are billed at the ``cached`` price instead of their normal input
+    price: they are taken off text input first, then off audio input (when ``cached`` has
+    no price they cost the normal input price).
+    """
+    if not prices:
+        return 0.0
+    text = max(0, usage.get("input_text", 0))
+    audio = max(0, usage.get("input_audio", 0))
+    cached = max(0, usage.get("input_cached", 0)) if "cached" in prices else 0
+    cached_text = min(cached, text)
+    cached_audio = min(cached - cached_text, audio)
+    billed = {
+        "input_text": text - cached_text,
+        "input_audio": audio - cached_audio,
+        "cached": cached_text + cached_audio,
+        "output_text": max(0, usage.get("output_text", 0)),
+        "output_audio": max(0, usage.get("output_audio", 0)),
+    }
+    return sum(count / 1000.0 * float(prices[kind]) for kind, count in billed.items() if kind in prices)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.multiprocess = multiprocess_dir() is not None
         r = self.registry
-        self.active_calls = Gauge("relay_active_calls", "Calls currently relayed by this instance", registry=r)
+        self.active_calls = Gauge(
+            "relay_active_calls", "Calls currently relayed by this instance", registry=r, multiprocess_mode="livesum"
+        )
+        self.calls_started = Counter("relay_calls_started_total", "Calls admitted (stream accepted)", registry=r)
         self.calls_ended = Counter("relay_calls_ended_total", "Calls ended, by reason", ["reason"], registry=r)
         self.calls_refused = Counter("relay_calls_refused_total", "Webhooks or streams refused", ["reason"], registry=r)
         self.hop_latency = Histogram(
@@ -39,23 +135,39 @@ class Metrics:
         self.tool_calls = Counter(
             "relay_tool_calls_total", "Tool calls by name and outcome", ["name", "outcome"], registry=r
         )
-        self.tool_duration = Histogram("relay_tool_duration_seconds", "Tool handler duration", ["name"], registry=r)
-        self.tokens = Counter("relay_tokens_total", "Tokens reported by response.done", ["kind"], registry=r)
+        self.tool_duration = Histogram(
+            "relay_tool_duration_seconds", "Tool handler duration", ["name", "outcome"], buckets=TOOL_BUCKETS, registry=r
+        )
+        self.tokens = Counter("relay_tokens_total", "Tokens reported by response.done, by kind", ["kind"], registry=r)
+        self.cost = Counter(
+            "relay_cost_usd_total", "Estimated Realtime API cost from configured token prices", registry=r
+        )
         self.call_cost = Histogram(
             "relay_call_cost_usd",
             "Estimated cost per call from configured token prices",
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            buckets=COST_BUCKETS,
             registry=r,
         )
         self.responses = Counter("relay_responses_total", "Realtime responses by status", ["status"], registry=r)
-        self.store_queue_depth = Gauge("relay_store_queue_depth", "State writes waiting for Redis", registry=r)
-        self.store_dropped = Gauge(
-            "relay_store_dropped_writes", "State writes dropped since start (Redis unavailable)", registry=r
+        self.store_queue_depth = Gauge(
+            "relay_store_queue_depth", "State writes waiting for Redis", registry=r, multiprocess_mode="livesum"
         )
-        self.draining = Gauge("relay_draining", "1 while the instance drains after SIGTERM", registry=r)
+        self.store_dropped = Counter(
+            "relay_store_dropped_writes_total", "State writes dropped (queue overflow, Redis refusal)", registry=r
+        )
+        self.draining = Gauge(
+            "relay_draining", "1 while the instance drains after SIGTERM", registry=r, multiprocess_mode="livemax"
+        )
         self.context_trims = Counter(
             "relay_context_trims_total", "Conversation trims after an out-of-band summary", registry=r
         )
+        self._dropped_seen = 0
+        self._codes = _LabelGuard()
+        self._tool_names = _LabelGuard()
+        self._reasons = _LabelGuard()
+        self._statuses = _LabelGuard(20)
+
+    # ---- recording -------------------------------------------------------------------------
 
     def observe(self, name: str, value: float, label: str) -> None:
         """Dispatch for the call object's Metric effects."""
@@ -64,15 +176,51 @@ class Metrics:
         elif name == "truncations":
             self.truncations.inc()
         elif name == "realtime_errors":
-            self.realtime_errors.labels(label or "unknown").inc()
+            self.realtime_errors.labels(self._codes(label)).inc()
         elif name == "mouth_to_ear_sent_seconds":
             self.mouth_to_ear.labels("sent").observe(value)
         elif name == "mouth_to_ear_played_seconds":
             self.mouth_to_ear.labels("played").observe(value)
         elif name == "responses":
-            self.responses.labels(label or "unknown").inc()
+            self.responses.labels(self._statuses(label)).inc()
         elif name == "context_trims":
             self.context_trims.inc()
 
+    def call_ended(self, reason: str) -> None:
+        self.calls_ended.labels(self._reasons(reason)).inc()
+
+    def tool_call(self, name: str, outcome: str, duration_s: float) -> None:
+        label = self._tool_names(name) if outcome != "unknown_tool" else "unknown"
+        self.tool_calls.labels(label, outcome).inc()
+        self.tool_duration.labels(label, outcome).observe(duration_s)
+
+    def record_usage(self, usage: Mapping[str, int], prices: Mapping[str, float]) -> float:
+        """Count tokens by kind from one response.done; return (and count) its estimated cost."""
+        has_details = {side: any(k.startswith(f"{side}_") for k in usage) for side in ("input", "output")}
+        for kind, count in usage.items():
+            if count <= 0:
+                continue
+            if kind in TOKEN_DETAIL_KINDS or (kind in ("input", "output") and not has_details[kind]):
+                self.tokens.labels(kind).inc(count)
+        cost = usage_cost(usage, prices)
+        if cost > 0:
+            self.cost.inc(cost)
+        return cost
+
+    def sync_store(self, queue_depth: int, dropped_writes: int) -> None:
+        """Copy the store's own counters (read at scrape time, never on the audio path)."""
+        self.store_queue_depth.set(queue_depth)
+        if dropped_writes > self._dropped_seen:
+            self.store_dropped.inc(dropped_writes - self._dropped_seen)
+        self._dropped_seen = max(self._dropped_seen, dropped_writes)
+
+    # ---- exposition ------------------------------------------------------------------------
+
     def render(self) -> bytes:
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)

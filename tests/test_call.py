@@ -367,3 +367,20 @@ def test_session_update_uses_ulaw_both_ways(dialect: str) -> None:
         assert session["audio"]["output"]["format"] == {"type": "audio/pcmu"}
     else:
         assert session["input_audio_format"] == session["output_audio_format"] == "g711_ulaw"
+
+
+def test_summary_request_that_loses_a_race_to_a_vad_response_is_retried() -> None:
+    call, _ = make_call(greeting=None)
+    ready(call)
+    assert call.request_summary()
+    summary = [orjson.loads(m) for m in call.drain()[1]][-1]
+    call.upstream_event(ev.ResponseCreated("vad", None, None))  # the server started a reply meanwhile
+    call.upstream_event(
+        ev.ServerError(
+            "invalid_request_error", "conversation_already_has_active_response", "busy", None, summary["event_id"]
+        )
+    )
+    assert call.drain()[1] == []
+    call.upstream_event(ev.ResponseDone("vad", "completed", None, (), {}, None, ""))
+    retried = [orjson.loads(m) for m in call.drain()[1]]
+    assert [m["event_id"] for m in retried] == [summary["event_id"]]

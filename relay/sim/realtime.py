@@ -29,7 +29,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import lru_cache
 from http import HTTPStatus
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
@@ -40,6 +40,7 @@ from websockets.http11 import Request, Response
 from relay.sim import ulaw
 
 __all__ = [
+    "LatencyProbe",
     "RealtimeSimulator",
     "SimConfig",
     "SimSession",
@@ -88,6 +89,18 @@ class SimConfig:
     max_session_s: float | None = None
     expected_api_key: str | None = None
     record_audio: bool = True
+    latency_probe: LatencyProbe | None = None
+    """Off by default. The load bench's hook: sees every decoded append, may stamp every audio chunk sent."""
+
+
+class LatencyProbe(Protocol):
+    """Measures transit outside the relay: markers the caller hid in its audio, markers added to replies."""
+
+    def appended(self, session: SimSession, audio: bytes) -> None:
+        """Called with the decoded bytes of every valid ``input_audio_buffer.append``, on arrival."""
+
+    def outgoing(self, session: SimSession, chunk: bytes) -> bytes:
+        """Called for every assistant audio chunk right before it is queued; returns the bytes to send."""
 
 
 class _Headers(dict[str, str]):
@@ -774,6 +787,8 @@ class _Peer:
             return
         if not self.settings.input_ulaw:
             rec.appends_while_not_ulaw += 1
+        if cfg.latency_probe is not None:
+            cfg.latency_probe.appended(rec, data)
         self._feed(data)
 
     def _feed(self, data: bytes) -> None:
@@ -1293,6 +1308,9 @@ class _Peer:
                 break
             ms = min(max(1, chunk_sizes[chunk_index % len(chunk_sizes)]), total - position)
             chunk = audio[position * ulaw.ULAW_BYTES_PER_MS : (position + ms) * ulaw.ULAW_BYTES_PER_MS]
+            probe = self.cfg.latency_probe
+            if probe is not None:
+                chunk = probe.outgoing(self.rec, chunk)
             self._emit({"type": self.names.audio_delta, **where, "delta": base64.b64encode(chunk).decode("ascii")})
             position += ms
             response.sent_audio_ms = position

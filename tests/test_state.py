@@ -1,0 +1,337 @@
+"""Conversation state in Redis, caller memory across instances, and calls that outlive their Realtime socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from conftest import AUTH_TOKEN, RedisProcess, free_port, make_caller, relay_settings
+
+from relay.sim import ulaw
+from relay.sim.caller import CallerConfig, SimulatedCaller
+from relay.sim.local import LocalRelay
+from relay.sim.realtime import RealtimeSimulator
+from relay.store import hash_number
+
+API_TOKEN = "test-api-token-abcdef"
+
+
+async def wait_for(condition: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.02)
+    return bool(condition())
+
+
+async def talk(caller: SimulatedCaller, ms: int = 600, seed: int = 0) -> None:
+    """One caller turn and the assistant's whole answer."""
+    before = caller.played_bytes
+    await caller.say_and_wait(ulaw.synth_speech(ms, seed=seed))
+    await caller.wait_for_audio(before // 8 + 300, timeout=10)
+    await caller.wait_idle(timeout=10)
+
+
+async def test_full_call_is_recorded_in_redis_in_order_with_ttls(
+    sim: RealtimeSimulator, redis_url: str, store_prefix: str
+) -> None:
+    sim.config.greeting_reply_ms = 2500
+    sim.config.reply_ms = 600
+    settings = relay_settings(sim.url, redis_url=redis_url, redis_prefix=store_prefix, state_ttl_s=3600)
+    async with LocalRelay(settings) as relay:
+        caller = make_caller(relay)
+        await caller.connect()
+        assert await caller.wait_for_audio(800, timeout=5)
+        caller.say(ulaw.synth_speech(600, seed=3))  # interrupts the greeting
+        await caller.wait_for_audio(caller.played_bytes // 8 + 400, timeout=10)
+        await caller.wait_idle(timeout=10)
+        await caller.press("7")
+        await asyncio.sleep(0.3)
+        await caller.wait_idle(timeout=10)
+        await caller.hangup()
+        assert await wait_for(lambda: not relay.runtime.calls)
+        assert await relay.runtime.store.flush(5)
+        async with httpx.AsyncClient(base_url=relay.base_url) as http:
+            unauthorized = await http.get(f"/calls/{caller.call_sid}")
+            wrong = await http.get(f"/calls/{caller.call_sid}", headers={"Authorization": "Bearer nope"})
+            ok = await http.get(f"/calls/{caller.call_sid}", headers={"Authorization": f"Bearer {API_TOKEN}"})
+    assert unauthorized.status_code == 401 and wrong.status_code == 401
+    assert ok.status_code == 200
+    record = ok.json()
+    kinds = [e["kind"] for e in record["entries"]]
+    # the greeting was interrupted, the caller spoke, the assistant answered, then a key press
+    assert kinds.index("interruption") < kinds.index("caller") < kinds.index("dtmf")
+    assert kinds[-1] == "system"
+    interruption = next(e for e in record["entries"] if e["kind"] == "interruption")
+    assert 0 < interruption["audio_end_ms"] < 2500
+    assert next(e for e in record["entries"] if e["kind"] == "dtmf")["digit"] == "7"
+    assert any(e["kind"] == "assistant" for e in record["entries"])
+    times = [e["t"] for e in record["entries"]]
+    assert times == sorted(times)
+    meta = record["meta"]
+    assert meta["from"] == "+15550001111" and meta["to"] == "+15550002222"
+    assert meta["end_reason"] == "caller_hung_up" and meta["dialect"] == "ga" and meta["model"] == "gpt-realtime"
+    assert meta["started"] and meta["ended"] and meta["instance"]
+    assert record["usage"]["total"] > 0 and record["usage"]["output_audio"] > 0
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{store_prefix}call:{caller.call_sid}:*"))
+    assert len(keys) >= 3
+    for key in keys:
+        assert 0 < client.ttl(key) <= 3600
+    client.close()
+
+
+async def test_long_conversation_is_summarized_out_of_band_and_trimmed(
+    sim: RealtimeSimulator, redis_url: str, store_prefix: str
+) -> None:
+    sim.config.greeting_reply_ms = 300
+    sim.config.reply_ms = 300
+    settings = relay_settings(
+        sim.url, redis_url=redis_url, redis_prefix=store_prefix, summary_max_turns=4, summary_keep_turns=2
+    )
+    async with LocalRelay(settings) as relay:
+        caller = make_caller(relay)
+        await caller.connect()
+        await caller.wait_for_audio(300, timeout=5)
+        await caller.wait_idle(timeout=5)
+        for turn in range(3):
+            await talk(caller, 400, seed=turn)
+        assert await wait_for(lambda: relay.runtime.calls[caller.call_sid].call.summary is not None, timeout=5)
+        heard_before = len(caller.received_payloads)
+        await caller.hangup()
+        assert await wait_for(lambda: not relay.runtime.calls)
+        await relay.runtime.store.flush(5)
+        record = await relay.runtime.store.get_call(caller.call_sid)
+    session = sim.sessions[0]
+    sent = [event for _, event in session.received]
+    summary_requests = [
+        e for e in sent if e["type"] == "response.create" and e.get("response", {}).get("conversation") == "none"
+    ]
+    assert summary_requests and summary_requests[0]["response"]["metadata"]["purpose"] == "summary"
+    deleted = [e["item_id"] for e in sent if e["type"] == "conversation.item.delete"]
+    assert deleted
+    context = [e for e in sent if e["type"] == "conversation.item.create" and e.get("previous_item_id") == "root"]
+    assert len(context) >= 1 and "Summary" in context[0]["item"]["content"][0]["text"]
+    # the summary was never spoken: every delta the caller got belongs to a conversation response
+    oob_ids = {
+        e["response"]["id"]
+        for e in session.sent
+        if e["type"] == "response.created"
+        and e["response"].get("conversation_id") is None
+        and e["response"].get("metadata")
+    }
+    relayed = [e for e in session.sent if e["type"] == "response.output_audio.delta"]
+    assert not {e["response_id"] for e in relayed} & oob_ids
+    assert heard_before == len(relayed)
+    assert record is not None and record.summary
+
+
+async def test_caller_memory_reaches_the_next_call_on_another_instance_process(
+    sim: RealtimeSimulator, redis_url: str, store_prefix: str
+) -> None:
+    sim.config.greeting_reply_ms = 300
+    sim.config.reply_ms = 300
+    env = {
+        "REDIS_URL": redis_url,
+        "RELAY_REDIS_PREFIX": store_prefix,
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "RELAY_STREAM_SECRET": "shared-secret-between-instances",
+        "OPENAI_REALTIME_URL": sim.url,
+        "OPENAI_API_KEY": "sk-test-instances-000000",
+        "RELAY_API_TOKEN": API_TOKEN,
+        "LOG_LEVEL": "warning",
+    }
+    with relay_process(env) as first, relay_process(env) as second:
+        caller = SimulatedCaller(CallerConfig(base_url=first, auth_token=AUTH_TOKEN, from_number="+15551230000"))
+        await caller.connect()
+        await caller.wait_for_audio(300, timeout=10)
+        await caller.wait_idle(timeout=10)
+        await talk(caller, 500)
+        await caller.hangup()
+        client = redis.Redis.from_url(redis_url)
+        memory_key = f"{store_prefix}caller:{hash_number('+15551230000')}"
+        assert await wait_for(lambda: client.get(memory_key) is not None, timeout=10)
+        memory = client.get(memory_key).decode()
+        assert client.ttl(memory_key) > 7 * 24 * 3600
+        client.close()
+
+        again = SimulatedCaller(CallerConfig(base_url=second, auth_token=AUTH_TOKEN, from_number="+15551230000"))
+        await again.connect()
+        await again.wait_for_audio(100, timeout=10)
+        await again.hangup()
+        async with httpx.AsyncClient() as http:
+            rec1 = (
+                await http.get(f"{second}/calls/{caller.call_sid}", headers={"Authorization": f"Bearer {API_TOKEN}"})
+            ).json()
+            rec2 = (
+                await http.get(f"{first}/calls/{again.call_sid}", headers={"Authorization": f"Bearer {API_TOKEN}"})
+            ).json()
+    assert rec1["meta"]["instance"] != rec2["meta"]["instance"]
+    assert rec2["meta"]["caller_memory"] == "1"
+    update = next(e for _, e in sim.sessions[1].received if e["type"] == "session.update")
+    assert memory in update["session"]["instructions"]
+    first_update = next(e for _, e in sim.sessions[0].received if e["type"] == "session.update")
+    assert "previous calls" not in first_update["session"]["instructions"]
+
+
+class relay_process:
+    """``python -m relay serve`` as a separate process on a free port."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            **env,
+            "PORT": str(self.port),
+            "HOST": "127.0.0.1",
+            "PUBLIC_URL": f"http://127.0.0.1:{self.port}",
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> str:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve"], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=0.5).status_code == 200:
+                    return f"http://127.0.0.1:{self.port}"
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("relay process did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.mark.parametrize("fault", ["kill", "pause"])
+async def test_redis_outage_mid_call_never_touches_audio(
+    sim: RealtimeSimulator, private_redis: RedisProcess, fault: str
+) -> None:
+    sim.config.greeting_reply_ms = 400
+    sim.config.reply_ms = 800
+    settings = relay_settings(sim.url, redis_url=private_redis.url)
+    async with LocalRelay(settings) as relay:
+        caller = make_caller(relay)
+        await caller.connect()
+        await caller.wait_for_audio(400, timeout=5)
+        await caller.wait_idle(timeout=5)
+        if fault == "kill":
+            private_redis.kill()
+        else:
+            private_redis.pause()
+        await talk(caller, 500, seed=1)
+        await talk(caller, 500, seed=2)
+        assert relay.runtime.store.queue_depth > 0
+        if fault == "kill":
+            private_redis.restart()
+        else:
+            private_redis.resume()
+        await talk(caller, 500, seed=3)
+        await caller.hangup()
+        assert await wait_for(lambda: not relay.runtime.calls)
+        assert await relay.runtime.store.flush(10)
+        record = await relay.runtime.store.get_call(caller.call_sid)
+    session = sim.sessions[0]
+    assert session.appended == caller.sent_payloads
+    deltas = [e["delta"] for e in session.sent if e["type"] == "response.output_audio.delta"]
+    assert caller.received_payloads == deltas
+    assert record is not None
+    assert record.meta["end_reason"] == "caller_hung_up"
+    if fault == "pause":  # nothing was lost: the writer held on to it
+        assert [e["kind"] for e in record.entries].count("caller") == 3
+    else:
+        assert [e["kind"] for e in record.entries].count("caller") >= 1
+
+
+async def test_dropped_realtime_socket_resumes_on_a_new_seeded_session(sim: RealtimeSimulator) -> None:
+    sim.config.greeting_reply_ms = 300
+    sim.config.reply_ms = 500
+    settings = relay_settings(sim.url, summary_max_turns=3, summary_keep_turns=2)
+    async with LocalRelay(settings) as relay:
+        caller = make_caller(relay)
+        await caller.connect()
+        await caller.wait_for_audio(300, timeout=5)
+        await caller.wait_idle(timeout=5)
+        await talk(caller, 400, seed=1)
+        await talk(caller, 400, seed=2)
+        bridge = relay.runtime.calls[caller.call_sid]
+        assert await wait_for(lambda: bridge.call is not None and bridge.call.summary is not None, timeout=5)
+        summary = bridge.call.summary if bridge.call else None
+        frames_before_drop = len(caller.sent_payloads)
+        await sim.drop_all()
+        assert await wait_for(lambda: len(sim.sessions) == 2 and sim.sessions[1].session.get("instructions"), timeout=5)
+        heard = caller.played_bytes
+        await talk(caller, 400, seed=3)
+        assert caller.played_bytes > heard
+        await caller.hangup()
+        assert await wait_for(lambda: not relay.runtime.calls)
+        record = await relay.runtime.store.get_call(caller.call_sid)
+    assert caller.close_code is None or caller.close_code == 1000
+    first, second = sim.sessions
+    update = next(e for _, e in second.received if e["type"] == "session.update")
+    instructions = update["session"]["instructions"]
+    assert summary and summary in instructions
+    assert "caller turn 2" in instructions  # the most recent turns, as transcribed
+    assert "already in progress" in instructions
+    # no second greeting on the new session
+    assert not any(e["type"] == "response.create" for _, e in second.received)
+    # continuous relaying: the new session hears a contiguous, in-order run of the caller's frames that
+    # starts before the drop (recent audio is replayed, so nothing in flight is lost) and runs to the end
+    sent = caller.sent_payloads
+    start = len(sent) - len(second.appended)
+    assert second.appended == sent[start:]
+    assert start <= len(first.appended)
+    assert first.appended == sent[: len(first.appended)]
+    assert len(first.appended) >= frames_before_drop - 5
+    assert record is not None
+    assert any(e.get("event") == "realtime_reconnected" for e in record.entries)
+
+
+async def test_reconnect_gives_up_after_the_cap_and_ends_cleanly(sim: RealtimeSimulator) -> None:
+    settings = relay_settings(sim.url, reconnect_attempts=2, reconnect_backoff_s=0.05)
+    async with LocalRelay(settings) as relay:
+        caller = make_caller(relay)
+        await caller.connect()
+        await caller.wait_for_audio(100, timeout=5)
+        await sim.stop()  # the API is gone for good
+        assert await caller.wait_closed(timeout=10) == 1000
+        assert await wait_for(lambda: not relay.runtime.calls)
+        record = await relay.runtime.store.get_call(caller.call_sid)
+    assert record is not None and record.meta["end_reason"] == "realtime_unavailable"
+
+
+async def test_session_rolls_over_before_the_maximum_duration(sim: RealtimeSimulator) -> None:
+    sim.config.greeting_reply_ms = 200
+    settings = relay_settings(sim.url, session_max_s=1.5, session_update_timeout_s=0.5)
+    async with LocalRelay(settings) as relay:
+        caller = make_caller(relay)
+        await caller.connect()
+        await caller.wait_for_audio(200, timeout=5)
+        assert await wait_for(lambda: len(sim.sessions) >= 2, timeout=6)
+        await talk(caller, 400)
+        await caller.hangup()
+    first, second = sim.sessions[:2]
+    assert first.closed
+    sent = caller.sent_payloads
+    assert first.appended == sent[: len(first.appended)]
+    start = len(sent) - len(second.appended)
+    assert second.appended == sent[start:] and start <= len(first.appended)
+    # no second greeting on the new session
+    assert not any(e["type"] == "response.create" for _, e in second.received)
