@@ -150,6 +150,7 @@ class Settings:
     ws_ping_interval_s: float = 20.0
     ws_ping_timeout_s: float = 20.0
     price_per_1k_tokens: Mapping[str, float] = field(default_factory=dict)
+    metrics_enabled: bool = True
 
     @property
     def realtime_ws_url(self) -> str:
@@ -265,4 +266,5 @@ class Settings:
             ws_ping_interval_s=_float(env, "RELAY_WS_PING_INTERVAL", 20.0, 0.05),
             ws_ping_timeout_s=_float(env, "RELAY_WS_PING_TIMEOUT", 20.0, 0.05),
             price_per_1k_tokens=prices,
+            metrics_enabled=_bool(env, "RELAY_METRICS", True),
         )
