@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import websockets
 from starlette.websockets import WebSocket, WebSocketState
 from websockets.asyncio.client import ClientConnection
+from websockets.protocol import State
 
 from relay import logs
 from relay.call import Call, Entry, Metric, RunTool, SummaryReady, UpstreamFailed, UsageReport
@@ -40,6 +41,12 @@ CALLER_AUDIO_BUFFER_FRAMES = 150  # 3 s of caller audio kept while a new Realtim
 # Frames written just before a dropped socket is noticed die in flight; a replacement session
 # (which has heard nothing yet) gets this much recent caller audio again.
 REPLAY_FRAMES = 75
+# Twilio sends audio in real time; a client sending far faster is abusive (and costs money upstream).
+MEDIA_RATE_BYTES_PER_S = 3 * 8000
+MEDIA_BURST_BYTES = 5 * 8000
+DTMF_FLOOD_FACTOR = 3
+MALFORMED_LOGGED_EACH = 20
+MALFORMED_LOG_EVERY = 100
 FINAL_SUMMARY_WAIT_S = 4.0
 
 
@@ -67,6 +74,7 @@ class CallBridge:
         self._rollover = False
         self._session_timeout = False
         self._dtmf_times: deque[float] = deque()
+        self.malformed_frames = 0
         self.cost_usd = 0.0
         self.started_at = time.monotonic()
         self.agent = self.settings.agent
@@ -77,12 +85,13 @@ class CallBridge:
     async def run(self) -> None:
         """Serve one Media Stream from accept to the last task's end."""
         await self.ws.accept()
-        if self.runtime.draining:
-            self.runtime.metrics.calls_refused.labels("draining").inc()
-            await self._close_twilio(CLOSE_TRY_AGAIN, "instance draining")
-            return
         start = await self._await_start()
         if start is None:
+            return
+        if self.runtime.draining:  # checked once the start message names the call, for the log line
+            self.runtime.metrics.calls_refused.labels("draining").inc()
+            self.log.warning("stream refused: instance draining")
+            await self._close_twilio(CLOSE_TRY_AGAIN, "instance draining")
             return
         await self._serve(start)
 
@@ -119,6 +128,7 @@ class CallBridge:
     async def _admit(self, start: tw.Start) -> tw.Start | None:
         """The stream token (and the upgrade signature, when present) must match this call."""
         self.log = logs.call_logger(start.call_sid, start.stream_sid, "relay.bridge")
+        logs.bind_call(start.call_sid, start.stream_sid)  # library lines of this call carry the SIDs too
         token = start.custom_parameters.get("token", "")
         try:
             expiry = verify_stream_token(self.settings.stream_secret, start.call_sid, token)
@@ -168,7 +178,7 @@ class CallBridge:
             dialect=runtime.dialect,
             agent=self.agent,
             model=self.settings.model,
-            tools=runtime.tools.specs(self.allowed_tools),
+            tools=runtime.tools.specs(self.allowed_tools, self.agent),
             instructions_suffix=suffix,
             summary_max_turns=self.settings.summary_max_turns,
             summary_max_tokens=self.settings.summary_max_tokens,
@@ -219,6 +229,8 @@ class CallBridge:
         media_type = tw.Media
         frame = 0
         hop = self.runtime.metrics.hop_latency.labels("caller_to_realtime")
+        budget = float(MEDIA_BURST_BYTES)
+        last_refill = time.monotonic()
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
@@ -235,15 +247,24 @@ class CallBridge:
                 await self._close_twilio(CLOSE_TOO_BIG, "frame too large")
                 return
             frame += 1
-            sampled = frame % HOP_SAMPLE_EVERY == 0
+            sampled = frame % HOP_SAMPLE_EVERY == 1
             t0 = time.perf_counter() if sampled else 0.0
             try:
                 event = parse(text)
             except tw.MalformedMessage as exc:
-                self.log.warning("malformed Twilio frame skipped: %s", exc)
+                self._malformed_frame(str(exc))
                 continue
             if type(event) is media_type:
                 call.frames_in += 1
+                now = time.monotonic()
+                budget = min(MEDIA_BURST_BYTES, budget + (now - last_refill) * MEDIA_RATE_BYTES_PER_S)
+                last_refill = now
+                budget -= len(event.payload) * 3 // 4
+                if budget < 0:
+                    self.log.warning("caller audio arrives far faster than real time; closing stream")
+                    self._mark_ending("media_flood")
+                    await self._close_twilio(CLOSE_POLICY, "media flood")
+                    return
                 await self._send_upstream(client.APPEND_PREFIX + event.payload + client.APPEND_SUFFIX)
                 if sampled:
                     hop.observe(time.perf_counter() - t0)
@@ -251,7 +272,12 @@ class CallBridge:
             if isinstance(event, tw.Mark):
                 call.twilio_mark(event.name)
             elif isinstance(event, tw.Dtmf):
-                if self._dtmf_allowed():
+                allowed = self._dtmf_allowed()
+                if allowed is None:
+                    self._mark_ending("dtmf_flood")
+                    await self._close_twilio(CLOSE_POLICY, "dtmf flood")
+                    return
+                if allowed:
                     call.twilio_dtmf(event.digit)
                     await self._flush()
             elif isinstance(event, tw.Stop):
@@ -262,22 +288,38 @@ class CallBridge:
             elif isinstance(event, tw.Unknown):
                 self.log.debug("unknown Twilio event %s ignored", event.event)
 
-    def _dtmf_allowed(self) -> bool:
+    def _malformed_frame(self, reason: str) -> None:
+        """Log the first few one by one, then a running count: junk must not flood the logs."""
+        self.malformed_frames += 1
+        count = self.malformed_frames
+        if count <= MALFORMED_LOGGED_EACH:
+            self.log.warning("malformed Twilio frame skipped: %s", reason)
+        elif count % MALFORMED_LOG_EVERY == 0:
+            self.log.warning("malformed Twilio frame skipped: %d so far on this call (latest: %s)", count, reason)
+
+    def _dtmf_allowed(self) -> bool | None:
+        """True: pass the digit on; False: drop it (over the per-second cap); None: a flood, close."""
         now = time.monotonic()
         window = self._dtmf_times
         while window and now - window[0] > 1.0:
             window.popleft()
-        if len(window) >= self.settings.max_dtmf_per_second:
-            self.log.warning("DTMF flood: digit dropped (limit %g per second)", self.settings.max_dtmf_per_second)
-            return False
         window.append(now)
+        limit = self.settings.max_dtmf_per_second
+        if len(window) > DTMF_FLOOD_FACTOR * limit:
+            self.log.warning("DTMF flood (%d digits in a second); closing stream", len(window))
+            return None
+        if len(window) > limit:
+            if len(window) == int(limit) + 1:
+                self.log.warning("DTMF over %g per second: digits dropped", limit)
+            return False
         return True
 
     # ---- sending ---------------------------------------------------------------------------
 
     async def _send_upstream(self, text: str) -> None:
         upstream = self.upstream
-        if upstream is None:
+        if upstream is None or upstream.state is not State.OPEN:
+            # A closing socket makes send() wait for the close handshake; the caller must never wait.
             if text.startswith(client.APPEND_PREFIX):
                 self._audio_backlog.append(text)
             return
@@ -318,10 +360,7 @@ class CallBridge:
             store.add_entry(self.call_sid, {"kind": effect.kind, "t": time.time(), **effect.data})
         elif isinstance(effect, UsageReport):
             store.add_usage(self.call_sid, effect.usage)
-            prices = self.settings.price_per_1k_tokens
-            for kind, count in effect.usage.items():
-                metrics.tokens.labels(kind).inc(count)
-            self.cost_usd += _cost(effect.usage, prices)
+            self.cost_usd += metrics.record_usage(effect.usage, self.settings.price_per_1k_tokens)
         elif isinstance(effect, RunTool):
             self._spawn(self._run_tool(effect), f"tool-{effect.name}")
         elif isinstance(effect, SummaryReady):
@@ -357,7 +396,7 @@ class CallBridge:
             ping_interval=settings.ws_ping_interval_s,
             ping_timeout=settings.ws_ping_timeout_s,
             open_timeout=10,
-            close_timeout=2,
+            close_timeout=1,
             user_agent_header="phone-relay",
         )
 
@@ -450,22 +489,26 @@ class CallBridge:
         count = 0
         try:
             async for raw in upstream:
-                count += 1
-                sampled = count % HOP_SAMPLE_EVERY == 0
-                t0 = time.perf_counter() if sampled else 0.0
+                t0 = time.perf_counter()
                 try:
                     event = parse(raw)
                 except ev.MalformedEvent as exc:
                     self.log.warning("malformed Realtime event skipped: %s", exc)
                     continue
-                call.upstream_event(event)
+                try:
+                    call.upstream_event(event)
+                except Exception:  # a bug must cost one event, not the call
+                    self.log.exception("error handling Realtime event %s; skipped", type(event).__name__)
+                    call.drain()
+                    continue
                 if type(event) is audio_delta:
                     for text in call.to_twilio:
                         await self._send_twilio(text)
                     call.to_twilio.clear()
                     if call.to_upstream or call.effects:
                         await self._flush()
-                    if sampled:
+                    count += 1
+                    if count % HOP_SAMPLE_EVERY == 1:  # audio deltas only, the first one included
                         hop.observe(time.perf_counter() - t0)
                 else:
                     await self._flush()
@@ -492,10 +535,11 @@ class CallBridge:
         result = await self.runtime.tools.run(
             request.name, request.arguments, self.tool_context(), allowed=self.allowed_tools
         )
-        self.runtime.metrics.tool_calls.labels(request.name, result.outcome).inc()
-        self.runtime.metrics.tool_duration.labels(request.name).observe(result.duration_s)
-        if self.call.phase.value == "closed":
-            return
+        label = request.name if result.outcome != "unknown_tool" else "unknown"  # names from the model: bounded
+        self.runtime.metrics.tool_calls.labels(label, result.outcome).inc()
+        self.runtime.metrics.tool_duration.labels(label).observe(result.duration_s)
+        if self.ending or self.call.phase.value == "closed":
+            return  # the call ended (end_call, transfer, hang-up): no new response for a dead line
         self.call.tool_result(request.call_id, result.output, ok=result.outcome == "ok")
         await self._flush()
 
@@ -623,7 +667,7 @@ class CallBridge:
                 "cost_usd": f"{self.cost_usd:.4f}",
             },
         )
-        self.runtime.metrics.calls_ended.labels(self.end_reason).inc()
+        self.runtime.metrics.call_ended(self.end_reason)
         if self.settings.price_per_1k_tokens:
             self.runtime.metrics.call_cost.observe(self.cost_usd)
         self.runtime.unregister(self)
@@ -634,22 +678,6 @@ class CallBridge:
                 "duration_s": round(duration, 1),
                 "frames_in": call.frames_in,
                 "frames_out": call.frames_out,
+                "malformed_frames": self.malformed_frames,
             },
         )
-
-
-_PRICE_KINDS = {
-    "input_text": "input_text",
-    "input_audio": "input_audio",
-    "input_cached": "cached",
-    "output_text": "output_text",
-    "output_audio": "output_audio",
-}
-
-
-def _cost(usage: dict[str, int], prices: Any) -> float:
-    total = 0.0
-    for kind, price_kind in _PRICE_KINDS.items():
-        if price_kind in prices and kind in usage:
-            total += usage[kind] / 1000.0 * float(prices[price_kind])
-    return total

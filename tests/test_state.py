@@ -220,7 +220,7 @@ class relay_process:
             self.proc.wait()
 
 
-@pytest.mark.parametrize("fault", ["kill", "pause"])
+@pytest.mark.parametrize("fault", ["kill", "pause", "client_pause"])
 async def test_redis_outage_mid_call_never_touches_audio(
     sim: RealtimeSimulator, private_redis: RedisProcess, fault: str
 ) -> None:
@@ -234,14 +234,18 @@ async def test_redis_outage_mid_call_never_touches_audio(
         await caller.wait_idle(timeout=5)
         if fault == "kill":
             private_redis.kill()
+        elif fault == "pause":
+            private_redis.pause()  # SIGSTOP: the server hangs with its sockets open
         else:
-            private_redis.pause()
+            admin = redis.Redis.from_url(private_redis.url)
+            admin.execute_command("CLIENT", "PAUSE", "4000", "ALL")  # Redis itself stops answering clients
+            admin.close()
         await talk(caller, 500, seed=1)
         await talk(caller, 500, seed=2)
         assert relay.runtime.store.queue_depth > 0
         if fault == "kill":
             private_redis.restart()
-        else:
+        elif fault == "pause":
             private_redis.resume()
         await talk(caller, 500, seed=3)
         await caller.hangup()
@@ -254,7 +258,7 @@ async def test_redis_outage_mid_call_never_touches_audio(
     assert caller.received_payloads == deltas
     assert record is not None
     assert record.meta["end_reason"] == "caller_hung_up"
-    if fault == "pause":  # nothing was lost: the writer held on to it
+    if fault != "kill":  # nothing was lost: the writer held on to it
         assert [e["kind"] for e in record.entries].count("caller") == 3
     else:
         assert [e["kind"] for e in record.entries].count("caller") >= 1

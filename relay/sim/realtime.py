@@ -89,6 +89,8 @@ class SimConfig:
     max_session_s: float | None = None
     expected_api_key: str | None = None
     record_audio: bool = True
+    speech_before_calls_ms: int = 0
+    """Off by default. A response carrying function calls first speaks this much audio (a goodbye before end_call)."""
     latency_probe: LatencyProbe | None = None
     """Off by default. The load bench's hook: sees every decoded append, may stamp every audio chunk sent."""
 
@@ -385,6 +387,7 @@ class _Response:
     sent_audio_ms: int = 0
     task: asyncio.Task[None] | None = None
     done: bool = False
+    speech_before_calls_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -1137,10 +1140,12 @@ class _Peer:
             modality = "text"
         else:
             modality = "audio"
+        speech_before_calls_ms = max(0, int(cfg.speech_before_calls_ms)) if calls else 0
+        spoken = modality == "audio" or speech_before_calls_ms > 0
         if self.rec.dialect == "ga":
-            modalities = ["audio"] if modality == "audio" else ["text"]
+            modalities = ["audio"] if spoken else ["text"]
         else:
-            modalities = ["audio", "text"] if modality == "audio" else ["text"]
+            modalities = ["audio", "text"] if spoken else ["text"]
         greeting = bool(request.get("instructions"))
         audio_ms = cfg.greeting_reply_ms if greeting and cfg.greeting_reply_ms is not None else cfg.reply_ms
         if out_of_band:
@@ -1162,6 +1167,7 @@ class _Peer:
             metadata=request.get("metadata"),
             calls=calls,
             voice=str(voice or settings.voice),
+            speech_before_calls_ms=speech_before_calls_ms,
         )
         self.active = response
         self._emit({"type": "response.created", "response": self._response_object(response, "in_progress")})
@@ -1211,6 +1217,11 @@ class _Peer:
         if delay_s > 0:
             await asyncio.sleep(delay_s)
         if response.modality == "calls":
+            if response.speech_before_calls_ms:
+                # A spoken message item first, then the calls: generated and cancelled like any audio reply.
+                response.modality, response.audio_ms = "audio", response.speech_before_calls_ms
+                await self._generate_audio(response)
+                response.modality = "calls"
             await self._generate_calls(response)
         elif response.modality == "text":
             await self._generate_text(response)
@@ -1524,6 +1535,13 @@ class RealtimeSimulator:
             peer.ws.transport.abort()
         if peers:
             await asyncio.wait([asyncio.create_task(p.finished.wait()) for p in peers], timeout=5)
+
+    def inject(self, event: JSON, session: SimSession | None = None) -> int:
+        """Send an arbitrary server event (e.g. an ``error``) on one or every open session; fault tests."""
+        peers = [p for rec, p in self._peers.items() if session is None or rec is session]
+        for peer in peers:
+            peer._emit(dict(event))
+        return len(peers)
 
     def active_sessions(self) -> list[SimSession]:
         return [rec for rec in self.sessions if not rec.closed]
