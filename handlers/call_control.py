@@ -74,7 +74,8 @@ async def transfer_call(
     whisper = None
     if ctx.profile.whisper_summary:
         summary = ctx.summary()
-        whisper = "Incoming transfer. " + (reason.strip().rstrip(".") + ". " if reason.strip() else "") + (summary or "")
+        why = reason.strip().rstrip(".")
+        whisper = "Incoming transfer. " + (f"{why}. " if why else "") + (summary or "")
     ctx.log.info("transferring the call to %s", wanted)
     await ctx.transfer_call(number, whisper.strip() if whisper else None)
     return {"ok": True, "transferred_to": wanted}

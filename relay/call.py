@@ -199,6 +199,7 @@ class Call:
         self._tool_batches: dict[str, _ToolBatch] = {}
         self._tool_call_response: dict[str, str] = {}
         self._started_tool_calls: set[str] = set()
+        self._function_names: dict[str, str] = {}  # item id -> name (beta's arguments.done has no name)
 
         # counters (also visible to tests)
         self.dropped_deltas = 0
@@ -441,9 +442,13 @@ class Call:
             if event.item_id:
                 self._item_response[event.item_id] = event.response_id
                 self._session_items.add(event.item_id)
+                if event.item_type == "function_call" and isinstance(event.item.get("name"), str):
+                    self._function_names[event.item_id] = event.item["name"]
         elif kind is ev.FunctionCallArgumentsDone:
             assert isinstance(event, ev.FunctionCallArgumentsDone)
-            self._start_tool(event.response_id, event.call_id, event.name, event.arguments)
+            name = self._function_names.pop(event.item_id, "") or event.name
+            if name:  # without a name, the call is started from response.done, which has it
+                self._start_tool(event.response_id, event.call_id, name, event.arguments)
         elif kind is ev.AssistantTranscriptDone:
             assert isinstance(event, ev.AssistantTranscriptDone)
             if event.response_id not in self._out_of_band and event.transcript:

@@ -1,27 +1,56 @@
 """Per-called-number agent profiles from a TOML or YAML file (``RELAY_PROFILES``).
 
-    default_profile = "support"          # optional; else "default", else the environment's agent
+A profile says what the assistant is on one phone number: instructions, greeting, voice,
+which tools the model is offered, VAD settings, transfer destinations and remote MCP servers.
+Every profile starts from the environment's agent settings (``RELAY_INSTRUCTIONS``,
+``RELAY_VOICE``…) and overrides what it names. ``[numbers]`` maps called numbers (E.164, the
+``To`` of the call) to profile names; a call to any other number gets the default profile
+(``default_profile``, else a profile named ``default``, else the environment's agent)::
+
+    default_profile = "support"
     [profiles.support]
     instructions = "You answer for ACME support…"
-    greeting = "Greet the caller as ACME support."
+    greeting = "Greet the caller as ACME support."      # "" = no greeting, wait for the caller
     voice = "marin"
-    tools = ["lookup_order", "end_call", "transfer_call"]
+    speed = 1.0
+    tools = ["lookup_order", "end_call", "transfer_call"]  # omitted = every loaded tool
     transfer_numbers = { billing = "+15550003333" }
+    allow_any_transfer_number = false     # true: the model may also dial an E.164 number it was told
+    whisper_summary = true                # the human hears a short summary before being connected
+    transcription_model = "gpt-4o-transcribe"
+    noise_reduction = "near_field"        # or far_field, off
     [profiles.support.vad]
-    type = "semantic_vad"
+    type = "semantic_vad"                 # server_vad, semantic_vad or none
     eagerness = "low"
     [[profiles.support.mcp_servers]]
     server_label = "crm"
     server_url = "https://crm.example.com/mcp"
-    require_approval = "never"
+    authorization_env = "CRM_MCP_TOKEN"   # read from the environment at start-up
+    allowed_tools = ["find_customer"]
     [numbers]
     "+15550002222" = "support"
 
-Unknown keys, wrong types and references to missing profiles or tools are start-up errors.
+The same structure works in YAML (quote the numbers: YAML reads ``+15550002222`` as an integer).
+
+Remote MCP servers (GA only). Each ``mcp_servers`` entry is passed through as a GA session tool
+``{"type": "mcp", …}``: the Realtime API itself lists and calls the server's tools; the relay
+runs nothing. Accepted keys: ``server_label`` (required; letters, digits, ``_``, ``-``),
+``server_url`` (required, ``https://``), ``server_description``, ``allowed_tools``, ``headers``,
+``authorization`` or ``authorization_env`` (the name of an environment variable holding the
+token, so secrets stay out of the file) and ``require_approval``. A phone relay has nobody to
+approve a call, so ``require_approval`` must be ``"never"`` (the default written for you).
+The beta dialect has no MCP tools: a profile with ``mcp_servers`` under
+``OPENAI_REALTIME_DIALECT=beta`` is a start-up error (``Profiles.check_dialect``), not a
+silent drop, so a deployment never loses tools it was configured with.
+
+Unknown keys, wrong types, bad numbers, references to missing profiles or tools and
+non-https MCP URLs are start-up errors naming the exact key.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -32,11 +61,12 @@ import yaml
 
 from relay.config import GA_VOICES, AgentSettings, ConfigError
 
-_PROFILE_KEYS = {
+_NUMBER = (int, float)
+_PROFILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "instructions": str,
     "greeting": str,
     "voice": str,
-    "speed": (int, float),
+    "speed": _NUMBER,
     "tools": list,
     "transfer_numbers": dict,
     "allow_any_transfer_number": bool,
@@ -46,9 +76,9 @@ _PROFILE_KEYS = {
     "vad": dict,
     "mcp_servers": list,
 }
-_VAD_KEYS = {
+_VAD_KEYS: dict[str, type | tuple[type, ...]] = {
     "type": str,
-    "threshold": (int, float),
+    "threshold": _NUMBER,
     "prefix_padding_ms": int,
     "silence_duration_ms": int,
     "eagerness": str,
@@ -56,25 +86,91 @@ _VAD_KEYS = {
     "interrupt_response": bool,
     "idle_timeout_ms": int,
 }
+_MCP_KEYS: dict[str, type | tuple[type, ...]] = {
+    "server_label": str,
+    "server_url": str,
+    "server_description": str,
+    "allowed_tools": list,
+    "headers": dict,
+    "authorization": str,
+    "authorization_env": str,
+    "require_approval": str,
+}
+_LABEL = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def _check_keys(where: str, data: Mapping[str, Any], allowed: Mapping[str, Any]) -> None:
+def _type_name(expected: type | tuple[type, ...]) -> str:
+    if expected == _NUMBER:
+        return "a number"
+    names = {str: "a string", int: "an integer", bool: "true or false", list: "a list", dict: "a table/mapping"}
+    if isinstance(expected, tuple):
+        return " or ".join(names.get(t, t.__name__) for t in expected)
+    return names.get(expected, expected.__name__)
+
+
+def _check_keys(where: str, data: Mapping[str, Any], allowed: Mapping[str, type | tuple[type, ...]]) -> None:
     for key, value in data.items():
         if key not in allowed:
             raise ConfigError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
         expected = allowed[key]
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}.{key}: expected {getattr(expected, '__name__', expected)}, got {value!r}")
+        wrong_bool = isinstance(value, bool) and bool not in (expected if isinstance(expected, tuple) else (expected,))
+        if not isinstance(value, expected) or wrong_bool:
+            raise ConfigError(f"{where}.{key}: expected {_type_name(expected)}, got {value!r}")
 
 
-def _e164(number: str, where: str) -> str:
+def _e164(number: Any, where: str) -> str:
+    if isinstance(number, int) and not isinstance(number, bool):
+        raise ConfigError(
+            f'{where}: {number!r} was read as an integer; write the number as a quoted string like "+{number}"'
+        )
+    if not isinstance(number, str):
+        raise ConfigError(f'{where}: expected an E.164 number like "+15550001111", got {number!r}')
     cleaned = number.replace(" ", "").replace("-", "")
-    if not (cleaned.startswith("+") and cleaned[1:].isdigit() and 8 <= len(cleaned) <= 16):
+    if not (cleaned.startswith("+") and cleaned[1:].isdigit() and cleaned[1] != "0" and 8 <= len(cleaned) <= 16):
         raise ConfigError(f"{where}: {number!r} is not an E.164 number like +15550001111")
     return cleaned
 
 
-def _profile(name: str, data: Mapping[str, Any], base: AgentSettings) -> AgentSettings:
+def _mcp_server(where: str, server: Any, env: Mapping[str, str]) -> dict[str, Any]:
+    if not isinstance(server, Mapping):
+        raise ConfigError(f"{where}: must be a table with server_label and server_url")
+    _check_keys(where, server, _MCP_KEYS)
+    for required in ("server_label", "server_url"):
+        if not server.get(required):
+            raise ConfigError(f"{where}: {required} is required")
+    label = server["server_label"]
+    if not _LABEL.fullmatch(label):
+        raise ConfigError(f"{where}.server_label: {label!r} may only contain letters, digits, '_' and '-'")
+    url = server["server_url"]
+    if not url.startswith("https://") or len(url) <= len("https://"):
+        raise ConfigError(f"{where}.server_url must be an https:// URL, got {url!r}")
+    approval = server.get("require_approval", "never")
+    if approval != "never":
+        raise ConfigError(
+            f'{where}.require_approval must be "never": nobody on a phone call can approve MCP tool calls '
+            "(limit the server's tools with allowed_tools instead)"
+        )
+    if not all(isinstance(name, str) for name in server.get("allowed_tools", [])):
+        raise ConfigError(f"{where}.allowed_tools must be a list of tool names")
+    headers = server.get("headers", {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+        raise ConfigError(f"{where}.headers must map header names to strings")
+    if "authorization" in server and "authorization_env" in server:
+        raise ConfigError(f"{where}: set authorization or authorization_env, not both")
+    entry: dict[str, Any] = {"type": "mcp", "server_label": label, "server_url": url, "require_approval": "never"}
+    for key in ("server_description", "allowed_tools", "headers", "authorization"):
+        if key in server:
+            entry[key] = server[key]
+    if "authorization_env" in server:
+        variable = server["authorization_env"]
+        token = env.get(variable)
+        if not token:
+            raise ConfigError(f"{where}.authorization_env: the environment variable {variable} is not set")
+        entry["authorization"] = token
+    return entry
+
+
+def _profile(name: str, data: Any, base: AgentSettings, env: Mapping[str, str]) -> AgentSettings:
     where = f"profiles.{name}"
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: must be a table")
@@ -84,38 +180,39 @@ def _profile(name: str, data: Mapping[str, Any], base: AgentSettings) -> AgentSe
         _check_keys(f"{where}.vad", data["vad"], _VAD_KEYS)
         vad = replace(vad, **data["vad"])
         if vad.type not in ("server_vad", "semantic_vad", "none"):
-            raise ConfigError(f"{where}.vad.type must be server_vad, semantic_vad or none")
+            raise ConfigError(f"{where}.vad.type must be server_vad, semantic_vad or none, got {vad.type!r}")
         if vad.eagerness not in ("low", "medium", "high", "auto"):
-            raise ConfigError(f"{where}.vad.eagerness must be low, medium, high or auto")
+            raise ConfigError(f"{where}.vad.eagerness must be low, medium, high or auto, got {vad.eagerness!r}")
         if not 0.0 <= vad.threshold <= 1.0:
             raise ConfigError(f"{where}.vad.threshold must be between 0 and 1")
     voice = data.get("voice", base.voice)
     if voice not in GA_VOICES and not voice.startswith("voice_"):
         raise ConfigError(f"{where}.voice: unknown voice {voice!r} (one of {', '.join(GA_VOICES)} or a custom id)")
+    speed = data.get("speed", base.speed)
+    if not 0.25 <= speed <= 1.5:
+        raise ConfigError(f"{where}.speed must be between 0.25 and 1.5, got {speed!r}")
     tools = data.get("tools")
-    if tools is not None and not all(isinstance(t, str) for t in tools):
-        raise ConfigError(f"{where}.tools must be a list of tool names")
-    transfers = {
-        str(k): _e164(str(v), f"{where}.transfer_numbers.{k}") for k, v in data.get("transfer_numbers", {}).items()
-    }
-    mcp: list[Mapping[str, Any]] = []
-    for i, server in enumerate(data.get("mcp_servers", [])):
-        if not isinstance(server, Mapping) or not server.get("server_label") or not server.get("server_url"):
-            raise ConfigError(f"{where}.mcp_servers[{i}]: server_label and server_url are required")
-        url = str(server["server_url"])
-        if not url.startswith("https://"):
-            raise ConfigError(f"{where}.mcp_servers[{i}].server_url must be https://")
-        mcp.append({"type": "mcp", **dict(server)})
+    if tools is not None:
+        if not all(isinstance(t, str) for t in tools):
+            raise ConfigError(f"{where}.tools must be a list of tool names")
+        duplicates = sorted({t for t in tools if tools.count(t) > 1})
+        if duplicates:
+            raise ConfigError(f"{where}.tools lists {', '.join(duplicates)} more than once")
+    transfers = {str(k): _e164(v, f"{where}.transfer_numbers.{k}") for k, v in data.get("transfer_numbers", {}).items()}
+    mcp = [_mcp_server(f"{where}.mcp_servers[{i}]", s, env) for i, s in enumerate(data.get("mcp_servers", []))]
+    labels = [server["server_label"] for server in mcp]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{where}.mcp_servers: server_label values must be unique")
     noise = data.get("noise_reduction", base.noise_reduction)
     if noise not in (None, "near_field", "far_field", "off"):
-        raise ConfigError(f"{where}.noise_reduction must be near_field, far_field or off")
+        raise ConfigError(f"{where}.noise_reduction must be near_field, far_field or off, got {noise!r}")
     return replace(
         base,
         name=name,
         instructions=data.get("instructions", base.instructions),
         greeting=data.get("greeting", base.greeting) or None,
         voice=voice,
-        speed=float(data.get("speed", base.speed)),
+        speed=float(speed),
         vad=vad,
         tools=tuple(tools) if tools is not None else base.tools,
         transfer_numbers=transfers or dict(base.transfer_numbers),
@@ -123,7 +220,7 @@ def _profile(name: str, data: Mapping[str, Any], base: AgentSettings) -> AgentSe
         whisper_summary=data.get("whisper_summary", base.whisper_summary),
         transcription_model=data.get("transcription_model", base.transcription_model),
         noise_reduction=None if noise == "off" else noise,
-        mcp_servers=tuple(mcp),
+        mcp_servers=tuple(mcp) if "mcp_servers" in data else base.mcp_servers,
     )
 
 
@@ -136,58 +233,95 @@ class Profiles:
     def for_number(self, number: str) -> AgentSettings:
         return self.by_number.get(number.replace(" ", "").replace("-", ""), self.default)
 
+    def _all(self) -> list[AgentSettings]:
+        return [*self.by_name.values(), self.default]
+
     def check_tools(self, known: Iterable[str]) -> None:
+        """Every tool a profile names must be loaded (RELAY_HANDLERS); transfers need somewhere to go."""
         names = set(known)
-        for profile in self.by_name.values():
+        for profile in self._all():
             for tool_name in profile.tools or ():
                 if tool_name not in names:
                     raise ConfigError(
                         f"profiles.{profile.name}.tools: no tool named {tool_name!r} is loaded "
-                        f"(loaded: {', '.join(sorted(names)) or 'none'})"
+                        f"(loaded: {', '.join(sorted(names)) or 'none'}; see RELAY_HANDLERS)"
                     )
+            if (
+                profile.tools is not None
+                and "transfer_call" in profile.tools
+                and not profile.transfer_numbers
+                and not profile.allow_any_transfer_number
+            ):
+                raise ConfigError(
+                    f"profiles.{profile.name}: lists transfer_call but has no transfer_numbers "
+                    "(and allow_any_transfer_number is false)"
+                )
+
+    def check_dialect(self, dialect: str) -> None:
+        """MCP servers exist only in the GA dialect: refuse to start rather than silently drop them."""
+        if dialect == "ga":
+            return
+        for profile in self._all():
+            if profile.mcp_servers:
+                raise ConfigError(
+                    f"profiles.{profile.name}.mcp_servers: remote MCP servers need the GA Realtime API; "
+                    f"OPENAI_REALTIME_DIALECT={dialect} has no MCP tools (remove them or use ga)"
+                )
 
 
-def parse_profiles(data: Mapping[str, Any], base: AgentSettings) -> Profiles:
+def parse_profiles(data: Any, base: AgentSettings, env: Mapping[str, str] | None = None) -> Profiles:
+    env = os.environ if env is None else env
     if not isinstance(data, Mapping):
         raise ConfigError("profiles file: top level must be a table/mapping")
     unknown = set(data) - {"profiles", "numbers", "default_profile"}
     if unknown:
-        raise ConfigError(f"profiles file: unknown top-level keys {sorted(unknown)}")
+        raise ConfigError(
+            f"profiles file: unknown top-level keys {sorted(unknown)} (allowed: default_profile, numbers, profiles)"
+        )
     raw_profiles = data.get("profiles", {})
     if not isinstance(raw_profiles, Mapping):
         raise ConfigError("profiles must be a table of named profiles")
-    by_name = {str(name): _profile(str(name), body, base) for name, body in raw_profiles.items()}
+    by_name = {str(name): _profile(str(name), body, base, env) for name, body in raw_profiles.items()}
     default_name = data.get("default_profile") or ("default" if "default" in by_name else None)
-    if default_name is not None and default_name not in by_name:
-        raise ConfigError(f"default_profile {default_name!r} is not defined under [profiles]")
+    if default_name is not None and (not isinstance(default_name, str) or default_name not in by_name):
+        raise ConfigError(
+            f"default_profile {default_name!r} is not defined under [profiles] "
+            f"(defined: {', '.join(sorted(by_name)) or 'none'})"
+        )
     default = by_name[default_name] if default_name else base
     numbers = data.get("numbers", {})
     if not isinstance(numbers, Mapping):
         raise ConfigError("numbers must map E.164 numbers to profile names")
     by_number: dict[str, AgentSettings] = {}
     for number, profile_name in numbers.items():
-        key = _e164(str(number), "numbers")
-        if profile_name not in by_name:
-            raise ConfigError(f"numbers.{number}: profile {profile_name!r} is not defined")
+        key = _e164(number, f"numbers.{number}")
+        if not isinstance(profile_name, str) or profile_name not in by_name:
+            raise ConfigError(
+                f"numbers.{number}: profile {profile_name!r} is not defined "
+                f"(defined: {', '.join(sorted(by_name)) or 'none'})"
+            )
+        if key in by_number:
+            raise ConfigError(f"numbers.{number}: {key} is listed more than once")
         by_number[key] = by_name[profile_name]
     return Profiles(default=default, by_number=by_number, by_name=by_name)
 
 
-def load_profiles(path: str | None, base: AgentSettings) -> Profiles:
+def load_profiles(path: str | None, base: AgentSettings, env: Mapping[str, str] | None = None) -> Profiles:
     if not path:
         return Profiles(default=base, by_number={}, by_name={})
     file = Path(path)
+    suffix = file.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"RELAY_PROFILES: {path} must end in .toml, .yaml or .yml")
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"RELAY_PROFILES: cannot read {path}: {exc.strerror}") from None
     try:
-        if file.suffix.lower() == ".toml":
-            data: Any = tomllib.loads(text)
-        elif file.suffix.lower() in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        else:
-            raise ConfigError(f"RELAY_PROFILES: {path} must end in .toml, .yaml or .yml")
+        data: Any = tomllib.loads(text) if suffix == ".toml" else (yaml.safe_load(text) or {})
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"RELAY_PROFILES: {path} is not valid: {exc}") from None
-    return parse_profiles(data, base)
+    try:
+        return parse_profiles(data, base, env)
+    except ConfigError as exc:
+        raise ConfigError(f"RELAY_PROFILES ({path}): {exc}") from None

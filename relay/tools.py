@@ -314,7 +314,11 @@ class ToolRegistry:
             return ToolResult(
                 error_output("invalid_arguments", "arguments are not valid JSON"), "invalid_arguments", 0.0
             )
-        errors = ["arguments must be a JSON object"] if not isinstance(args, dict) else validate(args, spec.parameters)
+        try:
+            errors = validate(args, spec.parameters) if isinstance(args, dict) else ["arguments must be a JSON object"]
+        except Exception as exc:  # e.g. a bad "pattern" in an explicit schema: the tool's fault, not the model's
+            ctx.log.error("tool %s: its schema cannot be checked (%s: %s)", name, type(exc).__name__, exc)
+            return ToolResult(error_output("tool_error", f"the {name} tool is misconfigured"), "error", 0.0)
         if errors:
             ctx.log.info("tool %s called with invalid arguments: %s", name, "; ".join(errors[:3]))
             return ToolResult(error_output("invalid_arguments", "; ".join(errors[:10])), "invalid_arguments", 0.0)
