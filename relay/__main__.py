@@ -11,14 +11,19 @@ from relay.config import ConfigError, Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from relay.runtime import check_configuration
     from relay.server import serve
 
     try:
         settings = Settings.from_env()
+        check_configuration(settings)  # once, before any worker starts: a bad file is not a restart loop
+        raw_workers = os.environ.get("WEB_CONCURRENCY", "1") or "1"
+        if not raw_workers.isdigit():
+            raise ConfigError(f"WEB_CONCURRENCY must be a positive integer, got {raw_workers!r}")
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    workers = args.workers or int(os.environ.get("WEB_CONCURRENCY", "1") or "1")
+    workers = args.workers or int(raw_workers)
     serve(settings, workers=max(1, workers))
     return 0
 

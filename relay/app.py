@@ -20,8 +20,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+from relay import logs
 from relay.bridge import CallBridge
 from relay.config import Settings
+from relay.metrics import CONTENT_TYPE
 from relay.runtime import Runtime
 from relay.security import InvalidSignature, check_signature, mint_stream_token, public_request_url
 from relay.twilio import twiml
@@ -81,6 +83,7 @@ async def incoming_call(request: Request) -> Response:
     call_sid = form.get("CallSid", "")
     if not _SID.fullmatch(call_sid):
         return PlainTextResponse("missing or invalid CallSid", status_code=400)
+    logs.bind_call(call_sid)
     if runtime.draining or runtime.full:
         reason = "draining" if runtime.draining else "full"
         runtime.metrics.calls_refused.labels(reason).inc()
@@ -125,8 +128,10 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
-    await runtime.readiness()  # refresh store gauges
-    return Response(runtime.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    if not runtime.settings.metrics_enabled:
+        return PlainTextResponse("metrics are disabled (RELAY_METRICS=0)", status_code=404)
+    runtime.metrics.sync_store(runtime.store.queue_depth, runtime.store.dropped_writes)  # no Redis round trip
+    return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
 
 
 async def get_call(request: Request) -> Response:

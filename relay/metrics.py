@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -52,7 +52,7 @@ def mark_worker_dead(pid: int) -> None:
     if multiprocess_dir():
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 class _LabelGuard:
@@ -104,7 +104,8 @@ def usage_cost(usage: Mapping[str, int], prices: Mapping[str, float]) -> float:
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        self.multiprocess = multiprocess_dir() is not None
+        # prometheus-client picks its value storage when it is first imported, from the environment.
+        self.multiprocess = bool(getattr(values.ValueClass, "_multiprocess", False)) and multiprocess_dir() is not None
         r = self.registry
         self.active_calls = Gauge(
             "relay_active_calls", "Calls currently relayed by this instance", registry=r, multiprocess_mode="livesum"
@@ -136,7 +137,7 @@ class Metrics:
             "relay_tool_calls_total", "Tool calls by name and outcome", ["name", "outcome"], registry=r
         )
         self.tool_duration = Histogram(
-            "relay_tool_duration_seconds", "Tool handler duration", ["name", "outcome"], buckets=TOOL_BUCKETS, registry=r
+            "relay_tool_duration_seconds", "Tool handler duration", ["name"], buckets=TOOL_BUCKETS, registry=r
         )
         self.tokens = Counter("relay_tokens_total", "Tokens reported by response.done, by kind", ["kind"], registry=r)
         self.cost = Counter(
@@ -192,7 +193,7 @@ class Metrics:
     def tool_call(self, name: str, outcome: str, duration_s: float) -> None:
         label = self._tool_names(name) if outcome != "unknown_tool" else "unknown"
         self.tool_calls.labels(label, outcome).inc()
-        self.tool_duration.labels(label, outcome).observe(duration_s)
+        self.tool_duration.labels(label).observe(duration_s)
 
     def record_usage(self, usage: Mapping[str, int], prices: Mapping[str, float]) -> float:
         """Count tokens by kind from one response.done; return (and count) its estimated cost."""
@@ -221,6 +222,6 @@ class Metrics:
             from prometheus_client import multiprocess
 
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)

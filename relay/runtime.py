@@ -25,8 +25,26 @@ if TYPE_CHECKING:
     from relay.bridge import CallBridge
 
 log = logging.getLogger("relay.runtime")
-DRAIN_GOODBYE = "We have to end this call now because of maintenance. Please call back in a moment. Goodbye."
+DRAIN_GOODBYE = "Sorry, we have to end this call for maintenance. Please call back. Goodbye."
+# After DRAIN_SECONDS: goodbye (generated and played) + teardown + uvicorn shutdown + store flush
+# stay under the 10 s margin the deployment gives (terminationGracePeriodSeconds, infra/DEPLOY.md).
+DRAIN_GOODBYE_TIMEOUT_S = 4.5
+DRAIN_TEARDOWN_WAIT_S = 1.0  # each call's teardown (final summary, state writes)
+METRICS_SYNC_S = 1.0
 MAX_WHISPER_CHARS = 600
+
+
+def check_configuration(
+    settings: Settings, *, tools: ToolRegistry | None = None, profiles: Profiles | None = None
+) -> tuple[ToolRegistry, Profiles]:
+    """Load tool modules and agent profiles and check they fit together; raises ConfigError."""
+    if tools is None:
+        tools = ToolRegistry(settings.tool_timeout_s)
+        tools.load_modules(settings.handler_modules)
+    profiles = profiles or load_profiles(settings.profiles_file, settings.agent)
+    profiles.check_tools(tools.tools)
+    profiles.check_dialect(settings.dialect)
+    return tools, profiles
 
 
 class Runtime:
@@ -51,12 +69,7 @@ class Runtime:
             caller_memory_ttl_s=settings.caller_memory_ttl_s,
             queue_size=settings.store_queue_size,
         )
-        if tools is None:
-            tools = ToolRegistry(settings.tool_timeout_s)
-            tools.load_modules(settings.handler_modules)
-        self.tools = tools
-        self.profiles = profiles or load_profiles(settings.profiles_file, settings.agent)
-        self.profiles.check_tools(self.tools.tools)
+        self.tools, self.profiles = check_configuration(settings, tools=tools, profiles=profiles)
         if twilio_control is None and settings.twilio_account_sid and settings.twilio_auth_token:
             twilio_control = TwilioControl(
                 settings.twilio_account_sid, settings.twilio_auth_token, api_base=settings.twilio_api_base
@@ -66,20 +79,33 @@ class Runtime:
         self.draining = False
         self.started = False
         self._drain_task: asyncio.Task[None] | None = None
+        self._metrics_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.store.start()
         self.started = True
+        self._metrics_task = asyncio.create_task(self._sync_metrics(), name="metrics-sync")
 
     async def stop(self) -> None:
+        if self._metrics_task is not None:
+            self._metrics_task.cancel()
+            self._metrics_task = None
         await self.store.close()
+        self.metrics.sync_store(self.store.queue_depth, self.store.dropped_writes)
         self.started = False
+
+    async def _sync_metrics(self) -> None:
+        """Store gauges are copied periodically: with several workers any one of them answers a scrape."""
+        while True:
+            self.metrics.sync_store(self.store.queue_depth, self.store.dropped_writes)
+            await asyncio.sleep(METRICS_SYNC_S)
 
     def profile_for(self, called: str) -> AgentSettings:
         return self.profiles.for_number(called) if called else self.profiles.default
 
     def register(self, bridge: CallBridge) -> None:
         self.calls[bridge.call_sid] = bridge
+        self.metrics.calls_started.inc()
         self.metrics.active_calls.set(len(self.calls))
 
     def unregister(self, bridge: CallBridge) -> None:
@@ -106,8 +132,7 @@ class Runtime:
                 store_ok = False
         checks["store_ok"] = store_ok
         checks["ready"] = store_ok and not self.draining and not self.full and self.started
-        self.metrics.store_queue_depth.set(self.store.queue_depth)
-        self.metrics.store_dropped.set(self.store.dropped_writes)
+        self.metrics.sync_store(self.store.queue_depth, self.store.dropped_writes)
         return checks
 
     # ---- transfer whisper: signed URL, so any instance can serve it -------------------------
@@ -130,8 +155,6 @@ class Runtime:
 
     async def drain(self) -> None:
         """SIGTERM: refuse new calls now; let active calls finish until DRAIN_SECONDS, then say goodbye."""
-        if self.draining:
-            return
         self.draining = True
         self.metrics.draining.set(1)
         deadline = time.monotonic() + self.settings.drain_seconds
@@ -141,10 +164,18 @@ class Runtime:
         remaining = list(self.calls.values())
         if remaining:
             log.info("drain deadline reached; ending %d calls with a goodbye", len(remaining))
-            await asyncio.gather(*(b.goodbye(DRAIN_GOODBYE, 6.0) for b in remaining), return_exceptions=True)
-        log.info("drain complete")
+            await asyncio.gather(
+                *(b.goodbye(DRAIN_GOODBYE, DRAIN_GOODBYE_TIMEOUT_S) for b in remaining), return_exceptions=True
+            )
+            teardown_deadline = time.monotonic() + DRAIN_TEARDOWN_WAIT_S
+            while self.calls and time.monotonic() < teardown_deadline:
+                await asyncio.sleep(0.05)
+        log.info("drain complete", extra={"active_calls": len(self.calls)})
 
     def start_drain(self) -> asyncio.Task[None]:
+        """Readiness turns false before this returns; the drain itself runs as a task."""
         if self._drain_task is None:
+            self.draining = True
+            self.metrics.draining.set(1)
             self._drain_task = asyncio.create_task(self.drain(), name="drain")
         return self._drain_task

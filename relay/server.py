@@ -2,7 +2,14 @@
 
 uvicorn's own shutdown closes WebSockets at once, which would cut live phone calls. Here
 SIGTERM first turns readiness off and lets calls finish (up to DRAIN_SECONDS, then a
-spoken goodbye); only then does uvicorn stop. A second SIGTERM or SIGINT stops at once.
+spoken goodbye); only then does uvicorn stop and the process exits 0. A second SIGTERM
+(or SIGINT) during the drain stops at once: sockets are closed with 1012 and the process
+ends by that signal.
+
+Several processes (``--workers N`` / ``WEB_CONCURRENCY``): the parent binds the port once
+and starts N spawned workers that accept from the same socket. The parent forwards
+SIGTERM/SIGINT to them, so each drains its own calls, restarts a worker that crashes,
+and exits once they have all stopped.
 """
 
 from __future__ import annotations
@@ -14,18 +21,27 @@ import os
 import signal
 import socket
 import time
+from collections import deque
+from multiprocessing.context import SpawnProcess
 from types import FrameType
 from typing import Any
 
 import uvicorn
 from uvicorn._subprocess import get_subprocess
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from relay import logs
 from relay.app import create_app
 from relay.config import Settings
+from relay.metrics import mark_worker_dead, multiprocess_dir, reset_multiprocess_dir
 from relay.runtime import Runtime
 
 log = logging.getLogger("relay.server")
+# Signals this close together are one event delivered twice (a platform signalling the
+# whole process group while the parent also forwards), not an operator insisting.
+DUPLICATE_SIGNAL_S = 1.0
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+STABLE_WORKER_S = 30.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -34,21 +50,41 @@ class DrainingServer(uvicorn.Server):
         self.runtime = runtime
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_requested = False
+        self._last_signal_at: float | None = None
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets=sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and not self._drain_requested and self._loop is not None:
-            self._drain_requested = True
-            self._loop.call_soon_threadsafe(self._begin_drain)
+        """Runs in the main thread between bytecodes: only flags and loop callbacks here."""
+        now = time.monotonic()
+        if self._last_signal_at is not None and now - self._last_signal_at < DUPLICATE_SIGNAL_S:
             return
+        self._last_signal_at = now
+        loop = self._loop
+        if sig == signal.SIGTERM and not self._drain_requested and not self.should_exit and loop is not None:
+            self._drain_requested = True
+            loop.call_soon_threadsafe(self._begin_drain)
+            return
+        if self._drain_requested or self.should_exit:
+            self.force_exit = True
+            if loop is not None:
+                loop.call_soon_threadsafe(log.warning, "second signal (%s): stopping now", signal.Signals(sig).name)
         super().handle_exit(sig, frame)
 
     def _begin_drain(self) -> None:
+        log.info(
+            "SIGTERM: draining",
+            extra={"active_calls": len(self.runtime.calls), "drain_seconds": self.runtime.settings.drain_seconds},
+        )
         task = self.runtime.start_drain()
-        task.add_done_callback(lambda _: setattr(self, "should_exit", True))
+        task.add_done_callback(self._drained)
+
+    def _drained(self, task: Any) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("drain failed", exc_info=task.exception())
+        self.should_exit = True
 
 
 def uvicorn_config(app: Any, settings: Settings, *, port: int | None = None) -> uvicorn.Config:
@@ -58,7 +94,7 @@ def uvicorn_config(app: Any, settings: Settings, *, port: int | None = None) -> 
         port=settings.port if port is None else port,
         loop="uvloop",
         http="httptools",
-        ws="websockets-sansio",
+        ws=RelayWebSocketProtocol,
         ws_max_size=settings.max_twilio_message_bytes,
         ws_per_message_deflate=False,
         ws_ping_interval=settings.ws_ping_interval_s,
@@ -68,65 +104,207 @@ def uvicorn_config(app: Any, settings: Settings, *, port: int | None = None) -> 
         access_log=False,
         proxy_headers=True,
         forwarded_allow_ips=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1"),
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=2,  # calls are over by then (drained); see runtime.DRAIN_*
     )
 
 
-def _run_worker(settings_env: dict[str, str], sockets: list[socket.socket] | None = None) -> None:
-    settings = Settings.from_env(settings_env)
-    logs.configure(settings.log_level, _secrets(settings))
-    runtime = Runtime(settings)
-    app = create_app(settings, runtime)
-    server = DrainingServer(uvicorn_config(app, settings), runtime)
-    server.run(sockets=sockets)
-
-
-def _secrets(settings: Settings) -> list[str | None]:
+def secrets_of(settings: Settings) -> list[str | None]:
+    """Values that must never appear in a log line."""
     return [
         settings.openai_api_key,
         settings.twilio_auth_token,
         settings.relay_api_token,
         settings.stream_secret.decode(errors="ignore") if settings.stream_secret else None,
+        settings.stream_secret.hex() if settings.stream_secret else None,
     ]
+
+
+def _run_worker(settings_env: dict[str, str], sockets: list[socket.socket] | None = None) -> None:
+    settings = Settings.from_env(settings_env)
+    logs.configure(settings.log_level, secrets_of(settings))
+    runtime = Runtime(settings)
+    app = create_app(settings, runtime)
+    server = DrainingServer(uvicorn_config(app, settings), runtime)
+    log.info(
+        "relay worker starting",
+        extra={
+            "instance": runtime.instance_id,
+            "store": runtime.store.kind,
+            "max_calls": settings.max_calls,
+            "drain_seconds": settings.drain_seconds,
+            "log_level": settings.log_level.lower(),
+            "metrics_multiprocess": runtime.metrics.multiprocess,
+        },
+    )
+    server.run(sockets=sockets)
+
+
+class _Supervisor:
+    """The parent of several workers: forwards signals, replaces crashed workers, reaps them all."""
+
+    def __init__(self, settings: Settings, workers: int, env: dict[str, str]) -> None:
+        self.settings = settings
+        self.workers = workers
+        self.env = env
+        self.config = uvicorn_config("relay.app:app", settings)
+        self.sock: socket.socket | None = None
+        self.children: list[SpawnProcess] = []
+        self.started_at: dict[int, float] = {}
+        self.stopping = False
+        self.failures = 0
+        self.exit_codes: list[int | None] = []
+
+    def spawn(self) -> SpawnProcess:
+        assert self.sock is not None
+        process = get_subprocess(self.config, target=functools.partial(_run_worker, self.env), sockets=[self.sock])
+        process.start()
+        if process.pid is not None:
+            self.started_at[process.pid] = time.monotonic()
+        return process
+
+    def forward(self, sig: int, frame: FrameType | None) -> None:
+        self.stopping = True
+        for child in self.children:
+            if child.is_alive() and child.pid:
+                os.kill(child.pid, sig)
+
+    def run(self) -> int:
+        self.sock = self.config.bind_socket()
+        signal.signal(signal.SIGTERM, self.forward)
+        signal.signal(signal.SIGINT, self.forward)
+        self.children = [self.spawn() for _ in range(self.workers)]
+        log.info(
+            "started %d worker processes on %s:%d",
+            self.workers,
+            self.settings.host,
+            self.settings.port,
+            extra={"workers": [c.pid for c in self.children], "metrics_multiprocess": multiprocess_dir() is not None},
+        )
+        try:
+            while self.children:
+                self._reap()
+                time.sleep(0.1)
+        finally:
+            self.sock.close()
+        failed = [code for code in self.exit_codes if code != 0]
+        log.info("all workers stopped", extra={"exit_codes": self.exit_codes})
+        return 1 if failed else 0
+
+    def _reap(self) -> None:
+        for child in list(self.children):
+            child.join(timeout=0)
+            if child.is_alive() or child.pid is None:
+                continue
+            mark_worker_dead(child.pid)
+            self.children.remove(child)
+            lived = time.monotonic() - self.started_at.pop(child.pid, time.monotonic())
+            if self.stopping:
+                self.exit_codes.append(child.exitcode)
+                continue
+            self.failures = 0 if lived > STABLE_WORKER_S else self.failures + 1
+            if self.failures > len(RESTART_BACKOFF_S):
+                log.error("workers keep crashing at start; stopping the others")
+                self.exit_codes.append(child.exitcode)
+                self.forward(signal.SIGTERM, None)
+                continue
+            delay = RESTART_BACKOFF_S[self.failures - 1] if self.failures else 0.0
+            log.error("worker %s exited with %s; starting a new one in %.1f s", child.pid, child.exitcode, delay)
+            time.sleep(delay)
+            if not self.stopping:
+                self.children.append(self.spawn())
 
 
 def serve(settings: Settings, workers: int = 1) -> None:
     """``python -m relay serve``: one process, or ``workers`` processes sharing one socket."""
     env = dict(os.environ)
+    reset_multiprocess_dir()
     if workers <= 1:
         _run_worker(env)
         return
-    logs.configure(settings.log_level, _secrets(settings))
-    config = uvicorn_config("relay.app:app", settings)
-    sock = config.bind_socket()
-    children: list[Any] = []
-    stopping = False
+    logs.configure(settings.log_level, secrets_of(settings))
+    code = _Supervisor(settings, workers, env).run()
+    if code:
+        raise SystemExit(code)
 
-    def spawn() -> Any:
-        process = get_subprocess(config, target=functools.partial(_run_worker, env), sockets=[sock])
-        process.start()
-        return process
 
-    def forward(sig: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children:
-            if child.is_alive() and child.pid:
-                os.kill(child.pid, sig)
+# ---- the Media Stream's WebSocket protocol ---------------------------------------------------------
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    children.extend(spawn() for _ in range(workers))
-    log.info("started %d worker processes on %s:%d", workers, settings.host, settings.port)
-    while children:
-        for i, child in enumerate(list(children)):
-            child.join(timeout=0.5)
-            if child.is_alive():
-                continue
-            if stopping:
-                children.remove(child)
-            else:
-                log.error("worker %s exited with %s; starting a new one", child.pid, child.exitcode)
-                children[i] = spawn()
-        time.sleep(0.1)
-    sock.close()
+
+class _MessageQueue:
+    """The part of asyncio.Queue uvicorn's WebSocket protocol uses, for its single consumer (the app's
+    receive()), without the task accounting and the Future per empty get of asyncio.Queue."""
+
+    __slots__ = ("_items", "_loop", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._items: deque[Any] = deque()
+        self._loop = loop
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def get(self) -> Any:
+        items = self._items
+        while not items:
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+        return items.popleft()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+
+READ_PAUSE_MESSAGES = 32
+"""Messages waiting for the app before the socket stops being read (uvicorn pauses at 1)."""
+
+
+class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O WebSocket protocol with flow control per 32 messages instead of per message.
+
+    uvicorn pauses reading after every message and resumes once the app has taken it: 50 times a
+    second per call, plus an asyncio.Queue round trip each time. Here the socket is paused only when
+    32 messages (0.6 s of audio) wait, which still bounds memory. Measured in bench/RESULTS.md.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = _MessageQueue(self.loop)  # type: ignore[assignment]
+
+    def send_receive_event_to_app(self) -> None:
+        data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+        self.frames = []
+        if self.close_sent:
+            return  # past websocket.close: discard, as uvicorn does
+        if self.curr_msg_data_type == "text":
+            try:
+                self.queue.put_nowait({"type": "websocket.receive", "text": data.decode()})
+            except UnicodeDecodeError:
+                self.logger.exception("Invalid UTF-8 sequence received from client.")
+                self.conn.send_close(1007)
+                self.handle_parser_exception()
+                return
+        else:
+            self.queue.put_nowait({"type": "websocket.receive", "bytes": data})
+        if not self.read_paused and self.queue.qsize() >= READ_PAUSE_MESSAGES:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    async def receive(self) -> Any:
+        message = await self.queue.get()
+        if self.read_paused and self.queue.qsize() < READ_PAUSE_MESSAGES // 2:
+            self.read_paused = False
+            self.transport.resume_reading()
+        return message
