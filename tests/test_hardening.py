@@ -463,3 +463,55 @@ async def test_session_expired_error_rolls_over_to_a_new_session(sim: RealtimeSi
     await caller.say_and_wait(ulaw.synth_speech(400))
     assert await caller.wait_for_audio(caller.played_bytes // 8 + 200, timeout=5)
     await caller.hangup()
+
+
+async def test_sigterm_during_twenty_active_calls(sim: RealtimeSimulator, redis_url: str, store_prefix: str) -> None:
+    """A real `serve` process: every call gets its goodbye, every frame arrives, every record is complete."""
+    from ops_support import API_TOKEN, RelayProcess, caller_for
+
+    from relay.runtime import DRAIN_GOODBYE
+
+    sim.config.greeting_reply_ms = 300
+    relay = RelayProcess(
+        sim.url, DRAIN_SECONDS="2", REDIS_URL=redis_url, RELAY_REDIS_PREFIX=store_prefix, LOG_LEVEL="warning"
+    )
+    await relay.start()
+    try:
+        callers = [caller_for(relay) for _ in range(20)]
+        await asyncio.gather(*(c.connect() for c in callers))
+        assert all(await asyncio.gather(*(c.wait_for_audio(300, timeout=10) for c in callers)))
+        relay.signal()
+        codes = await asyncio.gather(*(c.wait_closed(timeout=20) for c in callers))
+        assert codes == [1000] * 20
+        assert await relay.wait(timeout=20) == 0
+    finally:
+        await relay.close()
+    for caller in callers:
+        session = next(s for s in sim.sessions if s.appended and s.appended[0] == caller.sent_payloads[0])
+        # the caller's audio reached the model in order up to the close (a frame sent as the socket
+        # closed may be in flight), and the goodbye was asked for and heard
+        assert session.appended == caller.sent_payloads[: len(session.appended)]
+        assert len(caller.sent_payloads) - len(session.appended) <= 2
+        goodbyes = [e for _, e in session.received if DRAIN_GOODBYE in str(e.get("response", {}).get("instructions"))]
+        assert len(goodbyes) == 1
+        assert (
+            caller.received_payloads
+            == [e["delta"] for e in session.sent if e["type"] == "response.output_audio.delta"][
+                : len(caller.received_payloads)
+            ]
+        )
+    checker = LocalRelay(
+        relay_settings(sim.url, redis_url=redis_url, redis_prefix=store_prefix, relay_api_token=API_TOKEN)
+    )
+    await checker.__aenter__()
+    try:
+        async with httpx.AsyncClient(base_url=checker.base_url) as http:
+            for caller in callers:
+                record = (
+                    await http.get(f"/calls/{caller.call_sid}", headers={"Authorization": f"Bearer {API_TOKEN}"})
+                ).json()
+                assert record["meta"]["end_reason"] == "shutdown"
+                assert record["meta"]["ended"]
+                assert any(e.get("event") == "drain_goodbye" for e in record["entries"])
+    finally:
+        await checker.stop()
