@@ -147,8 +147,10 @@ class Settings:
     max_upstream_message_bytes: int = 8 * 1024 * 1024
     max_webhook_body_bytes: int = 64 * 1024
     max_dtmf_per_second: float = 10.0
-    ws_ping_interval_s: float = 20.0
+    ws_ping_interval_s: float = 20.0  # Realtime socket keepalive
     ws_ping_timeout_s: float = 20.0
+    twilio_ping_interval_s: float = 20.0  # Twilio socket keepalive
+    twilio_ping_timeout_s: float = 20.0
     price_per_1k_tokens: Mapping[str, float] = field(default_factory=dict)
     metrics_enabled: bool = True
 
@@ -265,6 +267,8 @@ class Settings:
             max_dtmf_per_second=_float(env, "RELAY_MAX_DTMF_PER_SECOND", 10.0, 0.1),
             ws_ping_interval_s=_float(env, "RELAY_WS_PING_INTERVAL", 20.0, 0.05),
             ws_ping_timeout_s=_float(env, "RELAY_WS_PING_TIMEOUT", 20.0, 0.05),
+            twilio_ping_interval_s=_float(env, "RELAY_TWILIO_PING_INTERVAL", 20.0, 0.05),
+            twilio_ping_timeout_s=_float(env, "RELAY_TWILIO_PING_TIMEOUT", 20.0, 0.05),
             price_per_1k_tokens=prices,
             metrics_enabled=_bool(env, "RELAY_METRICS", True),
         )
