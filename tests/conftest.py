@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import shutil
@@ -10,7 +11,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -157,6 +158,16 @@ def private_redis() -> Iterator[RedisProcess]:
 
 AUTH_TOKEN = "test-auth-token-5f2b9c0e7d"
 API_KEY = "sk-test-9f8e7d6c5b4a39281706"
+
+
+async def wait_for(condition: Callable[[], object], timeout: float = 5.0) -> bool:
+    """Poll a condition the test cannot await (state owned by another task), up to ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.02)
+    return bool(condition())
 
 
 def relay_settings(realtime_url: str, **overrides: Any) -> Settings:

@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 import websockets
-from conftest import AUTH_TOKEN, make_caller, relay_settings
+from conftest import AUTH_TOKEN, make_caller, relay_settings, wait_for
 from tools_support import (
     ACCOUNT_SID,
     TWILIO_AUTH,
@@ -26,7 +26,6 @@ from tools_support import (
     only_session,
     outputs,
     received,
-    wait_for,
 )
 from twilio.base.exceptions import TwilioRestException
 

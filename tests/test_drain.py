@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_for as eventually
 from ops_support import API_TOKEN, RelayProcess, caller_for, metric, parse_metrics
 
 from relay.runtime import DRAIN_GOODBYE
@@ -49,15 +50,6 @@ def goodbye_requests(session: SimSession) -> list[dict[str, Any]]:
 
 def twiml_verbs(body: str) -> list[str]:
     return [child.tag for child in ET.fromstring(body)]
-
-
-async def eventually(condition: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.02)
-    return bool(condition())
 
 
 # ---- one process ---------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 import websockets
-from conftest import AUTH_TOKEN, make_caller, relay_settings
+from conftest import AUTH_TOKEN, make_caller, relay_settings, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -186,15 +186,6 @@ async def test_webhook_body_limit(webhook_app: Any) -> None:
 
 
 # ---- live calls: junk, floods and oversized frames ---------------------------------------------
-
-
-async def wait_for(condition: Any, timeout: float = 5.0) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.02)
-    return bool(condition())
 
 
 def junk_frames(count: int, seed: int) -> list[str]:

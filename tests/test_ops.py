@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-from conftest import RedisProcess, make_caller, relay_settings
+from conftest import RedisProcess, make_caller, relay_settings, wait_for
 from ops_support import Samples, metric, parse_metrics
 from prometheus_client import CollectorRegistry
 
@@ -56,15 +55,6 @@ async def scrape(base_url: str) -> Samples:
 async def get(base_url: str, path: str) -> httpx.Response:
     async with httpx.AsyncClient(trust_env=False) as http:
         return await http.get(base_url + path)
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.02)
-    return bool(condition())
 
 
 async def wait_for_metric(base_url: str, name: str, minimum: float, /, timeout: float = 5.0, **labels: str) -> float:

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_caller, relay_settings
+from conftest import make_caller, relay_settings, wait_for
 from openai.types.realtime import RealtimeClientEvent
 from pydantic import TypeAdapter
-from tools_support import received, wait_for
+from tools_support import received
 
 from relay.config import AgentSettings, ConfigError, Settings, VadSettings
 from relay.profiles import load_profiles, parse_profiles

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 import websockets
-from conftest import API_KEY, AUTH_TOKEN, make_caller, relay_settings
+from conftest import API_KEY, AUTH_TOKEN, make_caller, relay_settings, wait_for
 from openai.types.beta.realtime import RealtimeClientEvent as BetaClientEvent
 from openai.types.realtime import RealtimeClientEvent as GaClientEvent
 from pydantic import TypeAdapter
@@ -23,15 +23,6 @@ from relay.sim.local import LocalRelay
 from relay.sim.realtime import RealtimeSimulator, SimConfig
 
 CLIENT_TYPES = {"ga": TypeAdapter(GaClientEvent), "beta": TypeAdapter(BetaClientEvent)}
-
-
-async def wait_for(condition: Any, timeout: float = 5.0) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.01)
-    return bool(condition())
 
 
 def sent_audio(sim: RealtimeSimulator, session_index: int = 0) -> list[str]:

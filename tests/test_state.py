@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
 
 import httpx
 import pytest
 import redis
-from conftest import AUTH_TOKEN, RedisProcess, free_port, make_caller, relay_settings
+from conftest import AUTH_TOKEN, RedisProcess, free_port, make_caller, relay_settings, wait_for
 
 from relay.sim import ulaw
 from relay.sim.caller import CallerConfig, SimulatedCaller
@@ -22,15 +21,6 @@ from relay.sim.realtime import RealtimeSimulator
 from relay.store import hash_number
 
 API_TOKEN = "test-api-token-abcdef"
-
-
-async def wait_for(condition: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.02)
-    return bool(condition())
 
 
 async def talk(caller: SimulatedCaller, ms: int = 600, seed: int = 0) -> None:

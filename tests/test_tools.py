@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Annotated, Any, Literal
 
 import pytest
-from conftest import make_caller, relay_settings
+from conftest import make_caller, relay_settings, wait_for
 from tools_support import (
     after_last_output,
     errors_sent,
@@ -27,7 +27,6 @@ from tools_support import (
     outputs,
     outputs_by_call,
     received,
-    wait_for,
 )
 
 from relay.config import AgentSettings, ConfigError, Settings

@@ -7,13 +7,11 @@ sends, and every request is recorded (method, path, headers, form, arrival time)
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import itertools
 import json
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -114,15 +112,6 @@ class TwilioApiRecorder:
 
     def calls_path(self, call_sid: str, account_sid: str = ACCOUNT_SID) -> str:
         return f"/2010-04-01/Accounts/{account_sid}/Calls/{call_sid}.json"
-
-
-async def wait_for(condition: Callable[[], Any], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.01)
-    return bool(condition())
 
 
 def received(session: SimSession) -> list[dict[str, Any]]:

@@ -1,0 +1,75 @@
+"""The benchmark harness itself works: real processes, a few calls, every frame arrives.
+
+Three calls for a few seconds against each relay (the floor, and this project with Redis db 14 on
+127.0.0.1:6379 or a private redis-server), each point with its own simulator, relay and generator
+processes. No timing assertions: this machine is shared and the figures are the benchmark's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.runner import Options, run_point
+from tests.conftest import RedisProcess
+
+CALLS = 3
+
+
+def _shared_redis() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Any:
+    if _shared_redis():
+        yield "redis://127.0.0.1:6379/14"
+        return
+    server = RedisProcess()
+    try:
+        yield f"redis://127.0.0.1:{server.port}/14"
+    finally:
+        server.stop()
+
+
+def _check(point: dict[str, Any]) -> None:
+    frames = point["frames"]
+    assert point["calls_ok"] == CALLS, point["call_errors"]
+    assert point["realtime_sessions"] == CALLS
+    assert frames["caller_sent"] > CALLS * 100  # > 2 s of 20 ms frames per call
+    assert frames["realtime_received"] == frames["caller_sent"]
+    assert frames["up_reordered"] == frames["up_gaps"] == frames["up_unmarked"] == 0
+    assert frames["realtime_chunks_sent"] > 0
+    assert frames["caller_received"] == frames["realtime_chunks_sent"]
+    assert frames["down_reordered"] == frames["down_gaps"] == frames["crosstalk"] == 0
+    assert point["latency_ms"]["caller_to_realtime"]["n"] > 0
+    assert point["latency_ms"]["realtime_to_caller"]["n"] > 0
+    assert point["marks"]["echoed"] == point["marks"]["received"] > 0
+    assert point["cpu_ms_per_call_s"] > 0
+    leaks = point["leaks"]
+    assert leaks["upstream_sockets_left"] == 0
+    assert leaks["caller_sockets_left"] == 0
+
+
+@pytest.mark.timeout(90)
+def test_floor_and_project_carry_every_frame(tmp_path: Path, redis_url: str) -> None:
+    opts = Options(calls=[CALLS], seconds=3.0, out=tmp_path, redis_url=redis_url, gen_settle_s=1.0, barge_in=0.5)
+
+    async def both() -> list[dict[str, Any]]:
+        return [await run_point(kind, CALLS, opts) for kind in ("floor", "project")]
+
+    floor, project = asyncio.run(both())
+    _check(floor)
+    _check(project)
+    assert project["leaks"]["active_calls_metric"] == 0
+    assert project["redis_keys"] > 0  # the calls were written to Redis (and cleaned up after)
+    assert not project["log"]["levels"].get("error")
