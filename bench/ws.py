@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import cast
 
 from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
@@ -33,7 +34,8 @@ class WsEndpoint(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.on_text: TextHandler = _ignore_text
         self.on_close: CloseHandler = _ignore_close
-        self.open = asyncio.get_running_loop().create_future()
+        self.open: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.open.add_done_callback(_retrieve)
         self.closed = False
         self.close_code: int | None = None
         self._fragments: list[bytes] = []
@@ -43,8 +45,7 @@ class WsEndpoint(asyncio.Protocol):
     # ---- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
 
     def data_received(self, data: bytes) -> None:
         proto = self.proto
@@ -84,13 +85,14 @@ class WsEndpoint(asyncio.Protocol):
 
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
+        data = cast(bytes, frame.data)  # bytes from the parser (orjson would take any buffer)
         if opcode is Opcode.TEXT:
             if frame.fin:
-                self.on_text(frame.data)
+                self.on_text(data)
             else:
-                self._fragments = [frame.data]
+                self._fragments = [data]
         elif opcode is Opcode.CONT and self._fragments:
-            self._fragments.append(frame.data)
+            self._fragments.append(data)
             if frame.fin:
                 data, self._fragments = b"".join(self._fragments), []
                 self.on_text(data)
@@ -143,6 +145,11 @@ class WsEndpoint(asyncio.Protocol):
             self.transport.abort()
 
 
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # a failed handshake nobody awaits is not an "unretrieved" error
+
+
 def _ignore_text(data: bytes) -> None:
     return None
 
@@ -159,8 +166,8 @@ class WsClient(WsEndpoint):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        request = self.proto.connect()
         assert isinstance(self.proto, ClientProtocol)
+        request = self.proto.connect()
         request.headers["User-Agent"] = self._user_agent
         for name, value in self._headers.items():
             request.headers[name] = value
@@ -179,9 +186,7 @@ async def connect(url: str, headers: dict[str, str] | None = None, user_agent: s
     """Open a client connection and wait for the handshake (raises on refusal)."""
     uri = parse_uri(url)
     loop = asyncio.get_running_loop()
-    _, client = await loop.create_connection(
-        lambda: WsClient(url, headers or {}, user_agent), uri.host, uri.port
-    )
+    _, client = await loop.create_connection(lambda: WsClient(url, headers or {}, user_agent), uri.host, uri.port)
     try:
         await asyncio.wait_for(asyncio.shield(client.open), 10)
     except BaseException:

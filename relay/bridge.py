@@ -42,8 +42,10 @@ CALLER_AUDIO_BUFFER_FRAMES = 150  # 3 s of caller audio kept while a new Realtim
 # (which has heard nothing yet) gets this much recent caller audio again.
 REPLAY_FRAMES = 75
 # Twilio sends audio in real time; a client sending far faster is abusive (and costs money upstream).
-MEDIA_RATE_BYTES_PER_S = 3 * 8000
-MEDIA_BURST_BYTES = 5 * 8000
+# The budget is cumulative since the stream started, so a backlog that piles up while this process
+# was stalled is covered by the time that passed meanwhile and never closes a genuine call.
+MEDIA_RATE_BYTES_PER_S = 2 * 8000
+MEDIA_BURST_BYTES = 10 * 8000
 DTMF_FLOOD_FACTOR = 3
 MALFORMED_LOGGED_EACH = 20
 MALFORMED_LOG_EVERY = 100
@@ -231,8 +233,8 @@ class CallBridge:
         media_type = tw.Media
         frame = 0
         hop = self.runtime.metrics.hop_latency.labels("caller_to_realtime")
-        budget = float(MEDIA_BURST_BYTES)
-        last_refill = time.monotonic()
+        media_bytes = 0
+        media_since = time.monotonic()  # the stream has just started: audio may not outrun the clock
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
@@ -258,11 +260,11 @@ class CallBridge:
                 continue
             if type(event) is media_type:
                 call.frames_in += 1
-                now = time.monotonic()
-                budget = min(MEDIA_BURST_BYTES, budget + (now - last_refill) * MEDIA_RATE_BYTES_PER_S)
-                last_refill = now
-                budget -= len(event.payload) * 3 // 4
-                if budget < 0:
+                media_bytes += len(event.payload) * 3 // 4
+                if (
+                    media_bytes > MEDIA_BURST_BYTES
+                    and media_bytes > MEDIA_BURST_BYTES + (time.monotonic() - media_since) * MEDIA_RATE_BYTES_PER_S
+                ):
                     self.log.warning("caller audio arrives far faster than real time; closing stream")
                     self._mark_ending("media_flood")
                     await self._close_twilio(CLOSE_POLICY, "media flood")

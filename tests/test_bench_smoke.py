@@ -53,7 +53,7 @@ def _check(point: dict[str, Any]) -> None:
     assert frames["down_reordered"] == frames["down_gaps"] == frames["crosstalk"] == 0
     assert point["latency_ms"]["caller_to_realtime"]["n"] > 0
     assert point["latency_ms"]["realtime_to_caller"]["n"] > 0
-    assert point["marks"]["echoed"] == point["marks"]["received"] > 0
+    assert 0 < point["marks"]["echoed"] <= point["marks"]["received"]  # audio still playing at hang-up: no echo
     assert point["cpu_ms_per_call_s"] > 0
     leaks = point["leaks"]
     assert leaks["upstream_sockets_left"] == 0

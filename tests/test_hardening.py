@@ -506,3 +506,19 @@ async def test_sigterm_during_twenty_active_calls(sim: RealtimeSimulator, redis_
                 assert any(e.get("event") == "drain_goodbye" for e in record["entries"])
     finally:
         await checker.stop()
+
+
+async def test_a_backlog_after_a_stall_is_not_mistaken_for_a_flood(sim: RealtimeSimulator, relay: LocalRelay) -> None:
+    """Frames that queued up while the relay (or network) stalled arrive at once; that is real time, not abuse."""
+    caller = make_caller(relay)
+    await caller.connect()
+    assert await caller.wait_for_audio(100, timeout=5)
+    ws = caller._ws
+    assert ws is not None
+    await asyncio.sleep(12.0)  # the caller's own frames keep flowing; then 12 s of "queued" audio lands at once
+    frame = orjson.dumps({"event": "media", "streamSid": caller.stream_sid, "media": {"payload": "/" * 216}}).decode()
+    for _ in range(600):
+        await ws.send(frame)
+    await caller.say_and_wait(ulaw.synth_speech(300))
+    assert caller.close_code is None
+    await caller.hangup()

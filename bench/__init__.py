@@ -1,0 +1,1 @@
+"""The relay benchmark (issue 7): ``python -m bench``; method and figures in bench/RESULTS.md."""
