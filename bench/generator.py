@@ -38,6 +38,7 @@ import orjson
 from twilio.request_validator import RequestValidator
 
 from bench import markers, tasks
+from bench.floor import SESSION_UPDATE  # the same minimal µ-law session as the floor relay
 from bench.ws import WsClient, connect
 from relay.sim import ulaw
 
@@ -49,15 +50,6 @@ WEBHOOK_USER_AGENT = "TwilioProxy/1.1"
 QUIET_BEFORE_HANGUP_S = 4.0
 SILENCE = bytes([ulaw.SILENCE_BYTE]) * FRAME_BYTES
 AUDIO_DELTA_TYPES = (b"response.output_audio.delta", b"response.audio.delta")
-SESSION_UPDATE = orjson.dumps(
-    {
-        "type": "session.update",
-        "session": {
-            "type": "realtime",
-            "audio": {"input": {"format": {"type": "audio/pcmu"}}, "output": {"format": {"type": "audio/pcmu"}}},
-        },
-    }
-).decode()
 
 Mode = Literal["twilio", "direct"]
 

@@ -73,3 +73,14 @@ def test_floor_and_project_carry_every_frame(tmp_path: Path, redis_url: str) -> 
     assert project["leaks"]["active_calls_metric"] == 0
     assert project["redis_keys"] > 0  # the calls were written to Redis (and cleaned up after)
     assert not project["log"]["levels"].get("error")
+
+
+@pytest.mark.timeout(240)
+def test_short_soak_holds_every_check(tmp_path: Path, redis_url: str) -> None:
+    """The CI-sized soak: 50 calls for 30 s after a warm-up wave, Redis on; the same checks as the long one."""
+    from bench.soak import soak
+
+    opts = Options(calls=[50], seconds=30.0, out=tmp_path, redis_url=redis_url, gen_settle_s=1.0)
+    result = asyncio.run(soak(opts, calls=50, seconds=30.0, warmup_s=30.0))
+    failed = [name for name, ok in result["checks"].items() if not ok]
+    assert not failed, (failed, result["point"]["leaks"], result["point"]["frames"])
