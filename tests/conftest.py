@@ -170,6 +170,16 @@ async def wait_for(condition: Callable[[], object], timeout: float = 5.0) -> boo
     return bool(condition())
 
 
+def assert_relayed_across_sessions(first: Any, second: Any, sent: list[str]) -> None:
+    """Nothing lost across a Realtime session change: the old session heard a prefix of the caller's
+    frames, the new one a contiguous run to the end that starts no later than where the old one stopped
+    (recent audio is replayed into it, so frames in flight at the change are not lost)."""
+    assert first.appended == sent[: len(first.appended)]
+    start = len(sent) - len(second.appended)
+    assert second.appended == sent[start:]
+    assert start <= len(first.appended)
+
+
 def relay_settings(realtime_url: str, **overrides: Any) -> Settings:
     base = Settings(
         openai_api_key=API_KEY,

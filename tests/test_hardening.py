@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 import websockets
-from conftest import AUTH_TOKEN, make_caller, relay_settings, wait_for
+from conftest import AUTH_TOKEN, assert_relayed_across_sessions, make_caller, relay_settings, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -357,9 +357,7 @@ async def test_half_open_realtime_socket_is_detected_by_ping_timeout(sim: Realti
             assert await wait_for(lambda: not relay.runtime.calls)
     finally:
         await proxy.stop()
-    second = sim.sessions[1]
-    start = len(caller.sent_payloads) - len(second.appended)
-    assert second.appended == caller.sent_payloads[start:]
+    assert_relayed_across_sessions(sim.sessions[0], sim.sessions[1], caller.sent_payloads)
 
 
 async def test_session_update_never_answered_ends_the_call_cleanly(sim: RealtimeSimulator) -> None:

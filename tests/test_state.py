@@ -12,7 +12,15 @@ import time
 import httpx
 import pytest
 import redis
-from conftest import AUTH_TOKEN, RedisProcess, free_port, make_caller, relay_settings, wait_for
+from conftest import (
+    AUTH_TOKEN,
+    RedisProcess,
+    assert_relayed_across_sessions,
+    free_port,
+    make_caller,
+    relay_settings,
+    wait_for,
+)
 
 from relay.sim import ulaw
 from relay.sim.caller import CallerConfig, SimulatedCaller
@@ -286,13 +294,7 @@ async def test_dropped_realtime_socket_resumes_on_a_new_seeded_session(sim: Real
     assert "already in progress" in instructions
     # no second greeting on the new session
     assert not any(e["type"] == "response.create" for _, e in second.received)
-    # continuous relaying: the new session hears a contiguous, in-order run of the caller's frames that
-    # starts before the drop (recent audio is replayed, so nothing in flight is lost) and runs to the end
-    sent = caller.sent_payloads
-    start = len(sent) - len(second.appended)
-    assert second.appended == sent[start:]
-    assert start <= len(first.appended)
-    assert first.appended == sent[: len(first.appended)]
+    assert_relayed_across_sessions(first, second, caller.sent_payloads)
     assert len(first.appended) >= frames_before_drop - 5
     assert record is not None
     assert any(e.get("event") == "realtime_reconnected" for e in record.entries)
@@ -323,10 +325,7 @@ async def test_session_rolls_over_before_the_maximum_duration(sim: RealtimeSimul
         await caller.hangup()
     first, second = sim.sessions[:2]
     assert first.closed
-    sent = caller.sent_payloads
-    assert first.appended == sent[: len(first.appended)]
-    start = len(sent) - len(second.appended)
-    assert second.appended == sent[start:] and start <= len(first.appended)
+    assert_relayed_across_sessions(first, second, caller.sent_payloads)
     # no second greeting on the new session
     assert not any(e["type"] == "response.create" for _, e in second.received)
 
