@@ -194,6 +194,89 @@ async def test_observability_and_ping(store: Store) -> None:
 # --- Redis specifics ---------------------------------------------------------------------------
 
 
+async def test_every_call_key_gets_a_ttl_when_created_and_all_expire_together_at_the_end(
+    redis_url: str, store_prefix: str
+) -> None:
+    """Keys created in separate batches each get a TTL at once; later writes of an existing key do not
+    refresh TTLs (within the refresh interval); the write that ends the call sets all five again."""
+    store = _redis_store(redis_url, store_prefix, linger_s=0.0)
+    await store.start()
+    keys = [f"{store_prefix}call:CA7:{s}" for s in ("meta", "entries", "usage", "summary", "applied")]
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        store.call_started("CA7", {"from": CALLER, "to": "+15550001111"})
+        assert await store.flush(5)
+        assert 0 < client.ttl(keys[0]) <= STATE_TTL
+        store.add_entry("CA7", {"kind": "caller", "t": 1.0, "text": "hi"})
+        assert await store.flush(5)
+        store.add_usage("CA7", {"input": 1})
+        assert await store.flush(5)
+        store.set_summary("CA7", "short")
+        assert await store.flush(5)
+        assert all(0 < client.ttl(key) <= STATE_TTL for key in keys)
+
+        for key in keys:
+            client.expire(key, 50)
+        store.add_entry("CA7", {"kind": "assistant", "t": 2.0, "text": "hello"})
+        store.add_usage("CA7", {"input": 2})
+        store.call_updated("CA7", {"stream_sid": "MZ1"})
+        assert await store.flush(5)
+        assert all(0 < client.ttl(key) <= 50 for key in keys)  # no EXPIRE for keys that have one
+
+        store.call_updated("CA7", {"ended": "2026-01-01T00:00:00+00:00", "end_reason": "caller_hung_up"})
+        assert await store.flush(5)
+        assert all(STATE_TTL - 5 < client.ttl(key) <= STATE_TTL for key in keys)  # all five, together
+        assert [e["text"] for e in await store.recent_entries("CA7", 10)] == ["hi", "hello"]
+    finally:
+        await store.close()
+        client.close()
+
+
+async def test_call_ttls_are_refreshed_after_the_refresh_interval(redis_url: str, store_prefix: str) -> None:
+    store = _redis_store(redis_url, store_prefix, linger_s=0.0, ttl_refresh_s=0.3)
+    await store.start()
+    key = f"{store_prefix}call:CA8:entries"
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        store.add_entry("CA8", {"kind": "caller", "t": 1.0, "text": "one"})
+        assert await store.flush(5)
+        client.expire(key, 50)
+        store.add_entry("CA8", {"kind": "caller", "t": 2.0, "text": "two"})
+        assert await store.flush(5)
+        assert client.ttl(key) <= 50
+        await asyncio.sleep(0.4)
+        store.add_entry("CA8", {"kind": "caller", "t": 3.0, "text": "three"})
+        assert await store.flush(5)
+        assert client.ttl(key) > STATE_TTL - 5
+    finally:
+        await store.close()
+        client.close()
+
+
+async def test_writes_collect_for_the_linger_time_unless_flushed(redis_url: str, store_prefix: str) -> None:
+    store = _redis_store(redis_url, store_prefix, linger_s=0.3)
+    await store.start()
+    await asyncio.sleep(0.05)  # the writer is waiting for work
+    key = f"{store_prefix}call:CA5:entries"
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        store.add_entry("CA5", {"kind": "caller", "t": 1.0, "text": "one"})
+        await asyncio.sleep(0.1)
+        assert client.llen(key) == 0  # still collecting
+        store.add_entry("CA5", {"kind": "caller", "t": 2.0, "text": "two"})
+        await asyncio.sleep(0.4)
+        assert client.llen(key) == 2  # both, in one pipeline, without anyone asking
+        store.add_entry("CA5", {"kind": "caller", "t": 3.0, "text": "three"})
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await store.flush(5)
+        assert loop.time() - started < 0.25  # flush() does not wait out the linger
+        assert client.llen(key) == 3
+    finally:
+        await store.close()
+        client.close()
+
+
 async def test_key_layout_ttls_and_no_raw_number(redis_url: str, store_prefix: str) -> None:
     store = _redis_store(redis_url, store_prefix)
     await store.start()

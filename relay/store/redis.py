@@ -13,11 +13,16 @@ Key layout (P is the prefix, default ``relay:``; every value is UTF-8)::
                                    number (HMAC-SHA256 when a salt is set); TTL caller_memory_ttl_s
     P once:{key}           string  claim_once marker (SET NX EX ttl)
 
-All five keys of every call a write batch touches get ``EXPIRE state_ttl_s`` in that same batch,
-so a call's keys expire together and no key is left without a TTL.
+TTLs: a batch that creates a call key (the first write of its kind for that call) gives all five
+of the call's keys ``EXPIRE state_ttl_s``, so no key is ever left without one; so does the write
+that ends the call (``ended`` in its metadata), so a finished call's keys expire together. In
+between, a call's TTLs are refreshed at most once per `ttl_refresh_s`, not with every write: each
+``EXPIRE`` is a command of its own, and five per write were most of the writer's work.
 
 Writes (the non-async methods) only append to a bounded in-process queue. One writer task sends
-what is queued (up to `batch_max` ops) as one non-transactional pipeline. A batch stays at the
+what is queued (up to `batch_max` ops) as one non-transactional pipeline, after letting writes
+collect for `linger_s` (a call's turn produces several at once; ``flush()`` and ``close()`` cut
+the wait short). A batch stays at the
 head of the queue until Redis confirms it, so per-call order survives retries; when the queue is
 full the oldest ops are dropped and counted. Appends and increments go through a small Lua
 script guarded by the ``applied`` sequence, because a batch that timed out may still have been
@@ -88,6 +93,13 @@ _TRANSIENT_REPLIES: Final = (ReadOnlyError, OutOfMemoryError, TryAgainError, Red
 
 _META, _ENTRY, _USAGE, _SUMMARY, _CALLER = "meta", "entry", "usage", "summary", "caller"
 _CALL_KEY_SUFFIXES: Final = ("meta", "entries", "usage", "summary", "applied")
+_SUFFIXES_WRITTEN: Final = {
+    _META: frozenset({"meta"}),
+    _ENTRY: frozenset({"entries", "applied"}),
+    _USAGE: frozenset({"usage", "applied"}),
+    _SUMMARY: frozenset({"summary"}),
+}
+_TTL_STATE_MAX: Final = 100_000
 
 
 class _RetryBatch(Exception):
@@ -140,6 +152,8 @@ class RedisStore:
         caller_memory_ttl_s: int = 30 * 24 * 3600,
         queue_size: int = 10_000,
         batch_max: int = 500,
+        linger_s: float = 0.05,
+        ttl_refresh_s: float = 60.0,
         io_timeout_s: float = 1.0,
         backoff_base_s: float = 0.05,
         backoff_cap_s: float = 2.0,
@@ -148,6 +162,8 @@ class RedisStore:
     ) -> None:
         if queue_size < 1 or batch_max < 1:
             raise ValueError("queue_size and batch_max must be >= 1")
+        if linger_s < 0:
+            raise ValueError("linger_s must be >= 0")
         if state_ttl_s < 1 or caller_memory_ttl_s < 1:
             raise ValueError("TTLs must be >= 1 s")
         self._prefix = prefix
@@ -155,6 +171,12 @@ class RedisStore:
         self._caller_ttl = caller_memory_ttl_s
         self._queue_size = queue_size
         self._batch_max = batch_max
+        self._linger = linger_s
+        self._ttl_refresh = ttl_refresh_s
+        # call SID -> (when its TTLs were last set, the key suffixes that existed then); only
+        # calls in progress: the entry goes with the write that ends the call
+        self._ttl_state: dict[str, tuple[float, frozenset[str]]] = {}
+        self._ttl_pending: dict[str, tuple[float, frozenset[str]] | None] = {}
         self._io_timeout = io_timeout_s
         self._backoff_base = backoff_base_s
         self._backoff_cap = backoff_cap_s
@@ -181,6 +203,7 @@ class RedisStore:
         self._script_loaded = False
         self._wakeup = asyncio.Event()
         self._hurry = asyncio.Event()
+        self._write_now = asyncio.Event()  # ends the current linger (flush, close)
         self._progress = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -322,6 +345,7 @@ class RedisStore:
         False on timeout, or if the writer is not running (nothing would ever drain the queue).
         """
         target = self._seq
+        self._write_now.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self._queue and self._queue[0].seq <= target:
@@ -383,6 +407,8 @@ class RedisStore:
             self._overflowed = True  # reported by the writer: no logging on the audio path
         queue.append(_Op(self._seq, kind, str(target), value, fields, counts))
         self._wakeup.set()
+        if len(queue) >= self._batch_max:
+            self._write_now.set()  # a full batch is waiting: no point lingering
 
     def _reject(self, exc: Exception) -> None:
         """Count a write whose data could not be queued; log each kind of problem once."""
@@ -408,6 +434,7 @@ class RedisStore:
                 self._overflowed = self._overflow_logged = False
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                await self._linger_for_more()
                 continue
             batch = list(islice(self._queue, self._batch_max))
             self._inflight_last = batch[-1].seq
@@ -417,6 +444,7 @@ class RedisStore:
             except (*_TRANSIENT_ERRORS, _RetryBatch) as exc:
                 self._inflight_last = 0  # evicted ops of this attempt stay counted as dropped
                 self._script_loaded = False  # the server may have restarted with an empty cache
+                self._ttl_state.clear()  # ... and without the keys: TTLs go with the next write again
                 failures += 1
                 self._outage_started(exc)
                 await self._backoff(failures)
@@ -424,6 +452,8 @@ class RedisStore:
             except Exception:  # a bug, not an outage: drop the batch rather than spin on it
                 self._log.exception("store writer failed on a batch of %d ops; dropping it", len(batch))
                 lost = len(batch)
+                self._ttl_pending = {}
+            self._ttls_set()
             self._batch_done(batch[-1].seq, lost)
             failures = 0
             self._report_success()
@@ -459,7 +489,8 @@ class RedisStore:
         if not self._script_loaded:
             pipe.script_load(_APPLY_ONCE)
             owners.append(None)
-        touched: dict[str, None] = {}  # insertion-ordered set of call SIDs
+        touched: dict[str, set[str]] = {}  # call SID -> suffixes this batch writes (insertion-ordered)
+        ended: set[str] = set()
         for op in batch:
             if op.kind == _CALLER:
                 pipe.set(f"{self._prefix}caller:{op.target}", op.value, ex=self._caller_ttl)
@@ -479,12 +510,39 @@ class RedisStore:
                 continue
             owners.append(op)
             if op.kind != _CALLER:
-                touched[op.target] = None
-        for call_sid in touched:
+                touched.setdefault(op.target, set()).update(_SUFFIXES_WRITTEN[op.kind])
+                if op.kind == _META and op.fields and "ended" in op.fields:
+                    ended.add(op.target)
+        now = time.monotonic()
+        self._ttl_pending = {}
+        for call_sid, written in touched.items():
+            known = self._ttl_state.get(call_sid)
+            if (
+                known is not None
+                and call_sid not in ended
+                and written <= known[1]
+                and now - known[0] < self._ttl_refresh
+            ):
+                continue
             for suffix in _CALL_KEY_SUFFIXES:
                 pipe.expire(self._call_key(call_sid, suffix), self._state_ttl)
                 owners.append(None)
+            existing = written if known is None else written | known[1]
+            self._ttl_pending[call_sid] = None if call_sid in ended else (now, frozenset(existing))
         return owners
+
+    def _ttls_set(self) -> None:
+        """The batch that set these TTLs was written: remember it (or forget calls that ended)."""
+        state = self._ttl_state
+        for call_sid, value in self._ttl_pending.items():
+            if value is None:
+                state.pop(call_sid, None)
+            else:
+                state[call_sid] = value
+        self._ttl_pending = {}
+        if len(state) > _TTL_STATE_MAX:  # calls whose last write never came: refreshing them again is harmless
+            for call_sid in list(islice(state, len(state) // 2)):
+                del state[call_sid]
 
     def _apply_once(self, pipe: Pipeline, op: _Op, suffix: str, mode: bytes, payload: list[bytes | str | int]) -> None:
         pipe.evalsha(
@@ -508,6 +566,17 @@ class RedisStore:
         self._inflight_evicted = 0
         self._progress.set()
         self._progress = asyncio.Event()
+
+    async def _linger_for_more(self) -> None:
+        """Let a burst of writes collect into one pipeline (each batch costs a round trip and the
+        TTL refresh of every call it touches); cut short by a full batch's worth or flush()."""
+        if self._linger <= 0 or len(self._queue) >= self._batch_max or self._hurry.is_set():
+            self._write_now.clear()
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._linger):
+                await self._write_now.wait()
+        self._write_now.clear()
 
     async def _backoff(self, failures: int) -> None:
         """Exponential backoff with jitter; close() cuts one wait short so shutdown gets a try."""
