@@ -22,6 +22,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.protocol import State
 
 from relay import logs
+from relay.asgi_direct import DIRECT_EXTENSION, DirectWebSocket
 from relay.call import Call, Entry, Metric, RunTool, SummaryReady, UpstreamFailed, UsageReport
 from relay.metrics import HOP_SAMPLE_EVERY
 from relay.realtime import client
@@ -57,6 +58,10 @@ class CallBridge:
         self.runtime = runtime
         self.settings = runtime.settings
         self.ws = websocket
+        # Under the relay's own server protocol, per-message traffic skips Starlette's layers
+        # (relay/asgi_direct.py); accept and close always go through them.
+        self._direct: DirectWebSocket | None = websocket.scope.get("extensions", {}).get(DIRECT_EXTENSION)
+        self._receive = self._direct.receive if self._direct is not None else websocket.receive
         self.log: logs.CallLogger = logs.call_logger("", "")
         self.call: Call | None = None
         self.call_sid = ""
@@ -77,6 +82,7 @@ class CallBridge:
         self._session_timeout = False
         self._dtmf_times: deque[float] = deque()
         self.malformed_frames = 0
+        self.audio_dropped_frames = 0
         self.cost_usd = 0.0
         self.started_at = time.monotonic()
         self.agent = self.settings.agent
@@ -102,7 +108,7 @@ class CallBridge:
         try:
             async with asyncio.timeout(settings.start_timeout_s):
                 while True:
-                    message = await self.ws.receive()
+                    message = await self._receive()
                     if message["type"] == "websocket.disconnect":
                         return None
                     text = message.get("text")
@@ -227,10 +233,13 @@ class CallBridge:
     async def _twilio_loop(self) -> None:
         assert self.call is not None
         call = self.call
-        receive = self.ws.receive
+        receive = self._receive
         max_bytes = self.settings.max_twilio_message_bytes
         parse = tw.parse
         media_type = tw.Media
+        append_prefix, append_suffix = client.APPEND_PREFIX, client.APPEND_SUFFIX
+        open_state = State.OPEN
+        recent_audio = self._recent_audio
         frame = 0
         hop = self.runtime.metrics.hop_latency.labels("caller_to_realtime")
         media_bytes = 0
@@ -269,7 +278,18 @@ class CallBridge:
                     self._mark_ending("media_flood")
                     await self._close_twilio(CLOSE_POLICY, "media flood")
                     return
-                await self._send_upstream(client.APPEND_PREFIX + event.payload + client.APPEND_SUFFIX)
+                # _send_upstream() inlined for the one message sent 50 times a second per call
+                text = append_prefix + event.payload + append_suffix
+                upstream = self.upstream
+                if upstream is not None and upstream.state is open_state:
+                    try:
+                        if _write_text(upstream, text):
+                            await upstream.drain()
+                        recent_audio.append(text)
+                    except websockets.ConnectionClosed:
+                        self._hold_audio(text)
+                else:
+                    self._hold_audio(text)
                 if sampled:
                     hop.observe(time.perf_counter() - t0)
                 continue
@@ -325,32 +345,52 @@ class CallBridge:
         if upstream is None or upstream.state is not State.OPEN:
             # A closing socket makes send() wait for the close handshake; the caller must never wait.
             if text.startswith(client.APPEND_PREFIX):
-                self._audio_backlog.append(text)
+                self._hold_audio(text)
             return
         try:
             if _write_text(upstream, text):
                 await upstream.drain()
         except websockets.ConnectionClosed:
             if text.startswith(client.APPEND_PREFIX):
-                self._audio_backlog.append(text)
+                self._hold_audio(text)
             return
         if text.startswith(client.APPEND_PREFIX):
             self._recent_audio.append(text)
 
-    async def _send_twilio(self, text: str) -> None:
-        if self.twilio_closed:
-            return
-        try:
-            await self.ws.send_text(text)
-        except Exception:  # the caller's socket is gone; the Twilio loop ends the call
-            self.twilio_closed = True
+    def _hold_audio(self, text: str) -> None:
+        """Keep caller audio for the next Realtime session: the newest few seconds of it."""
+        backlog = self._audio_backlog
+        if len(backlog) == backlog.maxlen:
+            self.audio_dropped_frames += 1
+            self.runtime.metrics.caller_audio_dropped.inc()
+            if self.audio_dropped_frames == 1:
+                self.log.warning(
+                    "no Realtime session for %.0f s: caller audio older than that is being dropped",
+                    CALLER_AUDIO_BUFFER_FRAMES * 0.02,
+                )
+        backlog.append(text)
+
+    async def _send_twilio(self, texts: list[str]) -> None:
+        """Send in order; stops at the first failure (the caller's socket is gone, and the Twilio
+        loop ends the call)."""
+        direct = self._direct
+        for text in texts:
+            if self.twilio_closed:
+                return
+            try:
+                if direct is None:
+                    await self.ws.send_text(text)
+                elif direct.send_text(text):
+                    await direct.writable()
+            except Exception:
+                self.twilio_closed = True
 
     async def _flush(self) -> None:
         """Send what the call object produced and perform its effects."""
         assert self.call is not None
         to_twilio, to_upstream, effects = self.call.drain()
-        for text in to_twilio:
-            await self._send_twilio(text)
+        if to_twilio:
+            await self._send_twilio(to_twilio)
         for text in to_upstream:
             await self._send_upstream(text)
         for effect in effects:
@@ -507,9 +547,9 @@ class CallBridge:
                     call.drain()
                     continue
                 if type(event) is audio_delta:
-                    for text in call.to_twilio:
-                        await self._send_twilio(text)
-                    call.to_twilio.clear()
+                    to_twilio = call.to_twilio
+                    call.to_twilio = []
+                    await self._send_twilio(to_twilio)
                     if call.to_upstream or call.effects:
                         await self._flush()
                     count += 1
@@ -684,6 +724,7 @@ class CallBridge:
                 "frames_in": call.frames_in,
                 "frames_out": call.frames_out,
                 "malformed_frames": self.malformed_frames,
+                "audio_dropped_frames": self.audio_dropped_frames,
             },
         )
 

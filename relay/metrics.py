@@ -153,6 +153,11 @@ class Metrics:
         self.store_queue_depth = Gauge(
             "relay_store_queue_depth", "State writes waiting for Redis", registry=r, multiprocess_mode="livesum"
         )
+        self.caller_audio_dropped = Counter(
+            "relay_caller_audio_dropped_frames_total",
+            "Caller audio frames dropped because no Realtime session took them within the hold window",
+            registry=r,
+        )
         self.store_dropped = Counter(
             "relay_store_dropped_writes_total", "State writes dropped (queue overflow, Redis refusal)", registry=r
         )

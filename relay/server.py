@@ -29,9 +29,11 @@ from typing import Any
 import uvicorn
 from uvicorn._subprocess import get_subprocess
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
 
 from relay import logs
 from relay.app import create_app
+from relay.asgi_direct import DIRECT_EXTENSION, DirectWebSocket
 from relay.config import Settings
 from relay.metrics import mark_worker_dead, multiprocess_dir, reset_multiprocess_dir
 from relay.runtime import Runtime
@@ -87,14 +89,15 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def uvicorn_config(app: Any, settings: Settings, *, port: int | None = None) -> uvicorn.Config:
+def uvicorn_config(app: Any, settings: Settings, *, port: int | None = None, ws: Any = None) -> uvicorn.Config:
+    """The production configuration; `ws` swaps the WebSocket protocol (tests of the plain ASGI path)."""
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port if port is None else port,
         loop="uvloop",
         http="httptools",
-        ws=RelayWebSocketProtocol,
+        ws=RelayWebSocketProtocol if ws is None else ws,
         ws_max_size=settings.max_twilio_message_bytes,
         ws_per_message_deflate=False,
         ws_ping_interval=settings.twilio_ping_interval_s,
@@ -282,6 +285,12 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = _MessageQueue(self.loop)  # type: ignore[assignment]
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)  # absent when the handshake was refused
+        if scope is not None:
+            scope["extensions"][DIRECT_EXTENSION] = DirectWebSocket(self)
 
     def send_receive_event_to_app(self) -> None:
         data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)

@@ -360,6 +360,37 @@ async def test_half_open_realtime_socket_is_detected_by_ping_timeout(sim: Realti
     assert_relayed_across_sessions(sim.sessions[0], sim.sessions[1], caller.sent_payloads)
 
 
+async def test_slow_realtime_handshake_keeps_the_newest_audio_and_counts_what_it_drops(
+    sim: RealtimeSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Realtime handshake takes 4.5 s: the relay holds 3 s of caller audio meanwhile. The session
+    then hears an unbroken run up to the hang-up, and every older frame is counted and logged."""
+    caplog.set_level(logging.INFO)
+    host, port = sim.url.split("//")[1].split("/")[0].split(":")
+    proxy = FaultProxy(host, int(port), connect_delay_s=4.5)
+    proxy_port = await proxy.start()
+    try:
+        async with LocalRelay(relay_settings(f"ws://127.0.0.1:{proxy_port}/v1/realtime")) as relay:
+            caller = make_caller(relay)
+            await caller.connect()
+            assert await wait_for(lambda: sim.sessions and sim.sessions[0].session.get("instructions"), timeout=10)
+            await asyncio.sleep(0.5)
+            await caller.hangup()
+            assert await wait_for(lambda: not relay.runtime.calls)
+            dropped = relay.runtime.metrics.caller_audio_dropped._value.get()
+    finally:
+        await proxy.stop()
+    sent, heard = caller.sent_payloads, sim.sessions[0].appended
+    assert len(sent) >= 240  # 4.5 s of waiting and 0.5 s of live audio, at 50 frames a second
+    assert heard == sent[len(sent) - len(heard) :]  # the newest frames, none missing in between
+    assert len(heard) >= 150  # the 3 s held while the session opened, then live audio
+    assert dropped == len(sent) - len(heard) > 0
+    warnings = [r for r in caplog.records if "caller audio older than that is being dropped" in r.getMessage()]
+    assert len(warnings) == 1  # once per call, not once per frame
+    ended = next(r for r in caplog.records if r.getMessage() == "call ended")
+    assert ended.audio_dropped_frames == dropped
+
+
 async def test_session_update_never_answered_ends_the_call_cleanly(sim: RealtimeSimulator) -> None:
     sim.config.answer_session_update = False
     settings_ = relay_settings(sim.url, session_update_timeout_s=0.4, reconnect_attempts=1)

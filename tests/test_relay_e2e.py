@@ -31,15 +31,24 @@ def sent_audio(sim: RealtimeSimulator, session_index: int = 0) -> list[str]:
     return [e["delta"] for e in session.sent if e["type"] in ("response.output_audio.delta", "response.audio.delta")]
 
 
-@pytest.mark.parametrize("dialect", ["ga", "beta"])
-async def test_call_relays_every_frame_untouched_and_speaks_valid_protocol(dialect: str) -> None:
+@pytest.mark.parametrize(
+    ("dialect", "ws_protocol"),
+    [("ga", None), ("beta", None), ("ga", "websockets-sansio")],
+    ids=["ga", "beta", "ga-plain-asgi"],
+)
+async def test_call_relays_every_frame_untouched_and_speaks_valid_protocol(dialect: str, ws_protocol: Any) -> None:
+    """`ga-plain-asgi`: uvicorn's own WebSocket protocol, which offers no direct path (relay/asgi_direct.py),
+    so every message goes through Starlette and ASGI as under any other server."""
     sim = RealtimeSimulator(SimConfig(realtime_factor=8.0, greeting_reply_ms=800, reply_ms=600))
     await sim.start()
     settings = relay_settings(sim.url, dialect=dialect)
     try:
-        async with LocalRelay(settings) as relay:
+        async with LocalRelay(settings, ws_protocol=ws_protocol) as relay:
             caller = make_caller(relay)
             await caller.connect()
+            assert await wait_for(lambda: bool(relay.runtime.calls))
+            bridge = next(iter(relay.runtime.calls.values()))
+            assert (bridge._direct is None) == (ws_protocol is not None)
             assert await caller.wait_for_audio(800, timeout=5)  # greeting first
             await caller.wait_idle(timeout=5)
             await caller.say_and_wait(ulaw.synth_speech(600) + ulaw.silence(800))

@@ -39,7 +39,7 @@ class _InProcessServer(DrainingServer):
 class LocalRelay:
     """``async with LocalRelay(settings) as relay:`` -> relay.base_url, relay.runtime."""
 
-    def __init__(self, settings: Settings, **runtime_kwargs: Any) -> None:
+    def __init__(self, settings: Settings, *, ws_protocol: Any = None, **runtime_kwargs: Any) -> None:
         self._sock = bind_loopback()
         self.port = self._sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -48,7 +48,7 @@ class LocalRelay:
         self.settings = dataclasses.replace(settings, host="127.0.0.1", port=self.port)
         self.runtime = Runtime(self.settings, **runtime_kwargs)
         self.app = create_app(self.settings, self.runtime)
-        self.server = _InProcessServer(uvicorn_config(self.app, self.settings), self.runtime)
+        self.server = _InProcessServer(uvicorn_config(self.app, self.settings, ws=ws_protocol), self.runtime)
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> LocalRelay:

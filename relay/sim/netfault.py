@@ -3,7 +3,8 @@
 Networks fail by going quiet, not only by closing. ``blackhole()`` stops forwarding bytes
 in both directions on every current connection while keeping the sockets open, which is
 what a dead NAT entry or a frozen peer looks like; only keepalive pings can detect it.
-New connections made after ``blackhole()`` are forwarded normally.
+New connections made after ``blackhole()`` are forwarded normally. ``connect_delay_s`` holds each
+new connection that long before it is passed on: a slow upstream handshake.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import contextlib
 
 
 class FaultProxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, connect_delay_s: float = 0.0) -> None:
         self.target = (target_host, target_port)
+        self.connect_delay_s = connect_delay_s
         self.port = 0
         self._server: asyncio.Server | None = None
         self._links: list[_Link] = []
@@ -44,6 +46,8 @@ class FaultProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            if self.connect_delay_s:
+                await asyncio.sleep(self.connect_delay_s)
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.close()
