@@ -6,6 +6,7 @@ uses plain ASGI ``receive``/``send``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from websockets.exceptions import InvalidState
@@ -30,16 +31,32 @@ class DirectWebSocket:
       (the flow control ASGI ``send`` applies by waiting before the next write). Raises
       ``ConnectionError`` once the socket is closed or closing, like ASGI ``send`` would.
 
+    - ``on_text``: set by the app to a callable ``(text) -> bool`` to be handed each text message as
+      it arrives, while no earlier message is waiting in the receive queue; returning True means
+      the message was handled and will not be delivered by ``receive()``; False queues it as usual.
+      It runs inside the protocol's data callback: it must not block, and an exception it raises
+      is logged and the message dropped.
+
     Accepting, closing and anything else go through the ordinary ASGI path. Apps served by other
     servers never see the extension and use ASGI; measured in bench/RESULTS.md.
     """
 
-    __slots__ = ("_protocol", "receive", "writable")
+    __slots__ = ("_protocol", "on_text", "receive", "writable")
 
     def __init__(self, protocol: WebSocketsSansIOProtocol) -> None:
         self._protocol = protocol
+        self.on_text: Callable[[str], bool] | None = None
         self.receive = protocol.receive
         self.writable = protocol.writable.wait
+
+    def can_write(self) -> bool:
+        """True when ``send_text`` would write now: open, and the buffer under its high-water mark."""
+        protocol = self._protocol
+        return (
+            protocol.writable.is_set()
+            and protocol.handshake_complete
+            and not (protocol.disconnected or protocol.close_sent)
+        )
 
     def send_text(self, text: str) -> bool:
         protocol = self._protocol

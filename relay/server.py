@@ -279,18 +279,22 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
 
     uvicorn pauses reading after every message and resumes once the app has taken it: 50 times a
     second per call, plus an asyncio.Queue round trip each time. Here the socket is paused only when
-    32 messages (0.6 s of audio) wait, which still bounds memory. Measured in bench/RESULTS.md.
+    32 messages (0.6 s of audio) wait, which still bounds memory. It also offers the app the direct
+    path of relay/asgi_direct.py (receive, synchronous send, and text messages handed over as they
+    arrive). Measured in bench/RESULTS.md.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = _MessageQueue(self.loop)  # type: ignore[assignment]
+        self.direct: DirectWebSocket | None = None
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)  # absent when the handshake was refused
         if scope is not None:
-            scope["extensions"][DIRECT_EXTENSION] = DirectWebSocket(self)
+            self.direct = DirectWebSocket(self)
+            scope["extensions"][DIRECT_EXTENSION] = self.direct
 
     def send_receive_event_to_app(self) -> None:
         data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
@@ -299,12 +303,21 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
             return  # past websocket.close: discard, as uvicorn does
         if self.curr_msg_data_type == "text":
             try:
-                self.queue.put_nowait({"type": "websocket.receive", "text": data.decode()})
+                text = data.decode()
             except UnicodeDecodeError:
                 self.logger.exception("Invalid UTF-8 sequence received from client.")
                 self.conn.send_close(1007)
                 self.handle_parser_exception()
                 return
+            on_text = self.direct.on_text if self.direct is not None else None
+            if on_text is not None and self.queue.empty():
+                try:
+                    if on_text(text):
+                        return
+                except Exception:
+                    self.logger.exception("error handling a WebSocket message as it arrived; message dropped")
+                    return
+            self.queue.put_nowait({"type": "websocket.receive", "text": text})
         else:
             self.queue.put_nowait({"type": "websocket.receive", "bytes": data})
         if not self.read_paused and self.queue.qsize() >= READ_PAUSE_MESSAGES:

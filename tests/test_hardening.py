@@ -131,6 +131,62 @@ def test_twilio_parser_only_raises_malformed_message(raw: bytes | str) -> None:
         assert tw.is_base64(event.payload)  # goes into our JSON unescaped: must be base64
 
 
+B64_ISH = st.text(alphabet='ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\\"é -', max_size=40)
+
+
+def _media_frame(seq: str, track: str, chunk: str, stamp: str, payload: str, sid: str) -> str:
+    """Twilio's own layout, with each value pasted in raw (so some are not valid JSON on purpose)."""
+    return (
+        f'{{"event":"media","sequenceNumber":"{seq}","media":{{"track":"{track}","chunk":"{chunk}",'
+        f'"timestamp":"{stamp}","payload":"{payload}"}},"streamSid":"{sid}"}}'
+    )
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    st.one_of(
+        st.builds(
+            _media_frame,
+            st.from_regex(r"[0-9]{1,20}|[0-9a-z\"]{0,3}", fullmatch=True),
+            st.sampled_from(["inbound", "outbound", "both", 'in\\"bound', ""]),
+            st.from_regex(r"[0-9]{1,20}|[0-9a-z]{0,3}", fullmatch=True),
+            st.from_regex(r"[0-9]{1,20}|[0-9a-z]{0,3}", fullmatch=True),
+            B64_ISH,
+            st.from_regex(r"[A-Za-z0-9]{0,66}|MZ[a-z\"\\]{1,4}", fullmatch=True),
+        ),
+        st.builds(  # the same fields through a JSON encoder, in other orders and spacings
+            lambda payload, track, spaced: (
+                orjson.dumps({"streamSid": "MZ1", "event": "media", "media": {"payload": payload, "track": track}})
+                .decode()
+                .replace(",", ", " if spaced else ",")
+            ),
+            B64_ISH,
+            st.sampled_from(["inbound", "outbound"]),
+            st.booleans(),
+        ),
+    )
+)
+def test_media_fast_path_agrees_with_the_json_parser(frame: str) -> None:
+    """Twilio's exact media layout skips the JSON parser; every frame must still get the same answer."""
+    try:
+        expected: tw.TwilioEvent | type[tw.MalformedMessage] = tw.parse_json(frame)
+    except tw.MalformedMessage:
+        expected = tw.MalformedMessage
+    try:
+        got: tw.TwilioEvent | type[tw.MalformedMessage] = tw.parse(frame)
+    except tw.MalformedMessage:
+        got = tw.MalformedMessage
+    assert got == expected
+
+
+def test_media_fast_path_takes_twilios_layout() -> None:
+    frame = _media_frame("4", "inbound", "2", "40", "/////w==", "MZ18ad3ab5a668481ce02b83e7395059f0")
+    assert tw._MEDIA_FRAME.fullmatch(frame) is not None  # the documented example takes the fast path
+    assert tw.parse(frame) == tw.Media("/////w==", "inbound")
+    with pytest.raises(tw.MalformedMessage):  # base64 of a wrong length is refused on the fast path too
+        tw.parse(frame.replace('"payload":"/////w=="', '"payload":"/////w="'))
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(["ga", "beta"]), st.lists(shaped(SERVER_TYPES, "type"), max_size=12))
 def test_realtime_parser_and_call_survive_any_server_events(dialect: str, raws: list[dict[str, Any]]) -> None:

@@ -17,6 +17,7 @@ from openai.types.realtime import RealtimeClientEvent as GaClientEvent
 from pydantic import TypeAdapter
 from twilio.request_validator import RequestValidator
 
+from relay.realtime.connection import RealtimeConnection
 from relay.security import mint_stream_token
 from relay.sim import ulaw
 from relay.sim.local import LocalRelay
@@ -50,6 +51,8 @@ async def test_call_relays_every_frame_untouched_and_speaks_valid_protocol(diale
             bridge = next(iter(relay.runtime.calls.values()))
             assert (bridge._direct is None) == (ws_protocol is not None)
             assert await caller.wait_for_audio(800, timeout=5)  # greeting first
+            assert isinstance(bridge.upstream, RealtimeConnection)
+            assert (bridge.upstream.on_text is None) == (ws_protocol is not None)
             await caller.wait_idle(timeout=5)
             await caller.say_and_wait(ulaw.synth_speech(600) + ulaw.silence(800))
             assert await caller.wait_for_audio(1400, timeout=5)  # the reply

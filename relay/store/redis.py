@@ -152,7 +152,7 @@ class RedisStore:
         caller_memory_ttl_s: int = 30 * 24 * 3600,
         queue_size: int = 10_000,
         batch_max: int = 500,
-        linger_s: float = 0.05,
+        linger_s: float = 0.1,
         ttl_refresh_s: float = 60.0,
         io_timeout_s: float = 1.0,
         backoff_base_s: float = 0.05,

@@ -13,6 +13,15 @@ from typing import Any
 import orjson
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+# A media frame in exactly the compact layout Twilio sends (shared/PROTOCOLS.md §3). A frame this
+# matches is valid JSON with a non-empty base64-alphabet payload, so it needs no JSON parser: one
+# pass of a regex instead of orjson, a dict walk and a second pass for the payload, 50 times a
+# second per call. Any other layout (field order, spaces, escapes) takes the general path.
+_MEDIA_FRAME = re.compile(
+    r'\{"event":"media","sequenceNumber":"[0-9]{1,19}","media":\{"track":"(inbound|outbound)",'
+    r'"chunk":"[0-9]{1,19}","timestamp":"[0-9]{1,19}","payload":"([A-Za-z0-9+/]+={0,2})"\},'
+    r'"streamSid":"[A-Za-z0-9]{2,64}"\}'
+)
 _SID = re.compile(r"[A-Za-z0-9]{2,64}")
 _MARK_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
@@ -91,6 +100,15 @@ def parse(raw: str | bytes) -> TwilioEvent:
 
     Raises MalformedMessage for invalid JSON or a known event with wrong fields.
     """
+    if type(raw) is str:
+        match = _MEDIA_FRAME.fullmatch(raw)
+        if match is not None and len(match[2]) % 4 == 0:
+            return Media(match[2], match[1])
+    return parse_json(raw)
+
+
+def parse_json(raw: str | bytes) -> TwilioEvent:
+    """`parse` without the fast path for Twilio's own media layout (the same results for every input)."""
     try:
         msg = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
