@@ -277,6 +277,24 @@ async def test_writes_collect_for_the_linger_time_unless_flushed(redis_url: str,
         client.close()
 
 
+async def test_a_burst_of_reads_waits_for_connections_instead_of_failing(redis_url: str, store_prefix: str) -> None:
+    """300 calls setting up at once read Redis twice each; more readers than the pool has connections
+    must queue for one (within the I/O timeout), not fail with "Too many connections"."""
+    store = _redis_store(redis_url, store_prefix, max_connections=8)
+    await store.start()
+    try:
+        store.set_caller_memory(CALLER, "likes jazz")
+        assert await store.flush(5)
+        results = await asyncio.gather(
+            *(store.get_caller_memory(CALLER) for _ in range(150)),
+            *(store.claim_once(f"token-{i}", 30) for i in range(150)),
+            return_exceptions=True,
+        )
+    finally:
+        await store.close()
+    assert results == ["likes jazz"] * 150 + [True] * 150
+
+
 async def test_key_layout_ttls_and_no_raw_number(redis_url: str, store_prefix: str) -> None:
     store = _redis_store(redis_url, store_prefix)
     await store.start()

@@ -46,7 +46,7 @@ from itertools import islice
 from typing import Any, Final, TypeVar
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -154,6 +154,7 @@ class RedisStore:
         batch_max: int = 500,
         linger_s: float = 0.1,
         ttl_refresh_s: float = 60.0,
+        max_connections: int = 50,
         io_timeout_s: float = 1.0,
         backoff_base_s: float = 0.05,
         backoff_cap_s: float = 2.0,
@@ -184,14 +185,20 @@ class RedisStore:
         self._log = logger or logging.getLogger("relay.store")
         # Our own writer does the retrying (with backoff and outage logging); the client only
         # retries once, immediately, on a connection error: a pooled connection the server closed.
-        self._redis: Redis = Redis.from_url(
+        # A burst of call set-ups (two reads each) can want more connections than the pool has: a
+        # blocking pool makes them wait their turn (within the I/O timeout) instead of failing at once
+        # with "Too many connections", as redis-py's default pool does at 100.
+        pool = BlockingConnectionPool.from_url(
             redis_url,
+            max_connections=max_connections,
+            timeout=io_timeout_s,
             decode_responses=False,
             socket_timeout=io_timeout_s,
             socket_connect_timeout=io_timeout_s,
             health_check_interval=15,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
+        self._redis: Redis = Redis.from_pool(pool)
         self._writer_id = uuid.uuid4().hex[:16]
         self._queue: deque[_Op] = deque()
         self._seq = 0
