@@ -277,6 +277,27 @@ async def test_writes_collect_for_the_linger_time_unless_flushed(redis_url: str,
         client.close()
 
 
+async def test_the_write_that_ends_a_call_is_not_held_back_by_the_linger(redis_url: str, store_prefix: str) -> None:
+    """GET /calls/{sid} right after hang-up must show how the call ended, even with a long linger."""
+    store = _redis_store(redis_url, store_prefix, linger_s=2.0)
+    await store.start()
+    await asyncio.sleep(0.05)  # the writer is waiting for work
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        store.call_started("CA6", {"from": CALLER, "started": "1"})
+        store.add_entry("CA6", {"kind": "caller", "t": 1.0, "text": "bye"})
+        await asyncio.sleep(0.2)
+        assert client.hgetall(f"{store_prefix}call:CA6:meta") == {}  # still collecting
+        store.call_updated("CA6", {"ended": "2", "end_reason": "caller_hangup"})
+        await asyncio.sleep(0.3)  # well under the 2 s linger
+        meta = client.hgetall(f"{store_prefix}call:CA6:meta")
+        assert meta["end_reason"] == "caller_hangup"
+        assert client.llen(f"{store_prefix}call:CA6:entries") == 1
+    finally:
+        await store.close()
+        client.close()
+
+
 async def test_a_burst_of_reads_waits_for_connections_instead_of_failing(redis_url: str, store_prefix: str) -> None:
     """300 calls setting up at once read Redis twice each; more readers than the pool has connections
     must queue for one (within the I/O timeout), not fail with "Too many connections"."""

@@ -21,13 +21,13 @@ between, a call's TTLs are refreshed at most once per `ttl_refresh_s`, not with 
 
 Writes (the non-async methods) only append to a bounded in-process queue. One writer task sends
 what is queued (up to `batch_max` ops) as one non-transactional pipeline, after letting writes
-collect for `linger_s` (a call's turn produces several at once; ``flush()`` and ``close()`` cut
-the wait short). A batch stays at the
-head of the queue until Redis confirms it, so per-call order survives retries; when the queue is
-full the oldest ops are dropped and counted. Appends and increments go through a small Lua
-script guarded by the ``applied`` sequence, because a batch that timed out may still have been
-executed by Redis (a stalled server runs what is in its socket buffer when it wakes up) and
-replaying it must not duplicate entries or token counts.
+collect for `linger_s` (a call's turn produces several at once; ``flush()``, ``close()`` and the
+write that ends a call cut the wait short). A batch stays at the head of the queue until Redis
+confirms it, so per-call order survives retries; when the queue is full the oldest ops are
+dropped and counted. Appends and increments go through a small Lua script guarded by the
+``applied`` sequence, because a batch that timed out may still have been executed by Redis (a
+stalled server runs what is in its socket buffer when it wakes up) and replaying it must not
+duplicate entries or token counts.
 """
 
 from __future__ import annotations
@@ -258,6 +258,10 @@ class RedisStore:
 
     def call_updated(self, call_sid: str, meta: Mapping[str, str]) -> None:
         self._put_meta(call_sid, meta)
+        if "ended" in meta:
+            # A finished call is read right away (GET /calls/{sid}, the next call's memory):
+            # its last writes go out now instead of waiting out the linger.
+            self._write_now.set()
 
     def add_entry(self, call_sid: str, entry: Mapping[str, Any]) -> None:
         try:
