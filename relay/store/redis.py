@@ -258,7 +258,7 @@ class RedisStore:
 
     def call_updated(self, call_sid: str, meta: Mapping[str, str]) -> None:
         self._put_meta(call_sid, meta)
-        if "ended" in meta:
+        if isinstance(meta, Mapping) and "ended" in meta:
             # A finished call is read right away (GET /calls/{sid}, the next call's memory):
             # its last writes go out now instead of waiting out the linger.
             self._write_now.set()
