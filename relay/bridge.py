@@ -609,21 +609,31 @@ class CallBridge:
                 taker.on_text = None
 
     async def _upstream_message(self, raw: str | bytes) -> None:
+        t0 = time.perf_counter()
+        event = self._feed_upstream(raw)
+        if event is None:
+            return
+        await self._flush()
+        self._sample_hop_down(event, t0)
+
+    def _feed_upstream(self, raw: str | bytes) -> ev.ServerEvent | None:
+        """Parse one Realtime message and hand it to the call; None when it had to be skipped."""
         call = self.call
         assert call is not None
-        t0 = time.perf_counter()
         try:
             event = self.runtime.dialect.parse(raw)
         except ev.MalformedEvent as exc:
             self.log.warning("malformed Realtime event skipped: %s", exc)
-            return
+            return None
         try:
             call.upstream_event(event)
         except Exception:  # a bug must cost one event, not the call
             self.log.exception("error handling Realtime event %s; skipped", type(event).__name__)
             call.drain()
-            return
-        await self._flush()
+            return None
+        return event
+
+    def _sample_hop_down(self, event: ev.ServerEvent, t0: float) -> None:
         if type(event) is ev.AudioDelta:
             self._deltas += 1
             if self._deltas % HOP_SAMPLE_EVERY == 1:  # audio deltas only, the first one included
@@ -645,21 +655,12 @@ class CallBridge:
             or (upstream is not None and upstream.paused)
         ):
             return False
-        call = self.call
-        assert call is not None
         t0 = time.perf_counter()
-        try:
-            event = self.runtime.dialect.parse(text)
-        except ev.MalformedEvent as exc:
-            self.log.warning("malformed Realtime event skipped: %s", exc)
+        event = self._feed_upstream(text)
+        if event is None:
             return True
-        try:
-            call.upstream_event(event)
-        except Exception:  # a bug must cost one event, not the call
-            self.log.exception("error handling Realtime event %s; skipped", type(event).__name__)
-            call.drain()
-            return True
-        to_twilio, to_upstream, effects = call.drain()
+        assert self.call is not None
+        to_twilio, to_upstream, effects = self.call.drain()
         for message in to_twilio:
             if self.twilio_closed:
                 break
@@ -671,10 +672,7 @@ class CallBridge:
             self._send_upstream_now(message)
         for effect in effects:
             self._apply(effect)
-        if type(event) is ev.AudioDelta:
-            self._deltas += 1
-            if self._deltas % HOP_SAMPLE_EVERY == 1:
-                self._hop_down.observe(time.perf_counter() - t0)
+        self._sample_hop_down(event, t0)
         return True
 
     # ---- tools ---------------------------------------------------------------------------------
