@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import inspect
@@ -55,6 +56,19 @@ def _ttls(url: str, keys: list[str]) -> dict[str, int]:
     try:
         return {k: int(client.ttl(k)) for k in keys}
     finally:
+        client.close()
+
+
+@contextlib.asynccontextmanager
+async def _started_store(url: str, prefix: str, **kw: Any) -> AsyncIterator[tuple[RedisStore, redis.Redis]]:
+    """A started RedisStore and a plain client on the same server to look at what it wrote."""
+    store = _redis_store(url, prefix, **kw)
+    await store.start()
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        yield store, client
+    finally:
+        await store.close()
         client.close()
 
 
@@ -199,11 +213,8 @@ async def test_every_call_key_gets_a_ttl_when_created_and_all_expire_together_at
 ) -> None:
     """Keys created in separate batches each get a TTL at once; later writes of an existing key do not
     refresh TTLs (within the refresh interval); the write that ends the call sets all five again."""
-    store = _redis_store(redis_url, store_prefix, linger_s=0.0)
-    await store.start()
     keys = [f"{store_prefix}call:CA7:{s}" for s in ("meta", "entries", "usage", "summary", "applied")]
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    try:
+    async with _started_store(redis_url, store_prefix, linger_s=0.0) as (store, client):
         store.call_started("CA7", {"from": CALLER, "to": "+15550001111"})
         assert await store.flush(5)
         assert 0 < client.ttl(keys[0]) <= STATE_TTL
@@ -227,17 +238,11 @@ async def test_every_call_key_gets_a_ttl_when_created_and_all_expire_together_at
         assert await store.flush(5)
         assert all(STATE_TTL - 5 < client.ttl(key) <= STATE_TTL for key in keys)  # all five, together
         assert [e["text"] for e in await store.recent_entries("CA7", 10)] == ["hi", "hello"]
-    finally:
-        await store.close()
-        client.close()
 
 
 async def test_call_ttls_are_refreshed_after_the_refresh_interval(redis_url: str, store_prefix: str) -> None:
-    store = _redis_store(redis_url, store_prefix, linger_s=0.0, ttl_refresh_s=0.3)
-    await store.start()
     key = f"{store_prefix}call:CA8:entries"
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    try:
+    async with _started_store(redis_url, store_prefix, linger_s=0.0, ttl_refresh_s=0.3) as (store, client):
         store.add_entry("CA8", {"kind": "caller", "t": 1.0, "text": "one"})
         assert await store.flush(5)
         client.expire(key, 50)
@@ -248,18 +253,12 @@ async def test_call_ttls_are_refreshed_after_the_refresh_interval(redis_url: str
         store.add_entry("CA8", {"kind": "caller", "t": 3.0, "text": "three"})
         assert await store.flush(5)
         assert client.ttl(key) > STATE_TTL - 5
-    finally:
-        await store.close()
-        client.close()
 
 
 async def test_writes_collect_for_the_linger_time_unless_flushed(redis_url: str, store_prefix: str) -> None:
-    store = _redis_store(redis_url, store_prefix, linger_s=0.3)
-    await store.start()
-    await asyncio.sleep(0.05)  # the writer is waiting for work
     key = f"{store_prefix}call:CA5:entries"
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    try:
+    async with _started_store(redis_url, store_prefix, linger_s=0.3) as (store, client):
+        await asyncio.sleep(0.05)  # the writer is waiting for work
         store.add_entry("CA5", {"kind": "caller", "t": 1.0, "text": "one"})
         await asyncio.sleep(0.1)
         assert client.llen(key) == 0  # still collecting
@@ -272,18 +271,12 @@ async def test_writes_collect_for_the_linger_time_unless_flushed(redis_url: str,
         assert await store.flush(5)
         assert loop.time() - started < 0.25  # flush() does not wait out the linger
         assert client.llen(key) == 3
-    finally:
-        await store.close()
-        client.close()
 
 
 async def test_the_write_that_ends_a_call_is_not_held_back_by_the_linger(redis_url: str, store_prefix: str) -> None:
     """GET /calls/{sid} right after hang-up must show how the call ended, even with a long linger."""
-    store = _redis_store(redis_url, store_prefix, linger_s=2.0)
-    await store.start()
-    await asyncio.sleep(0.05)  # the writer is waiting for work
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    try:
+    async with _started_store(redis_url, store_prefix, linger_s=2.0) as (store, client):
+        await asyncio.sleep(0.05)  # the writer is waiting for work
         store.call_started("CA6", {"from": CALLER, "started": "1"})
         store.add_entry("CA6", {"kind": "caller", "t": 1.0, "text": "bye"})
         await asyncio.sleep(0.2)
@@ -293,9 +286,6 @@ async def test_the_write_that_ends_a_call_is_not_held_back_by_the_linger(redis_u
         meta = client.hgetall(f"{store_prefix}call:CA6:meta")
         assert meta["end_reason"] == "caller_hangup"
         assert client.llen(f"{store_prefix}call:CA6:entries") == 1
-    finally:
-        await store.close()
-        client.close()
 
 
 async def test_a_burst_of_reads_waits_for_connections_instead_of_failing(redis_url: str, store_prefix: str) -> None:
