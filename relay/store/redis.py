@@ -210,7 +210,7 @@ class RedisStore:
         self._script_loaded = False
         self._wakeup = asyncio.Event()
         self._hurry = asyncio.Event()
-        self._write_now = asyncio.Event()  # ends the current linger (flush, close)
+        self._write_now = asyncio.Event()  # ends the current linger (flush, close, a full batch, a call end)
         self._progress = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
