@@ -23,7 +23,7 @@ from websockets.protocol import State
 
 from relay import logs
 from relay.asgi_direct import DIRECT_EXTENSION, DirectWebSocket
-from relay.call import Call, Entry, Metric, RunTool, SummaryReady, UpstreamFailed, UsageReport
+from relay.call import ULAW_BYTES_PER_MS, Call, Entry, Metric, RunTool, SummaryReady, UpstreamFailed, UsageReport
 from relay.metrics import HOP_SAMPLE_EVERY
 from relay.realtime import client
 from relay.realtime import events as ev
@@ -41,7 +41,9 @@ CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN = 1013
 CALLER_AUDIO_BUFFER_FRAMES = 150  # 3 s of caller audio kept while a new Realtime session opens
 # Frames written just before a dropped socket is noticed die in flight; a replacement session
-# (which has heard nothing yet) gets this much recent caller audio again.
+# (which has heard nothing yet) gets up to this much recent caller audio again, but none that the
+# old session had already made into a user turn (that turn reaches the new one as text, and
+# hearing it again would make the model answer it twice).
 REPLAY_FRAMES = 75
 # Twilio sends audio in real time; a client sending far faster is abusive (and costs money upstream).
 # The budget is cumulative since the stream started, so a backlog that piles up while this process
@@ -77,7 +79,9 @@ class CallBridge:
         self._twilio_task: asyncio.Task[None] | None = None
         self._upstream_task: asyncio.Task[None] | None = None
         self._audio_backlog: deque[str] = deque(maxlen=CALLER_AUDIO_BUFFER_FRAMES)
-        self._recent_audio: deque[str] = deque(maxlen=REPLAY_FRAMES)
+        # (end of the frame in this session's input audio, in bytes; the append message)
+        self._recent_audio: deque[tuple[int, str]] = deque(maxlen=REPLAY_FRAMES)
+        self._session_audio_bytes = 0
         self._final_summary = asyncio.Event()
         self._rollover = False
         self._session_timeout = False
@@ -344,7 +348,8 @@ class CallBridge:
             if upstream is not None and upstream.state is State.OPEN:
                 try:
                     _write_text(upstream, text)  # if that fills the buffer, the next frame goes to the loop
-                    self._recent_audio.append(text)
+                    self._session_audio_bytes += _audio_bytes(payload)
+                    self._recent_audio.append((self._session_audio_bytes, text))
                 except websockets.ConnectionClosed:
                     self._hold_audio(text)
             else:
@@ -416,8 +421,16 @@ class CallBridge:
                 self._hold_audio(text)
             return False
         if text.startswith(client.APPEND_PREFIX):
-            self._recent_audio.append(text)
+            self._session_audio_bytes += _audio_bytes(text[len(client.APPEND_PREFIX) : -len(client.APPEND_SUFFIX)])
+            self._recent_audio.append((self._session_audio_bytes, text))
         return paused
+
+    def _forget_committed_audio(self, committed_ms: int) -> None:
+        """Drop the recent frames the lost session had already turned into a user turn."""
+        committed = committed_ms * ULAW_BYTES_PER_MS
+        recent = self._recent_audio
+        while recent and recent[0][0] <= committed:
+            recent.popleft()
 
     def _hold_audio(self, text: str) -> None:
         """Keep caller audio for the next Realtime session: the newest few seconds of it."""
@@ -532,12 +545,13 @@ class CallBridge:
             opened_once = True
             self._rollover = False
             self._session_timeout = False
+            replay = [text for _, text in self._recent_audio] + list(self._audio_backlog)
+            self._recent_audio.clear()
+            self._audio_backlog.clear()
+            self._session_audio_bytes = 0
             self.upstream = upstream
             call.upstream_opened()
             await self._flush()
-            replay = list(self._recent_audio) + list(self._audio_backlog)
-            self._recent_audio.clear()
-            self._audio_backlog.clear()
             for text in replay:
                 await self._send_upstream(text)
             watchdog = self._spawn(self._session_watchdog(upstream), "session-watchdog")
@@ -549,6 +563,7 @@ class CallBridge:
                 with contextlib.suppress(Exception):
                     await upstream.close()
             became_ready = call.session_ready
+            self._forget_committed_audio(call.caller_audio_committed_ms)
             call.upstream_lost()
             await self._flush()
             if self.ending:
@@ -853,3 +868,12 @@ def _write_text(upstream: ClientConnection, text: str) -> bool:
     upstream.protocol.send_text(text.encode())
     upstream.send_data()
     return upstream.paused
+
+
+def _audio_bytes(payload: str) -> int:
+    """Exact length of the audio in a base64 payload (a 20 ms frame is 160 bytes in 216 characters,
+    two of them padding: counting len * 3 / 4 would drift 2 bytes a frame, 0.75 s a minute)."""
+    n = len(payload) * 3 // 4
+    if payload[-1:] == "=":
+        n -= 2 if payload[-2:] == "==" else 1
+    return n

@@ -184,6 +184,9 @@ class Call:
 
         # turns, latency, summaries
         self.caller_speaking = False
+        # How much of this session's input audio it has made into a user turn (speech_stopped's
+        # audio_end_ms): a replacement session must not be sent that audio again.
+        self.caller_audio_committed_ms = 0
         self._speech_stopped_at: float | None = None
         self._awaiting_first_mark_since: float | None = None
         self._awaiting_first_mark_name: str | None = None
@@ -267,6 +270,7 @@ class Call:
         """A new Realtime socket is open: configure it. Playback state on Twilio's side is kept."""
         self.sessions_opened += 1
         self.session_ready = False
+        self.caller_audio_committed_ms = 0
         self.active_response = None
         self._out_of_band.clear()
         self._create_in_flight = None
@@ -428,7 +432,9 @@ class Call:
             assert isinstance(event, ev.SpeechStarted)
             self._on_speech_started(event)
         elif kind is ev.SpeechStopped:
+            assert isinstance(event, ev.SpeechStopped)
             self.caller_speaking = False
+            self.caller_audio_committed_ms = max(self.caller_audio_committed_ms, event.audio_end_ms)
             self._speech_stopped_at = self.clock()
             self._settle_phase()
         elif kind is ev.ResponseCreated:

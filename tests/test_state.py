@@ -300,6 +300,67 @@ async def test_dropped_realtime_socket_resumes_on_a_new_seeded_session(sim: Real
     assert any(e.get("event") == "realtime_reconnected" for e in record.entries)
 
 
+async def test_a_turn_the_lost_session_took_is_not_heard_again_by_the_new_one(sim: RealtimeSimulator) -> None:
+    """The Realtime socket drops just after the caller's question became a turn (and while its audio
+    is still among the recent frames kept for replay): the new session must not hear it again, or the
+    model answers it twice and runs its tool twice."""
+    sim.config.greeting_reply_ms = 300
+    sim.config.reply_ms = 400
+    sim.config.function_calls_on_turn = {1: [("lookup_order", '{"order_id": "10042"}')]}
+    async with LocalRelay(relay_settings(sim.url)) as relay:
+        caller = make_caller(relay)
+        await caller.connect()
+        assert await caller.wait_for_audio(300, timeout=5)
+        await caller.wait_idle(timeout=5)
+        caller.say(ulaw.synth_speech(500, seed=4))
+        assert await wait_for(lambda: sim.sessions[0].turns == 1, timeout=5)
+        await sim.drop_all()
+        assert await wait_for(lambda: len(sim.sessions) == 2 and sim.sessions[1].session != {}, timeout=5)
+        # long enough for the new session's VAD to take a replayed utterance as a turn of its own
+        await asyncio.sleep(1.5)
+        second = sim.sessions[1]
+        assert second.speech_started_at == []
+        assert second.turns == 0
+        # the call goes on: the next question is heard and answered on the new session
+        heard = caller.played_bytes
+        await caller.say_and_wait(ulaw.synth_speech(400, seed=5))
+        assert await caller.wait_for_audio(heard // 8 + 300, timeout=10)
+        await caller.hangup()
+        assert await wait_for(lambda: not relay.runtime.calls)
+    assert second.turns == 1
+    assert len(second.speech_started_at) == 1
+    # the question's turn reached the new session as text instead
+    update = next(e for _, e in second.received if e["type"] == "session.update")
+    assert "caller turn 1" in update["session"]["instructions"]
+
+
+async def test_an_utterance_cut_by_a_dropped_session_is_heard_whole_by_the_new_one(sim: RealtimeSimulator) -> None:
+    """The socket drops while the caller is still speaking: the new session gets the start of that
+    utterance again (it was never made into a turn), so the question is answered once, not lost."""
+    sim.config.greeting_reply_ms = 300
+    sim.config.reply_ms = 400
+    async with LocalRelay(relay_settings(sim.url)) as relay:
+        caller = make_caller(relay)
+        await caller.connect()
+        assert await caller.wait_for_audio(300, timeout=5)
+        await caller.wait_idle(timeout=5)
+        heard = caller.played_bytes
+        caller.say(ulaw.synth_speech(1000, seed=6))
+        assert await wait_for(lambda: bool(sim.sessions[0].speech_started_at), timeout=5)
+        await sim.drop_all()
+        assert await wait_for(lambda: len(sim.sessions) == 2 and sim.sessions[1].turns == 1, timeout=5)
+        assert await caller.wait_for_audio(heard // 8 + 300, timeout=10)
+        await caller.hangup()
+        assert await wait_for(lambda: not relay.runtime.calls)
+    first, second = sim.sessions
+    assert first.turns == 0
+    # the replacement heard the utterance from before the drop: its audio began inside the speech
+    cut = len(first.appended)
+    start = len(caller.sent_payloads) - len(second.appended)
+    assert start < cut
+    assert_relayed_across_sessions(first, second, caller.sent_payloads)
+
+
 async def test_reconnect_gives_up_after_the_cap_and_ends_cleanly(sim: RealtimeSimulator) -> None:
     settings = relay_settings(sim.url, reconnect_attempts=2, reconnect_backoff_s=0.05)
     async with LocalRelay(settings) as relay:
