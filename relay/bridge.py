@@ -710,9 +710,7 @@ class CallBridge:
         result = await self.runtime.tools.run(
             request.name, request.arguments, self.tool_context(), allowed=self.allowed_tools
         )
-        label = request.name if result.outcome != "unknown_tool" else "unknown"  # names from the model: bounded
-        self.runtime.metrics.tool_calls.labels(label, result.outcome).inc()
-        self.runtime.metrics.tool_duration.labels(label).observe(result.duration_s)
+        self.runtime.metrics.tool_call(request.name, result.outcome, result.duration_s)
         if self.ending or self.call.phase.value == "closed":
             return  # the call ended (end_call, transfer, hang-up): no new response for a dead line
         self.call.tool_result(request.call_id, result.output, ok=result.outcome == "ok")
