@@ -552,8 +552,13 @@ class CallBridge:
             self.upstream = upstream
             call.upstream_opened()
             await self._flush()
+            # Written in one go, so no live frame can slip in between and reach the model out of order.
+            paused = False
             for text in replay:
-                await self._send_upstream(text)
+                paused = self._send_upstream_now(text) or paused
+            if paused:
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    await upstream.drain()
             watchdog = self._spawn(self._session_watchdog(upstream), "session-watchdog")
             try:
                 await self._upstream_reader(upstream)
