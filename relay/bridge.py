@@ -460,10 +460,23 @@ class CallBridge:
             except Exception:
                 self.twilio_closed = True
 
-    async def _flush(self) -> None:
-        """Send what the call object produced and perform its effects."""
+    async def _flush(self, replay: list[str] | None = None) -> None:
+        """Send what the call object produced and perform its effects.
+
+        ``replay`` (caller audio for a new session) is written right after the call's own messages
+        to the Realtime socket and before anything awaits, so no live frame can come in between.
+        """
         assert self.call is not None
         to_twilio, to_upstream, effects = self.call.drain()
+        if replay:
+            paused = False
+            for text in to_upstream + replay:
+                paused = self._send_upstream_now(text) or paused
+            to_upstream = []
+            upstream = self.upstream
+            if paused and upstream is not None:
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    await upstream.drain()
         if to_twilio:
             await self._send_twilio(to_twilio)
         for text in to_upstream:
@@ -551,14 +564,7 @@ class CallBridge:
             self._session_audio_bytes = 0
             self.upstream = upstream
             call.upstream_opened()
-            await self._flush()
-            # Written in one go, so no live frame can slip in between and reach the model out of order.
-            paused = False
-            for text in replay:
-                paused = self._send_upstream_now(text) or paused
-            if paused:
-                with contextlib.suppress(websockets.ConnectionClosed):
-                    await upstream.drain()
+            await self._flush(replay)  # the session's configuration, then the replayed audio
             watchdog = self._spawn(self._session_watchdog(upstream), "session-watchdog")
             try:
                 await self._upstream_reader(upstream)
