@@ -12,7 +12,7 @@ import socket
 import time
 from datetime import date
 from typing import TYPE_CHECKING
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from relay.config import AgentSettings, Settings
 from relay.metrics import Metrics
@@ -72,6 +72,25 @@ def model_notices(settings: Settings, profiles: Profiles, today: date | None = N
     return [notice for notice in notices if notice is not None]
 
 
+def interface_notices(settings: Settings) -> list[str]:
+    """Warnings about a deprecated interface the configuration selects."""
+    if settings.dialect != "beta":
+        return []
+    if settings.provider == "azure":
+        return [
+            "OPENAI_REALTIME_DIALECT=beta with RELAY_PROVIDER=azure uses Azure's preview Realtime API "
+            "(/openai/realtime?api-version=…), deprecated since 2026-04-30; OPENAI_REALTIME_DIALECT=ga "
+            "uses the GA form (/openai/v1/realtime)"
+        ]
+    if urlsplit(settings.realtime_url).hostname == "api.openai.com":
+        return [
+            "OPENAI_REALTIME_DIALECT=beta: api.openai.com refuses the beta interface "
+            "(error beta_api_shape_disabled), so calls will fail; use ga, or point OPENAI_REALTIME_URL "
+            "at a server that still speaks beta"
+        ]
+    return []
+
+
 class Runtime:
     def __init__(
         self,
@@ -95,7 +114,7 @@ class Runtime:
             queue_size=settings.store_queue_size,
         )
         self.tools, self.profiles = check_configuration(settings, tools=tools, profiles=profiles)
-        for notice in model_notices(settings, self.profiles):
+        for notice in [*interface_notices(settings), *model_notices(settings, self.profiles)]:
             log.warning(notice)
         if twilio_control is None and settings.twilio_account_sid and settings.twilio_auth_token:
             twilio_control = TwilioControl(

@@ -22,7 +22,7 @@ from relay.profiles import load_profiles, parse_profiles
 from relay.realtime import models
 from relay.realtime.dialect import get_dialect
 from relay.realtime.endpoint import connect_target
-from relay.runtime import model_notices
+from relay.runtime import interface_notices, model_notices
 from relay.sim import ulaw
 from relay.sim.local import LocalRelay
 from relay.sim.realtime import RealtimeSimulator, SimConfig
@@ -266,6 +266,20 @@ def test_connection_targets_per_provider_and_dialect() -> None:
         }
     )
     assert connect_target(both, get_dialect("ga"), both.model)[1] == {"api-key": "k"}
+
+
+def test_a_deprecated_interface_is_named_at_start_up() -> None:
+    assert interface_notices(env_settings()) == []
+    assert interface_notices(env_settings(OPENAI_REALTIME_DIALECT="beta", OPENAI_REALTIME_URL="wss://rt.example")) == []
+    [openai_beta] = interface_notices(env_settings(OPENAI_REALTIME_DIALECT="beta"))
+    assert openai_beta.startswith("OPENAI_REALTIME_DIALECT=beta: api.openai.com refuses the beta interface")
+    preview = Settings.from_env(
+        azure_env("https://res.openai.azure.com", OPENAI_REALTIME_DIALECT="beta", AZURE_OPENAI_API_KEY="k")
+    )
+    [azure_preview] = interface_notices(preview)
+    assert "Azure's preview Realtime API" in azure_preview and "deprecated since 2026-04-30" in azure_preview
+    ga = Settings.from_env(azure_env("https://res.openai.azure.com", AZURE_OPENAI_API_KEY="k"))
+    assert interface_notices(ga) == []
 
 
 @pytest.mark.parametrize(
