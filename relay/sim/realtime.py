@@ -57,6 +57,9 @@ AZURE_GA_PATH = "/openai/v1/realtime"
 AZURE_PREVIEW_PATH = "/openai/realtime"
 """Azure OpenAI's forms: ``?model=<deployment>`` (GA shapes), ``?api-version=…&deployment=…`` (beta shapes)."""
 _PATHS = frozenset({REALTIME_PATH, AZURE_GA_PATH, AZURE_PREVIEW_PATH})
+# Voices each interface has (openai types/realtime/realtime_audio_config_output.py and
+# types/beta/realtime/session_update_event.py), listed here apart from the relay's own table so
+# the simulator checks the relay instead of mirroring it.
 GA_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
 BETA_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
