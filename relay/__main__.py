@@ -20,6 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
         raw_workers = os.environ.get("WEB_CONCURRENCY", "1") or "1"
         if not raw_workers.isdigit():
             raise ConfigError(f"WEB_CONCURRENCY must be a positive integer, got {raw_workers!r}")
+        settings.check_credentials()
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

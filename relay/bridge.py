@@ -28,6 +28,7 @@ from relay.metrics import HOP_SAMPLE_EVERY
 from relay.realtime import client
 from relay.realtime import events as ev
 from relay.realtime.connection import RealtimeConnection
+from relay.realtime.endpoint import connect_target
 from relay.security import InvalidSignature, StreamTokenError, check_signature, verify_stream_token
 from relay.tools import ToolContext
 from relay.twilio import messages as tw
@@ -200,7 +201,7 @@ class CallBridge:
             stream_sid=start.stream_sid,
             dialect=runtime.dialect,
             agent=self.agent,
-            model=self.settings.model,
+            model=self.settings.model_for(self.agent),
             tools=runtime.tools.specs(self.allowed_tools, self.agent),
             instructions_suffix=suffix,
             summary_max_turns=self.settings.summary_max_turns,
@@ -218,7 +219,7 @@ class CallBridge:
                 "started": datetime.now(UTC).isoformat(),
                 "instance": runtime.instance_id,
                 "dialect": runtime.dialect.name,
-                "model": self.settings.model,
+                "model": self.call.model,
                 "profile": self.agent.name,
                 "caller_memory": "1" if memory else "0",
             },
@@ -521,9 +522,11 @@ class CallBridge:
 
     async def _connect_upstream(self) -> ClientConnection:
         settings = self.settings
+        model = self.call.model if self.call is not None else settings.model_for(self.agent)
+        url, headers = connect_target(settings, self.runtime.dialect, model)
         return await websockets.connect(
-            settings.realtime_ws_url,
-            additional_headers=self.runtime.dialect.headers(settings.openai_api_key),
+            url,
+            additional_headers=headers,
             compression=None,
             max_size=settings.max_upstream_message_bytes,
             ping_interval=settings.ws_ping_interval_s,

@@ -11,15 +11,20 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
+from urllib.parse import urlsplit
+
+from relay.realtime import models
 
 Dialect = Literal["ga", "beta"]
+Provider = Literal["openai", "azure"]
 VadType = Literal["server_vad", "semantic_vad", "none"]
 
 DEFAULT_INSTRUCTIONS = (
     "You are a friendly, concise phone assistant. Speak naturally, keep answers short, and ask one question at a time."
 )
 DEFAULT_GREETING = "Greet the caller warmly in one short sentence and ask how you can help."
-GA_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
+GA_VOICES = models.GA_VOICES
+AZURE_API_VERSION = "2025-04-01-preview"
 
 
 class ConfigError(ValueError):
@@ -71,6 +76,82 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     return value
 
 
+def check_voice(dialect: str, voice: str | None, speed: float, *, voice_key: str, speed_key: str) -> None:
+    """Refuse a voice or speed a ``dialect`` session would refuse; the environment and profiles share it."""
+    problem = models.voice_problem(dialect, voice or models.DEFAULT_VOICE[dialect], speed)
+    if problem is not None:
+        field_name, reason = problem
+        raise ConfigError(f"{speed_key} {reason}" if field_name == "speed" else f"{voice_key}: {reason}")
+
+
+def _is_loopback(url: str) -> bool:
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return False
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def _provider_settings(env: Mapping[str, str], dialect: str) -> dict[str, object]:
+    """Provider, upstream URL, credential and model (deployment) settings, checked together.
+
+    ``openai``: ``OPENAI_REALTIME_URL`` (ws/wss) with ``OPENAI_API_KEY``. ``azure``:
+    ``AZURE_OPENAI_ENDPOINT`` + ``AZURE_OPENAI_DEPLOYMENT``, authenticated with
+    ``AZURE_OPENAI_API_KEY`` (preferred when both are set, as the ``openai`` package does) or a
+    Microsoft Entra token in ``AZURE_OPENAI_AD_TOKEN``. The credential itself is checked by
+    ``Settings.check_credentials`` when the service starts.
+    """
+    raw_provider = env.get("RELAY_PROVIDER") or env.get("OPENAI_PROVIDER") or "openai"
+    provider = raw_provider.strip().lower()
+    if provider not in ("openai", "azure"):
+        name = "RELAY_PROVIDER" if env.get("RELAY_PROVIDER") else "OPENAI_PROVIDER"
+        raise ConfigError(f"{name} must be openai or azure, got {raw_provider!r}")
+    model = env.get("OPENAI_REALTIME_MODEL") or ""
+    if provider == "openai":
+        url = (env.get("OPENAI_REALTIME_URL") or "wss://api.openai.com/v1/realtime").rstrip("/")
+        if not url.startswith(("ws://", "wss://")):
+            raise ConfigError(f"OPENAI_REALTIME_URL must be a ws:// or wss:// URL, got {url!r}")
+        key = env.get("OPENAI_API_KEY") or None
+        default_model = models.DEFAULT_MODEL_GA if dialect == "ga" else models.DEFAULT_MODEL_BETA
+        return {"provider": "openai", "realtime_url": url, "openai_api_key": key, "model": model or default_model}
+    if env.get("OPENAI_REALTIME_URL"):
+        raise ConfigError(
+            "OPENAI_REALTIME_URL is not used with RELAY_PROVIDER=azure: set AZURE_OPENAI_ENDPOINT "
+            "(e.g. https://my-resource.openai.azure.com)"
+        )
+    endpoint = (env.get("AZURE_OPENAI_ENDPOINT") or "").rstrip("/")
+    if not endpoint:
+        raise ConfigError(
+            "AZURE_OPENAI_ENDPOINT is required with RELAY_PROVIDER=azure (https://<resource>.openai.azure.com)"
+        )
+    if not endpoint.startswith(("https://", "wss://", "http://", "ws://")) or not urlsplit(endpoint).hostname:
+        raise ConfigError(
+            f"AZURE_OPENAI_ENDPOINT must be an https:// URL like https://<resource>.openai.azure.com, got {endpoint!r}"
+        )
+    if urlsplit(endpoint).path not in ("", "/") or urlsplit(endpoint).query:
+        raise ConfigError(
+            f"AZURE_OPENAI_ENDPOINT is the resource's base URL without a path, like "
+            f"https://<resource>.openai.azure.com, got {endpoint!r}"
+        )
+    if endpoint.startswith(("http://", "ws://")) and not _is_loopback(endpoint):
+        raise ConfigError(f"AZURE_OPENAI_ENDPOINT must use https:// (plain http only on loopback), got {endpoint!r}")
+    deployment = env.get("AZURE_OPENAI_DEPLOYMENT") or model
+    if not deployment:
+        raise ConfigError(
+            "AZURE_OPENAI_DEPLOYMENT is required with RELAY_PROVIDER=azure (the realtime model's deployment name)"
+        )
+    api_key = env.get("AZURE_OPENAI_API_KEY") or None
+    ad_token = None if api_key else (env.get("AZURE_OPENAI_AD_TOKEN") or None)
+    return {
+        "provider": "azure",
+        "azure_endpoint": endpoint,
+        "azure_api_key": api_key,
+        "azure_ad_token": ad_token,
+        "azure_api_version": env.get("AZURE_OPENAI_API_VERSION") or AZURE_API_VERSION,
+        "model": deployment,
+    }
+
+
 @dataclass(frozen=True)
 class VadSettings:
     type: VadType = "server_vad"
@@ -89,10 +170,10 @@ class AgentSettings:
 
     instructions: str = DEFAULT_INSTRUCTIONS
     greeting: str | None = DEFAULT_GREETING
-    voice: str = "marin"
+    voice: str | None = None  # None: the dialect's default (GA marin, beta alloy)
     speed: float = 1.0
     vad: VadSettings = field(default_factory=VadSettings)
-    transcription_model: str | None = "gpt-4o-transcribe"
+    transcription_model: str | None = models.DEFAULT_TRANSCRIPTION_MODEL
     noise_reduction: str | None = "near_field"
     tools: tuple[str, ...] | None = None  # None: every loaded tool
     mcp_servers: tuple[Mapping[str, object], ...] = ()
@@ -100,14 +181,20 @@ class AgentSettings:
     allow_any_transfer_number: bool = False
     whisper_summary: bool = False
     name: str = "default"
+    model: str | None = None  # None: Settings.model (OPENAI_REALTIME_MODEL / AZURE_OPENAI_DEPLOYMENT)
 
 
 @dataclass(frozen=True)
 class Settings:
     openai_api_key: str | None = None
     realtime_url: str = "wss://api.openai.com/v1/realtime"
-    model: str = "gpt-realtime"
+    model: str = models.DEFAULT_MODEL_GA
     dialect: Dialect = "ga"
+    provider: Provider = "openai"
+    azure_endpoint: str | None = None  # https://<resource>.openai.azure.com
+    azure_api_key: str | None = None
+    azure_ad_token: str | None = None
+    azure_api_version: str = AZURE_API_VERSION  # preview (beta dialect) only
     redis_url: str | None = None
     redis_prefix: str = "relay:"
     twilio_account_sid: str | None = None
@@ -156,8 +243,26 @@ class Settings:
 
     @property
     def realtime_ws_url(self) -> str:
-        sep = "&" if "?" in self.realtime_url else "?"
-        return f"{self.realtime_url}{sep}model={self.model}"
+        from relay.realtime.endpoint import realtime_url
+
+        return realtime_url(self, self.model)
+
+    def check_credentials(self) -> None:
+        """``serve`` refuses to start without the provider's credential, unless the upstream is a
+        simulator on a loopback address (ws://127.0.0.1, ws://localhost, ws://[::1])."""
+        if self.provider == "azure":
+            if not (self.azure_api_key or self.azure_ad_token) and not _is_loopback(self.azure_endpoint or ""):
+                raise ConfigError(
+                    "RELAY_PROVIDER=azure needs AZURE_OPENAI_API_KEY or AZURE_OPENAI_AD_TOKEN (a Microsoft Entra token)"
+                )
+        elif not self.openai_api_key and not _is_loopback(self.realtime_url):
+            raise ConfigError(
+                "OPENAI_API_KEY is required (it may be left out only for a simulator on ws://127.0.0.1 or localhost)"
+            )
+
+    def model_for(self, agent: AgentSettings) -> str:
+        """The Realtime model (on Azure: deployment) a call with this agent profile uses."""
+        return agent.model or self.model
 
     def with_agent(self, agent: AgentSettings) -> Settings:
         return replace(self, agent=agent)
@@ -181,7 +286,7 @@ class Settings:
         else:
             stream_secret = b"insecure-development-secret"
         dialect = _choice(env, "OPENAI_REALTIME_DIALECT", "ga", ("ga", "beta"))
-        model_default = "gpt-realtime" if dialect == "ga" else "gpt-4o-realtime-preview"
+        upstream = _provider_settings(env, dialect)
         vad_type = _choice(env, "RELAY_VAD", "server_vad", ("server_vad", "semantic_vad", "none"))
         idle = _int(env, "RELAY_VAD_IDLE_TIMEOUT_MS", 0)
         vad = VadSettings(
@@ -195,14 +300,16 @@ class Settings:
         if not 0.0 <= vad.threshold <= 1.0:
             raise ConfigError("RELAY_VAD_THRESHOLD must be between 0 and 1")
         greeting = env.get("RELAY_GREETING", DEFAULT_GREETING)
-        voice = env.get("RELAY_VOICE", "marin")
+        voice = env.get("RELAY_VOICE") or models.DEFAULT_VOICE[dialect]
+        speed = _float(env, "RELAY_VOICE_SPEED", 1.0, 0.25)
+        check_voice(dialect, voice, speed, voice_key="RELAY_VOICE", speed_key="RELAY_VOICE_SPEED")
         agent = AgentSettings(
             instructions=env.get("RELAY_INSTRUCTIONS", DEFAULT_INSTRUCTIONS),
             greeting=greeting or None,
             voice=voice,
-            speed=_float(env, "RELAY_VOICE_SPEED", 1.0, 0.25),
+            speed=speed,
             vad=vad,
-            transcription_model=env.get("RELAY_TRANSCRIPTION_MODEL", "gpt-4o-transcribe") or None,
+            transcription_model=env.get("RELAY_TRANSCRIPTION_MODEL", models.DEFAULT_TRANSCRIPTION_MODEL) or None,
             noise_reduction=(_choice(env, "RELAY_NOISE_REDUCTION", "near_field", ("near_field", "far_field", "off"))),
         )
         if agent.noise_reduction == "off":
@@ -222,10 +329,8 @@ class Settings:
             if price >= 0:
                 prices[kind] = price
         return cls(
-            openai_api_key=env.get("OPENAI_API_KEY") or None,
-            realtime_url=(env.get("OPENAI_REALTIME_URL") or "wss://api.openai.com/v1/realtime").rstrip("/"),
-            model=env.get("OPENAI_REALTIME_MODEL") or model_default,
             dialect=dialect,  # type: ignore[arg-type]
+            **upstream,  # type: ignore[arg-type]
             redis_url=env.get("REDIS_URL") or None,
             redis_prefix=env.get("RELAY_REDIS_PREFIX", "relay:"),
             twilio_account_sid=env.get("TWILIO_ACCOUNT_SID") or None,

@@ -16,6 +16,7 @@ import time
 
 from relay import logs
 from relay.config import Settings
+from relay.realtime.models import DEFAULT_MODEL_BETA, DEFAULT_MODEL_GA
 from relay.sim import ulaw
 from relay.sim.caller import CallerConfig, SimulatedCaller
 from relay.sim.local import LocalRelay
@@ -37,7 +38,7 @@ async def run_demo(
         openai_api_key="offline-demo",
         realtime_url=sim.url,
         dialect=dialect,  # type: ignore[arg-type]
-        model="gpt-realtime" if dialect == "ga" else "gpt-4o-realtime-preview",
+        model=DEFAULT_MODEL_GA if dialect == "ga" else DEFAULT_MODEL_BETA,
         twilio_auth_token=auth_token,
         stream_secret=secrets.token_bytes(32),
         caller_memory=False,

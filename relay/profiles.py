@@ -11,13 +11,14 @@ Every profile starts from the environment's agent settings (``RELAY_INSTRUCTIONS
     [profiles.support]
     instructions = "You answer for ACME support…"
     greeting = "Greet the caller as ACME support."      # "" = no greeting, wait for the caller
-    voice = "marin"
-    speed = 1.0
+    voice = "marin"                       # beta dialect: alloy, ash, ballad, coral, echo, sage, shimmer, verse
+    speed = 1.0                           # 0.25 to 1.5
+    model = "gpt-realtime-2.1"            # omitted = OPENAI_REALTIME_MODEL (on Azure: a deployment name)
     tools = ["lookup_order", "end_call", "transfer_call"]  # omitted = every loaded tool
     transfer_numbers = { billing = "+15550003333" }
     allow_any_transfer_number = false     # true: the model may also dial an E.164 number it was told
     whisper_summary = true                # the human hears a short summary before being connected
-    transcription_model = "gpt-4o-transcribe"
+    transcription_model = "gpt-transcribe"
     noise_reduction = "near_field"        # or far_field, off
     [profiles.support.vad]
     type = "semantic_vad"                 # server_vad, semantic_vad or none
@@ -59,7 +60,7 @@ from typing import Any
 
 import yaml
 
-from relay.config import GA_VOICES, AgentSettings, ConfigError
+from relay.config import AgentSettings, ConfigError, check_voice
 
 _NUMBER = (int, float)
 _PROFILE_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -67,6 +68,7 @@ _PROFILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "greeting": str,
     "voice": str,
     "speed": _NUMBER,
+    "model": str,
     "tools": list,
     "transfer_numbers": dict,
     "allow_any_transfer_number": bool,
@@ -170,7 +172,7 @@ def _mcp_server(where: str, server: Any, env: Mapping[str, str]) -> dict[str, An
     return entry
 
 
-def _profile(name: str, data: Any, base: AgentSettings, env: Mapping[str, str]) -> AgentSettings:
+def _profile(name: str, data: Any, base: AgentSettings, env: Mapping[str, str], dialect: str) -> AgentSettings:
     where = f"profiles.{name}"
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: must be a table")
@@ -186,11 +188,11 @@ def _profile(name: str, data: Any, base: AgentSettings, env: Mapping[str, str]) 
         if not 0.0 <= vad.threshold <= 1.0:
             raise ConfigError(f"{where}.vad.threshold must be between 0 and 1")
     voice = data.get("voice", base.voice)
-    if voice not in GA_VOICES and not voice.startswith("voice_"):
-        raise ConfigError(f"{where}.voice: unknown voice {voice!r} (one of {', '.join(GA_VOICES)} or a custom id)")
     speed = data.get("speed", base.speed)
-    if not 0.25 <= speed <= 1.5:
-        raise ConfigError(f"{where}.speed must be between 0.25 and 1.5, got {speed!r}")
+    check_voice(dialect, voice, speed, voice_key=f"{where}.voice", speed_key=f"{where}.speed")
+    model = data.get("model", base.model)
+    if model is not None and not model.strip():
+        raise ConfigError(f"{where}.model must name a model (omit it to use OPENAI_REALTIME_MODEL)")
     tools = data.get("tools")
     if tools is not None:
         if not all(isinstance(t, str) for t in tools):
@@ -221,6 +223,7 @@ def _profile(name: str, data: Any, base: AgentSettings, env: Mapping[str, str]) 
         transcription_model=data.get("transcription_model", base.transcription_model),
         noise_reduction=None if noise == "off" else noise,
         mcp_servers=tuple(mcp) if "mcp_servers" in data else base.mcp_servers,
+        model=model,
     )
 
 
@@ -258,7 +261,16 @@ class Profiles:
                 )
 
     def check_dialect(self, dialect: str) -> None:
-        """MCP servers exist only in the GA dialect: refuse to start rather than silently drop them."""
+        """Voices and speeds must exist in the dialect; MCP servers exist only in GA: refuse to start
+        rather than have every call's ``session.update`` refused or tools silently dropped."""
+        for profile in self._all():
+            check_voice(
+                dialect,
+                profile.voice,
+                profile.speed,
+                voice_key=f"profiles.{profile.name}.voice",
+                speed_key=f"profiles.{profile.name}.speed",
+            )
         if dialect == "ga":
             return
         for profile in self._all():
@@ -269,7 +281,9 @@ class Profiles:
                 )
 
 
-def parse_profiles(data: Any, base: AgentSettings, env: Mapping[str, str] | None = None) -> Profiles:
+def parse_profiles(
+    data: Any, base: AgentSettings, env: Mapping[str, str] | None = None, *, dialect: str = "ga"
+) -> Profiles:
     env = os.environ if env is None else env
     if not isinstance(data, Mapping):
         raise ConfigError("profiles file: top level must be a table/mapping")
@@ -281,7 +295,7 @@ def parse_profiles(data: Any, base: AgentSettings, env: Mapping[str, str] | None
     raw_profiles = data.get("profiles", {})
     if not isinstance(raw_profiles, Mapping):
         raise ConfigError("profiles must be a table of named profiles")
-    by_name = {str(name): _profile(str(name), body, base, env) for name, body in raw_profiles.items()}
+    by_name = {str(name): _profile(str(name), body, base, env, dialect) for name, body in raw_profiles.items()}
     default_name = data.get("default_profile") or ("default" if "default" in by_name else None)
     if default_name is not None and (not isinstance(default_name, str) or default_name not in by_name):
         raise ConfigError(
@@ -306,7 +320,9 @@ def parse_profiles(data: Any, base: AgentSettings, env: Mapping[str, str] | None
     return Profiles(default=default, by_number=by_number, by_name=by_name)
 
 
-def load_profiles(path: str | None, base: AgentSettings, env: Mapping[str, str] | None = None) -> Profiles:
+def load_profiles(
+    path: str | None, base: AgentSettings, env: Mapping[str, str] | None = None, *, dialect: str = "ga"
+) -> Profiles:
     if not path:
         return Profiles(default=base, by_number={}, by_name={})
     file = Path(path)
@@ -322,6 +338,6 @@ def load_profiles(path: str | None, base: AgentSettings, env: Mapping[str, str] 
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"RELAY_PROFILES: {path} is not valid: {exc}") from None
     try:
-        return parse_profiles(data, base, env)
+        return parse_profiles(data, base, env, dialect=dialect)
     except ConfigError as exc:
         raise ConfigError(f"RELAY_PROFILES ({path}): {exc}") from None

@@ -10,13 +10,15 @@ import logging
 import os
 import socket
 import time
+from datetime import date
 from typing import TYPE_CHECKING
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from relay.config import AgentSettings, Settings
 from relay.metrics import Metrics
 from relay.profiles import Profiles, load_profiles
 from relay.realtime.dialect import Dialect, get_dialect
+from relay.realtime.models import shutdown_notice
 from relay.store import Store, make_store
 from relay.tools import ToolRegistry
 from relay.twilio.rest import TwilioControl
@@ -41,10 +43,52 @@ def check_configuration(
     if tools is None:
         tools = ToolRegistry(settings.tool_timeout_s)
         tools.load_modules(settings.handler_modules)
-    profiles = profiles or load_profiles(settings.profiles_file, settings.agent)
+    profiles = profiles or load_profiles(settings.profiles_file, settings.agent, dialect=settings.dialect)
     profiles.check_tools(tools.tools)
     profiles.check_dialect(settings.dialect)
     return tools, profiles
+
+
+def model_notices(settings: Settings, profiles: Profiles, today: date | None = None) -> list[str]:
+    """One warning per configured model (env or profile) with an announced shutdown.
+
+    Not on Azure: there the names are deployments, retired on Azure's own schedule.
+    """
+    if settings.provider == "azure":
+        return []
+    base = settings.agent
+    checks: list[tuple[str, str | None, str]] = [
+        ("realtime", settings.model, "OPENAI_REALTIME_MODEL"),
+        ("transcription", base.transcription_model, "RELAY_TRANSCRIPTION_MODEL"),
+    ]
+    for profile in profiles.by_name.values():
+        if profile.model not in (None, settings.model):
+            checks.append(("realtime", profile.model, f"profiles.{profile.name}.model"))
+        if profile.transcription_model != base.transcription_model:
+            checks.append(
+                ("transcription", profile.transcription_model, f"profiles.{profile.name}.transcription_model")
+            )
+    notices = [shutdown_notice(kind, name, where, today) for kind, name, where in checks if name]
+    return [notice for notice in notices if notice is not None]
+
+
+def interface_notices(settings: Settings) -> list[str]:
+    """Warnings about a deprecated interface the configuration selects."""
+    if settings.dialect != "beta":
+        return []
+    if settings.provider == "azure":
+        return [
+            "OPENAI_REALTIME_DIALECT=beta with RELAY_PROVIDER=azure uses Azure's preview Realtime API "
+            "(/openai/realtime?api-version=…), deprecated since 2026-04-30; OPENAI_REALTIME_DIALECT=ga "
+            "uses the GA form (/openai/v1/realtime)"
+        ]
+    if urlsplit(settings.realtime_url).hostname == "api.openai.com":
+        return [
+            "OPENAI_REALTIME_DIALECT=beta: api.openai.com refuses the beta interface "
+            "(error beta_api_shape_disabled), so calls will fail; use ga, or point OPENAI_REALTIME_URL "
+            "at a server that still speaks beta"
+        ]
+    return []
 
 
 class Runtime:
@@ -70,6 +114,8 @@ class Runtime:
             queue_size=settings.store_queue_size,
         )
         self.tools, self.profiles = check_configuration(settings, tools=tools, profiles=profiles)
+        for notice in [*interface_notices(settings), *model_notices(settings, self.profiles)]:
+            log.warning(notice)
         if twilio_control is None and settings.twilio_account_sid and settings.twilio_auth_token:
             twilio_control = TwilioControl(
                 settings.twilio_account_sid, settings.twilio_auth_token, api_base=settings.twilio_api_base

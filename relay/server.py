@@ -115,6 +115,8 @@ def secrets_of(settings: Settings) -> list[str | None]:
     """Values that must never appear in a log line."""
     return [
         settings.openai_api_key,
+        settings.azure_api_key,
+        settings.azure_ad_token,
         settings.twilio_auth_token,
         settings.relay_api_token,
         settings.stream_secret.decode(errors="ignore") if settings.stream_secret else None,

@@ -29,7 +29,7 @@ from relay.sim.caller import CallerConfig, SimulatedCaller
 ROOT = Path(__file__).resolve().parent.parent
 STREAM_SECRET = "drain-test-stream-secret-5b1e0c"
 API_TOKEN = "ops-test-api-token-7c2d1f"
-_INHERITED_PREFIXES = ("RELAY_", "OPENAI_", "TWILIO_")
+_INHERITED_PREFIXES = ("RELAY_", "OPENAI_", "TWILIO_", "AZURE_OPENAI_")
 _INHERITED_NAMES = {
     "REDIS_URL",
     "PUBLIC_URL",

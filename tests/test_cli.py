@@ -11,7 +11,7 @@ import pytest
 
 
 def run_serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "TWILIO_", "OPENAI_"))}
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "TWILIO_", "OPENAI_", "AZURE_OPENAI_"))}
     full.update(env)
     return subprocess.run(
         [sys.executable, "-m", "relay", "serve"], env=full, capture_output=True, text=True, timeout=30

@@ -225,8 +225,12 @@ def test_start_up_refuses_unknown_tools_and_mcp_on_beta(tmp_path: Path, monkeypa
     assert runtime.profile_for("+15550002222").name == "support"
     with pytest.raises(ConfigError, match=r"profiles\.support\.tools: no tool named 'lookup_order' is loaded"):
         Runtime(Settings.from_env({**env, "RELAY_HANDLERS": "handlers.call_control"}))
-    with pytest.raises(ConfigError, match=r"profiles\.support\.mcp_servers: remote MCP servers need the GA"):
+    # the beta interface has no cedar: refused at start-up rather than in every call's session.update
+    with pytest.raises(ConfigError, match=r"profiles\.front_desk\.voice: unknown voice 'cedar' for the beta dialect"):
         Runtime(Settings.from_env({**env, "OPENAI_REALTIME_DIALECT": "beta"}))
+    beta_voices = write(tmp_path, "beta.toml", TOML.replace('voice = "cedar"', 'voice = "verse"'))
+    with pytest.raises(ConfigError, match=r"profiles\.support\.mcp_servers: remote MCP servers need the GA"):
+        Runtime(Settings.from_env({**env, "RELAY_PROFILES": beta_voices, "OPENAI_REALTIME_DIALECT": "beta"}))
     no_numbers = write(tmp_path, "t.toml", '[profiles.a]\ntools = ["transfer_call"]\n')
     with pytest.raises(ConfigError, match=r"profiles\.a: lists transfer_call but has no transfer_numbers"):
         Runtime(Settings.from_env({**env, "RELAY_PROFILES": no_numbers}))

@@ -86,7 +86,7 @@ async def test_full_call_is_recorded_in_redis_in_order_with_ttls(
     assert times == sorted(times)
     meta = record["meta"]
     assert meta["from"] == "+15550001111" and meta["to"] == "+15550002222"
-    assert meta["end_reason"] == "caller_hung_up" and meta["dialect"] == "ga" and meta["model"] == "gpt-realtime"
+    assert meta["end_reason"] == "caller_hung_up" and meta["dialect"] == "ga" and meta["model"] == "gpt-realtime-2.1"
     assert meta["started"] and meta["ended"] and meta["instance"]
     assert record["usage"]["total"] > 0 and record["usage"]["output_audio"] > 0
     client = redis.Redis.from_url(redis_url)

@@ -1,5 +1,5 @@
-"""OpenAI Realtime wire formats. Everything dialect-specific (GA vs beta) lives in dialect.py."""
+"""OpenAI Realtime wire formats. Everything dialect-specific (GA vs beta) lives in dialect.py.
 
-from relay.realtime.dialect import Dialect, get_dialect
-
-__all__ = ["Dialect", "get_dialect"]
+Nothing is imported here, so ``relay.config`` can use ``relay.realtime.models`` without a cycle
+(``dialect`` itself imports ``relay.config``).
+"""

@@ -14,6 +14,7 @@ import orjson
 
 from relay.config import AgentSettings, VadSettings
 from relay.realtime import events as ev
+from relay.realtime.models import CUSTOM_VOICE_PREFIX, DEFAULT_VOICE
 
 DialectName = Literal["ga", "beta"]
 
@@ -241,6 +242,11 @@ def _turn_detection(vad: VadSettings) -> dict[str, Any] | None:
     return detection
 
 
+def _ga_voice(voice: str) -> str | dict[str, str]:
+    """A built-in voice by name; a custom voice (``voice_…``) as ``{"id": …}``."""
+    return {"id": voice} if voice.startswith(CUSTOM_VOICE_PREFIX) else voice
+
+
 class Dialect:
     """Shapes of one Realtime API dialect. Instances are immutable and shared by all calls."""
 
@@ -252,8 +258,9 @@ class Dialect:
         self.audio_format_label = "audio/pcmu" if name == "ga" else "g711_ulaw"
         self._renames: Mapping[str, str] = _BETA_RENAMES if name == "beta" else {}
 
-    def headers(self, api_key: str | None) -> dict[str, str]:
-        headers = {"Authorization": f"Bearer {api_key or 'offline-simulator'}"}
+    def headers(self, auth: Mapping[str, str]) -> dict[str, str]:
+        """Handshake headers: the provider's auth header (``relay.realtime.endpoint``) plus the dialect's."""
+        headers = dict(auth)
         if self.name == "beta":
             headers["OpenAI-Beta"] = "realtime=v1"
         return headers
@@ -268,6 +275,7 @@ class Dialect:
     ) -> dict[str, Any]:
         """The ``session.update`` client event configuring µ-law both ways, voice, VAD and tools."""
         detection = _turn_detection(agent.vad)
+        voice = agent.voice or DEFAULT_VOICE[self.name]
         tool_list = [dict(t) for t in tools]
         session: dict[str, Any]
         if self.name == "ga":
@@ -283,7 +291,7 @@ class Dialect:
                 "instructions": instructions,
                 "audio": {
                     "input": audio_in,
-                    "output": {"format": {"type": "audio/pcmu"}, "voice": agent.voice, "speed": agent.speed},
+                    "output": {"format": {"type": "audio/pcmu"}, "voice": _ga_voice(voice), "speed": agent.speed},
                 },
             }
             mcp = [dict(server) for server in agent.mcp_servers]
@@ -294,7 +302,7 @@ class Dialect:
             session = {
                 "modalities": ["audio", "text"],
                 "instructions": instructions,
-                "voice": agent.voice,
+                "voice": voice,
                 "speed": agent.speed,
                 "input_audio_format": "g711_ulaw",
                 "output_audio_format": "g711_ulaw",

@@ -53,6 +53,15 @@ JSON = dict[str, Any]
 Dialect = Literal["ga", "beta"]
 
 REALTIME_PATH = "/v1/realtime"
+AZURE_GA_PATH = "/openai/v1/realtime"
+AZURE_PREVIEW_PATH = "/openai/realtime"
+"""Azure OpenAI's forms: ``?model=<deployment>`` (GA shapes), ``?api-version=…&deployment=…`` (beta shapes)."""
+_PATHS = frozenset({REALTIME_PATH, AZURE_GA_PATH, AZURE_PREVIEW_PATH})
+# Voices each interface has (openai types/realtime/realtime_audio_config_output.py and
+# types/beta/realtime/session_update_event.py), listed here apart from the relay's own table so
+# the simulator checks the relay instead of mirroring it.
+GA_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
+BETA_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 INPUT_COMMIT_MIN_MS = 100
 """The real service refuses to commit less than 100 ms of input audio."""
@@ -495,6 +504,8 @@ class _Peer:
     def _authorized(self) -> bool:
         auth = self.rec.headers.get("authorization") or ""
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if not token and self.rec.path.startswith("/openai/"):
+            token = (self.rec.headers.get("api-key") or "").strip()  # Azure: api-key or an Entra bearer token
         cfg = self.cfg
         if not token:
             self._fatal(
@@ -743,6 +754,12 @@ class _Peer:
             )
 
     def _check_voice(self, voice: Any, where: str) -> None:
+        voices = GA_VOICES if self.rec.dialect == "ga" else BETA_VOICES
+        custom = self.rec.dialect == "ga" and isinstance(voice, dict) and isinstance(voice.get("id"), str)
+        if voice not in voices and not custom:
+            shown = orjson.dumps(voice).decode() if not isinstance(voice, str) else f"'{voice}'"
+            supported = ", ".join(f"'{name}'" for name in voices)
+            raise _Problem("invalid_value", f"Invalid value: {shown}. Supported values are: {supported}.", where)
         if voice != self.settings.voice and self.assistant_audio_emitted:
             raise _Problem(
                 "cannot_update_voice",
@@ -1547,7 +1564,7 @@ class RealtimeSimulator:
         return [rec for rec in self.sessions if not rec.closed]
 
     def _check_path(self, connection: ServerConnection, request: Request) -> Response | None:
-        if urlsplit(request.path).path.rstrip("/") != REALTIME_PATH:
+        if urlsplit(request.path).path.rstrip("/") not in _PATHS:
             return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
         return None
 
@@ -1558,9 +1575,12 @@ class RealtimeSimulator:
         target = urlsplit(request.path)
         headers = _Headers(list(request.headers.raw_items()))
         beta_flags = [flag.strip() for flag in (headers.get("openai-beta") or "").split(",")]
-        dialect: Dialect = "beta" if "realtime=v1" in beta_flags else "ga"
+        preview = target.path.rstrip("/") == AZURE_PREVIEW_PATH
+        dialect: Dialect = "beta" if "realtime=v1" in beta_flags or preview else "ga"
         query = dict(parse_qsl(target.query))
-        model = query.get("model") or ("gpt-realtime" if dialect == "ga" else "gpt-4o-realtime-preview")
+        model = query.get("deployment" if preview else "model") or (
+            "gpt-realtime" if dialect == "ga" else "gpt-4o-realtime-preview"
+        )
         rec = SimSession(dialect=dialect, headers=headers, path=target.path, query=query, model=model)
         lifetime = self.config.max_session_s if self.config.max_session_s is not None else 3600.0
         rec.session = _default_session(dialect, rec.id, model, int(time.time() + lifetime))
