@@ -376,3 +376,112 @@ async def test_a_signed_webhook_through_the_shipped_proxy_validates_without_publ
         assert metric(samples, "relay_calls_refused_total", reason="bad_signature") == 0
     finally:
         await relay.close()
+
+
+# ---- repository hygiene: what git and the image build leave out ----------------------------------
+
+
+def ignored_by(ignore_file: Path, paths: list[str], tmp_path: Path) -> set[str]:
+    """The paths `git check-ignore` reports as ignored by these patterns, in a scratch repository
+    holding exactly those (empty) files, so directory patterns apply as they would in the checkout."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "init.defaultBranch=main", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True, timeout=30)
+    (repo / ".gitignore").write_text(ignore_file.read_text())
+    for path in paths:
+        target = repo / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.touch()
+    result = subprocess.run(
+        [*git, "check-ignore", "--no-index", "--stdin"],
+        input="\n".join(paths) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode in (0, 1), result.stderr  # 1: nothing ignored
+    return set(result.stdout.split())
+
+
+def test_gitignore_keeps_the_operators_env_file_out_of_git(tmp_path: Path) -> None:
+    secret = ["infra/relay.env", ".env"]
+    kept = ["infra/relay.env.example", "infra/docker-compose.yml", "infra/k8s/secret.example.yaml", "relay/app.py"]
+    assert ignored_by(ROOT / ".gitignore", secret + kept, tmp_path) == set(secret)
+
+
+def dockerfile_copy_sources() -> list[str]:
+    sources: list[str] = []
+    for line in (INFRA / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(w.startswith("--from=") for w in words):
+            sources += words[1:-1]
+    return sources
+
+
+def test_dockerignore_keeps_secrets_and_clutter_out_of_the_build_context(tmp_path: Path) -> None:
+    dockerignore = ROOT / ".dockerignore"
+    assert dockerignore.is_file(), "the build context is the repository root: .dockerignore belongs there"
+    sources = dockerfile_copy_sources()
+    assert sources == ["pyproject.toml", "README.md", "relay", "handlers"]
+    needed = [
+        "pyproject.toml",
+        "README.md",
+        "relay/app.py",
+        "relay/store/redis.py",
+        "relay/twilio/twiml.py",
+        "handlers/orders.py",
+        "handlers/data/orders.json",
+    ]
+    left_out = [
+        ".git/HEAD",
+        ".env",
+        "infra/relay.env",
+        "relay/.env",
+        "bench/out/results.json",
+        "bench/runner.py",
+        "tests/test_deploy.py",
+        ".pytest_cache/v/cache/lastfailed",
+        ".mypy_cache/3.11/relay/app.data.json",
+        ".ruff_cache/content",
+        ".hypothesis/examples/x",
+        "relay/__pycache__/app.cpython-311.pyc",
+        "handlers/__pycache__/orders.cpython-311.pyc",
+        ".venv/bin/python",
+        "phone_relay.egg-info/PKG-INFO",
+        "demo-call.wav",
+    ]
+    ignored = ignored_by(dockerignore, needed + left_out, tmp_path)
+    assert not ignored & set(needed), f"the image build needs these: {sorted(ignored & set(needed))}"
+    assert ignored >= set(left_out), f"these would enter the build context: {sorted(set(left_out) - ignored)}"
+    # every COPY source exists in the context
+    for source in sources:
+        assert (ROOT / source).exists(), source
+
+
+def test_compose_never_loads_the_example_env_file() -> None:
+    for name, svc in compose()["services"].items():
+        entries = svc.get("env_file", [])
+        entries = [entries] if isinstance(entries, str) else entries
+        for entry in entries:
+            path = entry if isinstance(entry, str) else entry["path"]
+            assert not path.endswith(".example"), f"{name} loads {path}: its placeholders would reach the relay"
+            if "build" in svc:
+                assert path == "relay.env"
+                assert isinstance(entry, dict) and entry.get("required", True) is True, (
+                    f"{name}: relay.env must be required, so a missing one stops compose instead of starting "
+                    "a relay without secrets"
+                )
+    assert all("env_file" in svc for svc in compose()["services"].values() if "build" in svc)
+
+
+def test_deploy_md_describes_the_state_redis_really_holds() -> None:
+    text = (INFRA / "DEPLOY.md").read_text()
+    redis_section = text.split("## Redis (managed)", 1)[1].split("\n## ", 1)[0]
+    assert "pub/sub" not in redis_section.replace("no pub/sub", "")
+    assert "active-calls registry" not in redis_section
+    # and the code indeed has neither
+    store_code = "\n".join(p.read_text() for p in (ROOT / "relay" / "store").glob("*.py"))
+    for word in ("publish", "subscribe", "pubsub"):
+        assert word not in store_code.lower()
