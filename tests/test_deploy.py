@@ -485,3 +485,146 @@ def test_deploy_md_describes_the_state_redis_really_holds() -> None:
     store_code = "\n".join(p.read_text() for p in (ROOT / "relay" / "store").glob("*.py"))
     for word in ("publish", "subscribe", "pubsub"):
         assert word not in store_code.lower()
+
+
+# ---- DEPLOY.md agrees with the code and the manifests -----------------------------------------------
+
+
+def markdown_table(text: str, header: str) -> list[list[str]]:
+    """The rows (cells stripped) of the first markdown table whose header row starts with `header`."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith(f"| {header}"):
+            rows = []
+            for row in lines[i + 2 :]:
+                if not row.strip().startswith("|"):
+                    break
+                rows.append([cell.strip() for cell in row.strip().strip("|").split("|")])
+            return rows
+    raise AssertionError(f"no table with header {header!r}")
+
+
+def app_endpoints() -> set[tuple[str, str]]:
+    from starlette.routing import Route, WebSocketRoute
+
+    from relay.app import create_app
+
+    endpoints: set[tuple[str, str]] = set()
+    for route in create_app().routes:
+        if isinstance(route, WebSocketRoute):
+            endpoints.add(("WS", route.path))
+        elif isinstance(route, Route):
+            endpoints |= {(method, route.path) for method in route.methods or () if method != "HEAD"}
+    return endpoints
+
+
+def test_deploy_md_lists_every_endpoint_of_the_app() -> None:
+    documented: set[tuple[str, str]] = set()
+    for row in markdown_table((INFRA / "DEPLOY.md").read_text(), "method and path"):
+        quoted = row[0].split("`")[1::2]
+        method, path = quoted[0].split()
+        documented.add((method, path))
+        documented |= {(also, path) for also in quoted[1:]}  # "(also `GET`)"
+    assert documented == app_endpoints()
+
+
+def k8s_docs(name: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((INFRA / "k8s" / name).read_text()) if d]
+
+
+def test_deploy_md_resources_match_the_deployment() -> None:
+    (deployment,) = k8s_docs("deployment.yaml")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    resources = container["resources"]
+    manifest = {
+        (kind, resource): str(resources.get(kind, {}).get(resource, "none"))
+        for kind in ("requests", "limits")
+        for resource in ("cpu", "memory")
+    }
+    rows = markdown_table((INFRA / "DEPLOY.md").read_text(), "resource | request | limit")
+    documented = {}
+    for resource, request, limit in rows:
+        key = {"CPU": "cpu", "memory": "memory"}[resource]
+        documented[("requests", key)] = request
+        documented[("limits", key)] = limit
+    assert documented == manifest
+    # the HPA's target is a share of that CPU request
+    assert "cpu" in resources["requests"]
+
+
+def test_the_example_ingress_publishes_only_what_twilio_calls() -> None:
+    (ingress,) = k8s_docs("ingress.yaml")
+    paths = [(p["path"], p["pathType"]) for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
+    assert sorted(paths) == [("/incoming-call", "Exact"), ("/media-stream", "Exact"), ("/transfer-whisper", "Exact")]
+
+    def published(request_path: str) -> bool:
+        for path, kind in paths:
+            if kind == "Exact" and request_path == path:
+                return True
+            if kind == "Prefix" and (request_path == path or request_path.startswith(path.rstrip("/") + "/")):
+                return True
+        return False
+
+    for internal in ("/metrics", "/readyz", "/healthz", "/calls/CA0123"):
+        assert not published(internal), internal
+    annotations = ingress["metadata"]["annotations"]
+    retry = annotations["nginx.ingress.kubernetes.io/proxy-next-upstream"].split()
+    assert {"error", "timeout", "http_503"} <= set(retry)
+
+
+# ---- the suite itself on a shared Redis ----------------------------------------------------------
+
+
+def test_the_suites_redis_server_and_databases_come_from_the_environment() -> None:
+    from conftest import BENCH_REDIS_DB_ENV, DEFAULT_BENCH_DB, redis_db_from_env, shared_redis_server
+
+    assert shared_redis_server({}) == "redis://127.0.0.1:6379"
+    assert redis_db_from_env(env={}) == 15
+    assert redis_db_from_env(BENCH_REDIS_DB_ENV, DEFAULT_BENCH_DB, env={}) == 14
+    env = {"RELAY_TEST_REDIS_URL": "rediss://:pw@cache.internal:6380", "RELAY_TEST_REDIS_DB": "3"}
+    env[BENCH_REDIS_DB_ENV] = "4"
+    assert shared_redis_server(env) == "rediss://:pw@cache.internal:6380"
+    assert redis_db_from_env(env=env) == 3
+    assert redis_db_from_env(BENCH_REDIS_DB_ENV, DEFAULT_BENCH_DB, env=env) == 4
+    with pytest.raises(pytest.UsageError, match="RELAY_TEST_REDIS_DB"):
+        redis_db_from_env(env={"RELAY_TEST_REDIS_DB": "fifteen"})
+    with pytest.raises(pytest.UsageError, match="server only"):
+        shared_redis_server({"RELAY_TEST_REDIS_URL": "redis://127.0.0.1:6379/15"})
+
+
+def test_the_suite_writes_only_to_the_configured_redis_database(private_redis: Any) -> None:
+    """A real run of a Redis test against a server named by RELAY_TEST_REDIS_URL, watched with MONITOR."""
+    import redis
+
+    server = f"redis://127.0.0.1:{private_redis.port}"
+    monitor_client = redis.Redis.from_url(server)
+    seen: list[str] = []
+    with monitor_client.monitor() as monitor:
+        env = {**os.environ, "RELAY_TEST_REDIS_URL": server, "RELAY_TEST_REDIS_DB": "9"}
+        env.pop("CI", None)
+        run = subprocess.run(
+            [
+                *("python", "-m", "pytest", "-q", "-p", "no:cacheprovider"),
+                "tests/test_store.py::test_call_ttls_are_refreshed_after_the_refresh_interval",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        probe = redis.Redis.from_url(server + "/0")
+        probe.set("monitor-end", "1")  # the last command MONITOR will report
+        probe.close()
+        for command in monitor.listen():
+            seen.append(f"{command['db']} {command['command']}")
+            if "monitor-end" in command["command"]:
+                break
+    monitor_client.close()
+    # every command but connection set-up and the availability PING went to database 9
+    handshake = {"PING", "HELLO", "SELECT", "CLIENT", "AUTH"}
+    commands = [line for line in seen if "monitor-end" not in line and line.split(" ", 2)[1].upper() not in handshake]
+    assert len(commands) > 5, seen[:20]
+    assert {line.split(" ", 1)[0] for line in commands} == {"9"}, [c for c in commands if not c.startswith("9 ")]
