@@ -378,6 +378,31 @@ async def test_a_signed_webhook_through_the_shipped_proxy_validates_without_publ
         await relay.close()
 
 
+def trusted(allow: str, address: str) -> bool:
+    """Whether uvicorn, given FORWARDED_ALLOW_IPS=`allow`, believes X-Forwarded-* from `address`."""
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    return address in ProxyHeadersMiddleware(app, trusted_hosts=allow).trusted_hosts
+
+
+def test_the_shipped_proxies_are_trusted_and_the_internet_is_not() -> None:
+    compose_allow = compose_relay_environment()["FORWARDED_ALLOW_IPS"]
+    (configmap,) = [d for d in yaml.safe_load_all((INFRA / "k8s" / "configmap.yaml").read_text()) if d]
+    k8s_allow = configmap["data"]["FORWARDED_ALLOW_IPS"]
+    # docker networks (default bridge pools), common pod CIDRs (flannel, calico, GKE, EKS, CGNAT)
+    for address in ("172.18.0.5", "172.30.4.2", "192.168.16.3", "10.0.3.8"):
+        assert trusted(compose_allow, address), address
+    for address in ("10.244.3.17", "192.168.12.40", "172.20.1.9", "100.64.2.9", "fd00:10:244::5", "127.0.0.1"):
+        assert trusted(k8s_allow, address), address
+    for allow in (compose_allow, k8s_allow):
+        assert "*" not in allow
+        for address in ("8.8.8.8", "203.0.113.9", "2001:db8::1", "100.128.0.1"):
+            assert not trusted(allow, address), (allow, address)
+
+
 # ---- repository hygiene: what git and the image build leave out ----------------------------------
 
 
