@@ -329,6 +329,9 @@ async def test_behind_nginx_a_new_call_reaches_the_idle_relay_while_the_other_dr
             answered += 1
             if any(len(tried) == 2 for _, tried, _ in proxy.webhook_log()):
                 break
+        deadline = time.monotonic() + 5  # nginx writes the line once the response has gone out
+        while len(proxy.webhook_log()) < answered and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         log = proxy.webhook_log()
         assert len(log) == answered
         draining_addr, idle_addr = f"127.0.0.1:{draining.port}", f"127.0.0.1:{idle.port}"
