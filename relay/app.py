@@ -31,6 +31,7 @@ from relay.twilio import twiml
 log = logging.getLogger("relay.app")
 _SID = re.compile(r"[A-Za-z0-9]{2,64}")
 XML = "application/xml"
+DRAIN_RETRY_AFTER_S = 1  # Retry-After of the 503 a draining instance answers the webhook with
 
 
 def _public_base(runtime: Runtime, request: Request) -> str:
@@ -84,8 +85,16 @@ async def incoming_call(request: Request) -> Response:
     if not _SID.fullmatch(call_sid):
         return PlainTextResponse("missing or invalid CallSid", status_code=400)
     logs.bind_call(call_sid)
-    if runtime.draining or runtime.full:
-        reason = "draining" if runtime.draining else "full"
+    if runtime.draining:
+        # Not "all lines busy": another instance can take this call. A 503 makes the proxy retry the
+        # next upstream (infra/nginx.conf) and, if every one refuses, Twilio fetch the fallback URL.
+        runtime.metrics.calls_refused.labels("draining").inc()
+        log.warning("webhook refused with 503: instance draining", extra={"call_sid": call_sid})
+        return PlainTextResponse(
+            "instance draining", status_code=503, headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)}
+        )
+    if runtime.full:
+        reason = "full"
         runtime.metrics.calls_refused.labels(reason).inc()
         log.warning("call turned away (%s)", reason, extra={"call_sid": call_sid})
         body_xml = (

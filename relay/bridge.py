@@ -854,7 +854,7 @@ class CallBridge:
                 "cost_usd": f"{self.cost_usd:.4f}",
             },
         )
-        self.runtime.metrics.call_ended(self.end_reason)
+        self.runtime.metrics.call_ended(self.end_reason, duration)
         if self.settings.price_per_1k_tokens:
             self.runtime.metrics.call_cost.observe(self.cost_usd)
         self.runtime.unregister(self)

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 import re
+import time
 from collections.abc import Mapping
+from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -22,15 +25,43 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5
 M2E_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 TOOL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 COST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CALL_DURATION_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)
 HOP_SAMPLE_EVERY = 25  # one frame in 25 (every half second of caller audio) is timed, starting with the first
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MAX_LABEL_VALUES = 50  # per label of free-form origin (error codes, tool names, end reasons)
 OTHER = "other"
+_MONOTONIC_AT_IMPORT = time.monotonic()  # close enough to the process start for an uptime panel
 
 # Token kinds as flattened from response.done usage (relay.realtime.dialect.flatten_usage).
 TOKEN_DETAIL_KINDS = ("input_text", "input_audio", "input_image", "input_cached", "output_text", "output_audio")
 _LABEL_SAFE = re.compile(r"[^A-Za-z0-9_.:\-]")
+
+
+def package_version() -> str:
+    """The installed distribution's version; the source tree's when it runs uninstalled."""
+    try:
+        return metadata.version("phone-relay")
+    except metadata.PackageNotFoundError:
+        from relay import __version__
+
+        return __version__
+
+
+def _resident_bytes() -> int | None:
+    """Resident set size now (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _open_fds() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
 
 
 def multiprocess_dir() -> str | None:
@@ -167,11 +198,51 @@ class Metrics:
         self.context_trims = Counter(
             "relay_context_trims_total", "Conversation trims after an out-of-band summary", registry=r
         )
+        self.call_duration = Histogram(
+            "relay_call_duration_seconds",
+            "Duration of relayed calls, observed when each ends",
+            buckets=CALL_DURATION_BUCKETS,
+            registry=r,
+        )
+        # The process's own resources. prometheus-client's ProcessCollector reads only the process that
+        # answers a scrape and is not available in multiprocess mode, so each process writes its own
+        # values (sync_store, every second and at each scrape); with several workers a scrape shows one
+        # series per live worker (label pid), without them one series.
+        self.process_cpu = Gauge(
+            "relay_process_cpu_seconds",
+            "CPU time (user + system) this process has used since it started",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.process_memory = Gauge(
+            "relay_process_resident_memory_bytes",
+            "Resident memory of this process",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.process_open_fds = Gauge(
+            "relay_process_open_fds", "Open file descriptors of this process", registry=r, multiprocess_mode="liveall"
+        )
+        self.process_start_time = Gauge(
+            "relay_process_start_time_seconds",
+            "When this process started, seconds since the epoch",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.process_start_time.set(time.time() - time.monotonic() + _MONOTONIC_AT_IMPORT)
+        self.build_info = Gauge(
+            "relay_build_info",
+            "Always 1; the labels say what is running",
+            ["version", "python", "dialect", "model"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self._dropped_seen = 0
         self._codes = _LabelGuard()
         self._tool_names = _LabelGuard()
         self._reasons = _LabelGuard()
         self._statuses = _LabelGuard(20)
+        self._models = _LabelGuard(5)
 
     # ---- recording -------------------------------------------------------------------------
 
@@ -192,8 +263,24 @@ class Metrics:
         elif name == "context_trims":
             self.context_trims.inc()
 
-    def call_ended(self, reason: str) -> None:
+    def call_ended(self, reason: str, duration_s: float | None = None) -> None:
         self.calls_ended.labels(self._reasons(reason)).inc()
+        if duration_s is not None:
+            self.call_duration.observe(max(0.0, duration_s))
+
+    def set_build_info(self, dialect: str, model: str) -> None:
+        """What this process runs: package version, Python version, Realtime dialect and default model."""
+        self.build_info.labels(package_version(), platform.python_version(), dialect, self._models(model)).set(1)
+
+    def sample_process(self) -> None:
+        """Copy this process's CPU time, resident memory and open descriptors into its gauges."""
+        self.process_cpu.set(time.process_time())
+        rss = _resident_bytes()
+        if rss is not None:
+            self.process_memory.set(rss)
+        fds = _open_fds()
+        if fds is not None:
+            self.process_open_fds.set(fds)
 
     def tool_call(self, name: str, outcome: str, duration_s: float) -> None:
         label = self._tool_names(name) if outcome != "unknown_tool" else "unknown"
@@ -214,7 +301,9 @@ class Metrics:
         return cost
 
     def sync_store(self, queue_depth: int, dropped_writes: int) -> None:
-        """Copy the store's own counters (read at scrape time, never on the audio path)."""
+        """Copy the store's own counters, and sample the process (at scrape time and every second in
+        the background, never on the audio path)."""
+        self.sample_process()
         self.store_queue_depth.set(queue_depth)
         if dropped_writes > self._dropped_seen:
             self.store_dropped.inc(dropped_writes - self._dropped_seen)

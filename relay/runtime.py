@@ -106,6 +106,7 @@ class Runtime:
         self.dialect: Dialect = get_dialect(settings.dialect)
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = metrics or Metrics()
+        self.metrics.set_build_info(settings.dialect, settings.model)
         self.store: Store = store or make_store(
             settings.redis_url,
             prefix=settings.redis_prefix,

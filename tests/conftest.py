@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -11,8 +12,9 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -22,8 +24,38 @@ from relay.sim.caller import CallerConfig, SimulatedCaller
 from relay.sim.local import LocalRelay
 from relay.sim.realtime import RealtimeSimulator, SimConfig
 
-_SHARED_REDIS = ("127.0.0.1", 6379)
-_SHARED_DB = 15
+# Which Redis the suite shares with whatever else runs on this machine, and which databases it uses
+# there (tests add per-test key prefixes and delete only their own keys; nothing is flushed).
+REDIS_URL_ENV = "RELAY_TEST_REDIS_URL"  # server, without a database number
+REDIS_DB_ENV = "RELAY_TEST_REDIS_DB"  # database of the ordinary tests
+BENCH_REDIS_DB_ENV = "RELAY_TEST_BENCH_REDIS_DB"  # database of the benchmark smoke tests
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
+DEFAULT_DB = 15
+DEFAULT_BENCH_DB = 14
+
+
+def shared_redis_server(env: Mapping[str, str] = os.environ) -> str:
+    """The shared Redis server's URL (no database): RELAY_TEST_REDIS_URL, else 127.0.0.1:6379."""
+    url = env.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise pytest.UsageError(f"{REDIS_URL_ENV} must be a redis:// or rediss:// URL, got {url!r}")
+    if parts.path.strip("/"):
+        raise pytest.UsageError(
+            f"{REDIS_URL_ENV} names the server only; choose databases with {REDIS_DB_ENV} "
+            f"and {BENCH_REDIS_DB_ENV} (got {url!r})"
+        )
+    return urlunsplit((parts.scheme, parts.netloc, "", parts.query, ""))
+
+
+def redis_db_from_env(name: str = REDIS_DB_ENV, default: int = DEFAULT_DB, env: Mapping[str, str] = os.environ) -> int:
+    """A database number from the environment (RELAY_TEST_REDIS_DB, RELAY_TEST_BENCH_REDIS_DB)."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise pytest.UsageError(f"{name} must be a Redis database number, got {raw!r}")
+    return int(raw)
 
 
 def free_port() -> int:
@@ -35,7 +67,11 @@ def free_port() -> int:
 
 
 def _redis_answers(host: str, port: int) -> bool:
-    client = redis.Redis(host=host, port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+    return redis_url_answers(f"redis://{host}:{port}")
+
+
+def redis_url_answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError):
@@ -112,17 +148,25 @@ class RedisProcess:
         self.kill()
 
 
-@pytest.fixture(scope="session")
-def redis_server_url() -> Iterator[str]:
-    """Redis for ordinary tests: the local server's db 15 if it answers, else a throwaway one."""
-    if _redis_answers(*_SHARED_REDIS):
-        yield f"redis://{_SHARED_REDIS[0]}:{_SHARED_REDIS[1]}/{_SHARED_DB}"
+@contextlib.contextmanager
+def shared_redis_url(db: int) -> Iterator[str]:
+    """Database `db` of the shared Redis server if it answers, else of a throwaway redis-server."""
+    server_url = shared_redis_server()
+    if redis_url_answers(server_url):
+        yield f"{server_url}/{db}"
         return
     server = RedisProcess()
     try:
-        yield f"redis://127.0.0.1:{server.port}/{_SHARED_DB}"
+        yield f"redis://127.0.0.1:{server.port}/{db}"
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> Iterator[str]:
+    """Redis for ordinary tests: database RELAY_TEST_REDIS_DB (15) of the shared server."""
+    with shared_redis_url(redis_db_from_env()) as url:
+        yield url
 
 
 @pytest.fixture

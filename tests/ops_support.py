@@ -40,6 +40,7 @@ _INHERITED_NAMES = {
     "LOG_LEVEL",
     "WEB_CONCURRENCY",
     "PROMETHEUS_MULTIPROC_DIR",
+    "FORWARDED_ALLOW_IPS",
 }
 
 Samples = list[tuple[str, dict[str, str], float]]

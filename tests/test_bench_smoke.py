@@ -1,44 +1,29 @@
 """The benchmark harness itself works: real processes, a few calls, every frame arrives.
 
-Three calls for a few seconds against each relay (the floor, and this project with Redis db 14 on
-127.0.0.1:6379 or a private redis-server), each point with its own simulator, relay and generator
-processes. No timing assertions: this machine is shared and the figures are the benchmark's job.
+Three calls for a few seconds against each relay (the floor, and this project with Redis database
+RELAY_TEST_BENCH_REDIS_DB, default 14, on the shared Redis or a private redis-server), each point
+with its own simulator, relay and generator processes. No timing assertions: this machine is shared
+and the figures are the benchmark's job.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench.runner import Options, run_point
-from tests.conftest import RedisProcess
+from tests.conftest import BENCH_REDIS_DB_ENV, DEFAULT_BENCH_DB, redis_db_from_env, shared_redis_url
 
 CALLS = 3
 
 
-def _shared_redis() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def redis_url() -> Any:
-    if _shared_redis():
-        yield "redis://127.0.0.1:6379/14"
-        return
-    server = RedisProcess()
-    try:
-        yield f"redis://127.0.0.1:{server.port}/14"
-    finally:
-        server.stop()
+    with shared_redis_url(redis_db_from_env(BENCH_REDIS_DB_ENV, DEFAULT_BENCH_DB)) as url:
+        yield url
 
 
 def _check(point: dict[str, Any]) -> None:
