@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ from relay.metrics import Metrics
 from relay.profiles import Profiles, load_profiles
 from relay.realtime.dialect import Dialect, get_dialect
 from relay.store import Store, make_store
-from relay.tools import ToolRegistry
+from relay.tools import ToolRegistry, whisper_text
 from relay.twilio.rest import TwilioControl
 
 if TYPE_CHECKING:
@@ -31,7 +32,9 @@ DRAIN_GOODBYE = "Sorry, we have to end this call for maintenance. Please call ba
 DRAIN_GOODBYE_TIMEOUT_S = 4.5
 DRAIN_TEARDOWN_WAIT_S = 1.0  # each call's teardown (final summary, state writes)
 METRICS_SYNC_S = 1.0
-MAX_WHISPER_CHARS = 600
+WHISPER_TTL_S = 300  # a transfer rings for at most a few minutes before the human answers
+WHISPER_CLOCK_SKEW_S = 30  # instances' clocks may differ this much
+_EXPIRY = re.compile(r"[1-9][0-9]{0,11}")
 
 
 def check_configuration(
@@ -137,19 +140,29 @@ class Runtime:
 
     # ---- transfer whisper: signed URL, so any instance can serve it -------------------------
 
-    def _whisper_sig(self, text: str) -> str:
-        mac = hmac.new(self.settings.stream_secret, b"whisper:" + text.encode(), hashlib.sha256).digest()
+    def _whisper_sig(self, text: str, expires: int) -> str:
+        message = b"whisper:%d:" % expires + text.encode()
+        mac = hmac.new(self.settings.stream_secret, message, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
-    def whisper_url(self, text: str | None) -> str | None:
+    def whisper_url(self, text: str | None, *, memory: str | None = None, now: float | None = None) -> str | None:
+        """A URL that serves ``text`` as <Say> for WHISPER_TTL_S seconds, capped and without caller memory."""
+        text = whisper_text(text or "", memory=memory)
         if not text or not self.settings.public_url:
             return None
-        text = text[:MAX_WHISPER_CHARS]
-        query = urlencode({"text": text, "sig": self._whisper_sig(text)})
+        expires = int(time.time() if now is None else now) + WHISPER_TTL_S
+        query = urlencode({"text": text, "expires": str(expires), "sig": self._whisper_sig(text, expires)})
         return f"{self.settings.public_url}/transfer-whisper?{query}"
 
-    def whisper_valid(self, text: str, sig: str) -> bool:
-        return hmac.compare_digest(self._whisper_sig(text), sig)
+    def whisper_valid(self, text: str, expires: str, sig: str, *, now: float | None = None) -> bool:
+        """A whisper URL this relay signed whose expiry has not passed (nor lies beyond any it mints)."""
+        if not _EXPIRY.fullmatch(expires):
+            return False  # ASCII digits only, no sign, no leading zero: one spelling per instant
+        deadline = int(expires)
+        if not hmac.compare_digest(self._whisper_sig(text, deadline).encode(), sig.encode()):
+            return False
+        current = time.time() if now is None else now
+        return current <= deadline <= current + WHISPER_TTL_S + WHISPER_CLOCK_SKEW_S
 
     # ---- graceful drain ----------------------------------------------------------------------
 
