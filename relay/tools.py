@@ -320,8 +320,11 @@ class ToolRegistry:
         for module_name in modules:
             try:
                 module = importlib.import_module(module_name)
-            except ImportError as exc:
-                raise ConfigError(f"RELAY_HANDLERS: cannot import {module_name!r}: {exc}") from exc
+            except Exception as exc:  # any failure of the module's own code is a configuration error too
+                detail = " ".join(str(exc).split())[:300]
+                raise ConfigError(
+                    f"RELAY_HANDLERS: cannot import {module_name!r}: {type(exc).__name__}: {detail}"
+                ) from exc
             found = [v for v in vars(module).values() if isinstance(getattr(v, "__relay_tool__", None), ToolSpec)]
             if not found:
                 log.warning("handler module %s defines no @tool functions", module_name)
