@@ -12,9 +12,9 @@ import re
 import socket
 import time
 from typing import TYPE_CHECKING
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
-from relay.config import AgentSettings, Settings
+from relay.config import INSECURE_STREAM_SECRET, AgentSettings, Settings
 from relay.metrics import Metrics
 from relay.profiles import Profiles, load_profiles
 from relay.realtime.dialect import Dialect, get_dialect
@@ -32,6 +32,8 @@ DRAIN_GOODBYE = "Sorry, we have to end this call for maintenance. Please call ba
 DRAIN_GOODBYE_TIMEOUT_S = 4.5
 DRAIN_TEARDOWN_WAIT_S = 1.0  # each call's teardown (final summary, state writes)
 METRICS_SYNC_S = 1.0
+INSECURE_WARNING_S = 300.0  # RELAY_INSECURE_DEV is repeated in the log this often
+STORE_PROBE_S = 2.0  # Redis unreachable at start-up: probed this often until it answers
 WHISPER_TTL_S = 300  # a transfer rings for at most a few minutes before the human answers
 WHISPER_CLOCK_SKEW_S = 30  # instances' clocks may differ this much
 _EXPIRY = re.compile(r"[1-9][0-9]{0,11}")
@@ -48,6 +50,21 @@ def check_configuration(
     profiles.check_tools(tools.tools)
     profiles.check_dialect(settings.dialect)
     return tools, profiles
+
+
+def redis_location(url: str | None) -> str:
+    """host:port (or the socket path) of a Redis URL, for log lines: never its password."""
+    if not url:
+        return "-"
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        port = 6379
+    host = parts.hostname or "localhost"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Runtime:
@@ -83,25 +100,75 @@ class Runtime:
         self.started = False
         self._drain_task: asyncio.Task[None] | None = None
         self._metrics_task: asyncio.Task[None] | None = None
+        self._store_watch_task: asyncio.Task[None] | None = None
+        self.insecure_warning_interval_s = INSECURE_WARNING_S
 
     async def start(self) -> None:
         await self.store.start()
         self.started = True
-        self._metrics_task = asyncio.create_task(self._sync_metrics(), name="metrics-sync")
+        self._metrics_task = asyncio.create_task(self._periodic(), name="runtime-periodic")
+        if self.store.kind == "redis":
+            self._store_watch_task = asyncio.create_task(self._watch_store(), name="store-watch")
 
     async def stop(self) -> None:
-        if self._metrics_task is not None:
-            self._metrics_task.cancel()
-            self._metrics_task = None
+        for task in (self._metrics_task, self._store_watch_task):
+            if task is not None:
+                task.cancel()
+        self._metrics_task = self._store_watch_task = None
         await self.store.close()
         self.metrics.sync_store(self.store.queue_depth, self.store.dropped_writes)
         self.started = False
 
-    async def _sync_metrics(self) -> None:
-        """Store gauges are copied periodically: with several workers any one of them answers a scrape."""
+    async def _periodic(self) -> None:
+        """Store gauges are copied periodically: with several workers any one of them answers a scrape.
+
+        With RELAY_INSECURE_DEV the warning is logged at start-up and again every INSECURE_WARNING_S.
+        """
+        warned_at: float | None = None
         while True:
             self.metrics.sync_store(self.store.queue_depth, self.store.dropped_writes)
+            warning = self.insecure_warning()
+            if warning and (warned_at is None or time.monotonic() - warned_at >= self.insecure_warning_interval_s):
+                warned_at = time.monotonic()
+                log.warning(warning, extra={"insecure_dev": True})
             await asyncio.sleep(METRICS_SYNC_S)
+
+    def insecure_warning(self) -> str | None:
+        """What RELAY_INSECURE_DEV turns off in this configuration (None when it is not set)."""
+        settings = self.settings
+        if not settings.insecure_dev:
+            return None
+        disabled = []
+        if not settings.twilio_auth_token:
+            disabled.append("Twilio signature checks on /incoming-call are disabled (no TWILIO_AUTH_TOKEN)")
+        if settings.stream_secret == INSECURE_STREAM_SECRET:
+            disabled.append("media stream tokens are signed with a publicly known development secret")
+        if not disabled:
+            disabled.append("start-up would not insist on TWILIO_AUTH_TOKEN")
+        return f"RELAY_INSECURE_DEV=1, for local development only: {'; '.join(disabled)}"
+
+    async def _watch_store(self) -> None:
+        """Redis unreachable at start-up is one warning (host:port, never the password), then one line
+        when it answers; later outages are reported by the store's writer."""
+        where = redis_location(self.settings.redis_url)
+        down_since: float | None = None
+        while not await self.store.ping():
+            if down_since is None:
+                down_since = time.monotonic()
+                log.warning(
+                    "redis at %s is unreachable: caller memory, call state and GET /calls are degraded "
+                    "and /readyz answers 503 until it answers",
+                    where,
+                    extra={"redis": where},
+                )
+            await asyncio.sleep(STORE_PROBE_S)
+        if down_since is not None:
+            log.info(
+                "redis at %s is reachable again after %.1f s",
+                where,
+                time.monotonic() - down_since,
+                extra={"redis": where},
+            )
 
     def profile_for(self, called: str) -> AgentSettings:
         return self.profiles.for_number(called) if called else self.profiles.default
@@ -134,6 +201,10 @@ class Runtime:
             except Exception:
                 store_ok = False
         checks["store_ok"] = store_ok
+        warning = self.insecure_warning()
+        checks["insecure_dev"] = warning is not None
+        if warning:
+            checks["warning"] = warning
         checks["ready"] = store_ok and not self.draining and not self.full and self.started
         self.metrics.sync_store(self.store.queue_depth, self.store.dropped_writes)
         return checks
