@@ -26,18 +26,19 @@ def _serve(args: argparse.Namespace) -> int:
     # JSON lines from the very first one: warnings raised while the configuration is checked
     # (handler modules, profiles, the store) go through the same handler as the workers' lines.
     logs.configure(logs.level_from(os.environ.get("LOG_LEVEL")), [os.environ.get(name) for name in SECRET_ENV])
-    from relay.metrics import reset_multiprocess_dir
-    from relay.runtime import check_configuration
-    from relay.server import serve
-
     try:
         settings = Settings.from_env()
         workers = _workers(args.workers)
+        from relay.metrics import reset_multiprocess_dir  # the server's modules only once the settings are sound
+        from relay.runtime import check_configuration
+
         check_configuration(settings)  # once, before any worker starts: a bad file is not a restart loop
         reset_multiprocess_dir()
     except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+        print(f"configuration error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return 2
+    from relay.server import serve
+
     serve(settings, workers=workers)
     return 0
 
