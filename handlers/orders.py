@@ -38,8 +38,9 @@ A tool is an ``async def`` decorated with ``@tool`` whose first parameter is the
   ``ctx.profile`` (the agent profile of the called number), ``ctx.store`` (the state store,
   ``relay.store.Store``: e.g. ``add_entry``, ``get_caller_memory``; it may be slow or down),
   ``ctx.log`` (a logger tagged with the call), ``await ctx.end_call(reason)``,
-  ``await ctx.transfer_call(number, whisper_text)`` and ``ctx.summary()`` (the conversation
-  summary so far, or None).
+  ``await ctx.transfer_call(number, whisper_text)`` (the relay keeps whole sentences of the
+  text up to 300 characters and drops any that repeat the caller's memory) and ``ctx.summary()``
+  (the conversation summary so far, or None).
 - **Loading.** List the module in ``RELAY_HANDLERS`` (comma-separated import paths, e.g.
   ``handlers.call_control,handlers.orders,mycompany.tools``); it only has to be importable.
   Tool names must be unique across modules. A profile's ``tools = [...]`` limits which tools

@@ -5,27 +5,42 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 
-from relay.config import ConfigError, Settings
+from relay import logs
+from relay.config import SECRET_ENV, ConfigError, Settings
+
+
+def _workers(flag: int) -> int:
+    """Worker processes: ``--workers`` (0: not given), else WEB_CONCURRENCY, else 1."""
+    if flag < 0:
+        raise ConfigError(f"--workers must be 0 (use WEB_CONCURRENCY) or a positive integer, got {flag}")
+    raw = os.environ.get("WEB_CONCURRENCY", "") or "1"
+    if not re.fullmatch(r"[0-9]{1,4}", raw) or int(raw) < 1:
+        raise ConfigError(f"WEB_CONCURRENCY must be a positive integer, got {raw[:32]!r}")
+    return flag or int(raw)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from relay.runtime import check_configuration
-    from relay.server import serve
-
+    # JSON lines from the very first one: warnings raised while the configuration is checked
+    # (handler modules, profiles, the store) go through the same handler as the workers' lines.
+    logs.configure(logs.level_from(os.environ.get("LOG_LEVEL")), [os.environ.get(name) for name in SECRET_ENV])
     try:
         settings = Settings.from_env()
+        workers = _workers(args.workers)
+        from relay.metrics import reset_multiprocess_dir  # the server's modules only once the settings are sound
+        from relay.runtime import check_configuration
+
         check_configuration(settings)  # once, before any worker starts: a bad file is not a restart loop
-        raw_workers = os.environ.get("WEB_CONCURRENCY", "1") or "1"
-        if not raw_workers.isdigit():
-            raise ConfigError(f"WEB_CONCURRENCY must be a positive integer, got {raw_workers!r}")
+        reset_multiprocess_dir()
         settings.check_credentials()
     except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+        print(f"configuration error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return 2
-    workers = args.workers or int(raw_workers)
-    serve(settings, workers=max(1, workers))
+    from relay.server import serve
+
+    serve(settings, workers=workers)
     return 0
 
 

@@ -119,8 +119,10 @@ async def transfer_whisper(request: Request) -> Response:
     """TwiML spoken to the human agent before a transferred caller is connected."""
     runtime: Runtime = request.app.state.runtime
     text = request.query_params.get("text", "")
+    expires = request.query_params.get("expires", "")
     sig = request.query_params.get("sig", "")
-    if not text or not runtime.whisper_valid(text, sig):
+    if not text or not runtime.whisper_valid(text, expires, sig):
+        log.warning("transfer whisper refused: expired or not signed by this relay")
         return PlainTextResponse("forbidden", status_code=403)
     return Response(twiml.say_only(text), media_type=XML)
 

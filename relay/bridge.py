@@ -71,6 +71,7 @@ class CallBridge:
         self.call_sid = ""
         self.caller = ""
         self.called = ""
+        self.caller_memory: str | None = None  # notes from earlier calls: never passed on to a transfer whisper
         self.upstream: ClientConnection | None = None
         self.ending = False
         self.end_reason = ""
@@ -194,7 +195,7 @@ class CallBridge:
         self.called = start.custom_parameters.get("to", "")
         self.agent = runtime.profile_for(self.called)
         self.allowed_tools = self.agent.tools
-        memory = await self._caller_memory()
+        memory = self.caller_memory = await self._caller_memory()
         suffix = f"Notes from this caller's previous calls: {memory}" if memory else ""
         self.call = Call(
             call_sid=start.call_sid,
@@ -759,7 +760,9 @@ class CallBridge:
         await self.wait_playback_idle(self.settings.end_call_mark_timeout_s)
         if control is None:
             raise RuntimeError("transfers need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
-        await control.redirect(self.call_sid, twiml.dial(number, whisper_url=self.runtime.whisper_url(whisper)))
+        await control.redirect(
+            self.call_sid, twiml.dial(number, whisper_url=self.runtime.whisper_url(whisper, memory=self.caller_memory))
+        )
         await self._end("transferred")
 
     # ---- ending ------------------------------------------------------------------------------------

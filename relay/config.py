@@ -8,10 +8,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from relay.realtime import models
 
@@ -23,6 +24,7 @@ DEFAULT_INSTRUCTIONS = (
     "You are a friendly, concise phone assistant. Speak naturally, keep answers short, and ask one question at a time."
 )
 DEFAULT_GREETING = "Greet the caller warmly in one short sentence and ask how you can help."
+INSECURE_STREAM_SECRET = b"insecure-development-secret"  # RELAY_INSECURE_DEV without any secret: public
 GA_VOICES = models.GA_VOICES
 AZURE_API_VERSION = "2025-04-01-preview"
 
@@ -152,6 +154,101 @@ def _provider_settings(env: Mapping[str, str], dialect: str) -> dict[str, object
     }
 
 
+# Every secret the relay reads from the environment, with the fewest bytes it accepts (0: any length).
+# A value shipped as a placeholder in this repository's examples is refused whatever its length.
+SECRET_ENV: dict[str, int] = {
+    "OPENAI_API_KEY": 0,
+    "AZURE_OPENAI_API_KEY": 0,
+    "AZURE_OPENAI_AD_TOKEN": 0,
+    "TWILIO_AUTH_TOKEN": 0,
+    "RELAY_STREAM_SECRET": 32,
+    "RELAY_API_TOKEN": 32,
+    "RELAY_CALLER_KEY_SECRET": 32,
+}
+_PLACEHOLDER_WORDS = ("replaceme", "changeme", "changeit", "yourkey", "yoursecret", "yourtoken", "placeholder")
+_PLACEHOLDER_VALUES = frozenset({"", "secret", "password", "token", "todo", "tbd", "none", "null", "test", "example"})
+
+
+def is_placeholder(value: str) -> bool:
+    """True for example values such as ``replace-me``, ``REPLACE_ME``, ``changeme``, ``...`` or ``<your-key>``."""
+    folded = re.sub(r"[^a-z0-9]", "", value.lower())
+    return (
+        folded in _PLACEHOLDER_VALUES
+        or any(word in folded for word in _PLACEHOLDER_WORDS)
+        or bool(re.fullmatch(r"(sk)?(x+|0+)", folded))
+        or (value.startswith("<") and value.endswith(">"))
+    )
+
+
+def _secret(env: Mapping[str, str], name: str, min_bytes: int = 0) -> str | None:
+    """A secret from the environment (unset or empty: None); a placeholder or a short value is refused."""
+    raw = env.get(name)
+    if not raw:
+        return None
+    if is_placeholder(raw.strip()):
+        shown = f" ({raw.strip()!r})" if len(raw.strip()) <= 12 else ""  # a long one might be real after all
+        raise ConfigError(f"{name} is a placeholder{shown}; set the real secret")
+    size = len(raw.encode())
+    if size < min_bytes:
+        raise ConfigError(
+            f"{name} is {size} bytes; it must be at least {min_bytes} random bytes (e.g. `openssl rand -hex 32`)"
+        )
+    return raw
+
+
+def _check_secrets(env: Mapping[str, str]) -> None:
+    for name, min_bytes in SECRET_ENV.items():
+        _secret(env, name, min_bytes)
+
+
+def _port(env: Mapping[str, str], name: str = "PORT", default: int = 8000) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if not re.fullmatch(r"[0-9]{1,5}", raw) or not 1 <= int(raw) <= 65535:
+        raise ConfigError(f"{name} must be a TCP port between 1 and 65535, got {raw[:32]!r}")
+    return int(raw)
+
+
+def _redis_url(env: Mapping[str, str], name: str = "REDIS_URL") -> str | None:
+    """The URL as redis-py will read it, checked now rather than by a crashing worker."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    from redis.connection import parse_url
+
+    parts = urlsplit(raw)
+    shown = f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if _safe_port(parts) else "")
+    try:
+        kwargs = parse_url(raw)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise ConfigError(f"{name} is not a usable Redis URL ({exc}): {shown}") from None
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"{name}: a unix:// URL needs a socket path, got {shown}")
+    else:
+        if not parts.hostname:
+            raise ConfigError(f"{name} has no host, got {shown}")
+        if parts.port == 0:
+            raise ConfigError(f"{name}: port must be between 1 and 65535, got 0")
+        if parts.path not in ("", "/") and not re.fullmatch(r"/[0-9]{1,5}", parts.path):
+            raise ConfigError(f"{name}: the path must be a database number (/0 … /15), got {parts.path[:32]!r}")
+    db = kwargs.get("db", 0)
+    if not isinstance(db, int) or db < 0:
+        raise ConfigError(f"{name}: the database number must be a non-negative integer, got {db!r}")
+    password = parts.password
+    if password and is_placeholder(password):
+        raise ConfigError(f"{name} has a placeholder password; set the real one")
+    return raw
+
+
+def _safe_port(parts: SplitResult) -> int | None:
+    try:
+        return parts.port
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class VadSettings:
     type: VadType = "server_vad"
@@ -270,6 +367,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
+        _check_secrets(env)
         insecure = _bool(env, "RELAY_INSECURE_DEV", False)
         auth_token = env.get("TWILIO_AUTH_TOKEN") or None
         if not auth_token and not insecure:
@@ -284,7 +382,7 @@ class Settings:
             # Every instance derives the same secret, so a token minted by one verifies on another.
             stream_secret = hmac.new(auth_token.encode(), b"relay-stream-token", hashlib.sha256).digest()
         else:
-            stream_secret = b"insecure-development-secret"
+            stream_secret = INSECURE_STREAM_SECRET
         dialect = _choice(env, "OPENAI_REALTIME_DIALECT", "ga", ("ga", "beta"))
         upstream = _provider_settings(env, dialect)
         vad_type = _choice(env, "RELAY_VAD", "server_vad", ("server_vad", "semantic_vad", "none"))
@@ -331,14 +429,14 @@ class Settings:
         return cls(
             dialect=dialect,  # type: ignore[arg-type]
             **upstream,  # type: ignore[arg-type]
-            redis_url=env.get("REDIS_URL") or None,
+            redis_url=_redis_url(env),
             redis_prefix=env.get("RELAY_REDIS_PREFIX", "relay:"),
             twilio_account_sid=env.get("TWILIO_ACCOUNT_SID") or None,
             twilio_auth_token=auth_token,
             twilio_api_base=env.get("TWILIO_API_BASE") or None,
             public_url=public_url,
             host=env.get("HOST", "0.0.0.0"),
-            port=_int(env, "PORT", 8000, 0),
+            port=_port(env),
             insecure_dev=insecure,
             stream_secret=stream_secret,
             stream_token_ttl_s=_int(env, "RELAY_STREAM_TOKEN_TTL", 60, 5),

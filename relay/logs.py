@@ -135,6 +135,12 @@ def call_logger(call_sid: str, stream_sid: str = "", name: str = "relay.call") -
     return CallLogger(logging.getLogger(name), {"call_sid": call_sid, "stream_sid": stream_sid})
 
 
+def level_from(raw: str | None) -> str:
+    """LOG_LEVEL as configure() takes it, before the settings are read (an unknown value: INFO)."""
+    value = (raw or "info").strip().upper()
+    return value if value in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO"
+
+
 def configure(level: str = "INFO", secrets: Iterable[str | None] = (), stream: Any = None) -> None:
     """Route every logger (ours, uvicorn's, libraries') through one JSON handler with the redactor."""
     redactor = Redactor(secrets)

@@ -14,12 +14,15 @@ import glob
 import os
 import platform
 import re
+import tempfile
 import time
 from collections.abc import Mapping
 from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from relay.config import ConfigError
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 M2E_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -69,13 +72,27 @@ def multiprocess_dir() -> str | None:
 
 
 def reset_multiprocess_dir(path: str | None = None) -> None:
-    """Start of a server: remove metric files a previous run left behind (they would add up)."""
+    """Start of a server: remove metric files a previous run left behind (they would add up).
+
+    Raises ConfigError (one line naming the variable) when the directory cannot be made, is not a
+    directory, or is not writable: every worker would otherwise fail on its first metric.
+    """
     path = path or multiprocess_dir()
     if not path:
         return
-    os.makedirs(path, exist_ok=True)
-    for name in glob.glob(os.path.join(path, "*.db")):
-        os.remove(name)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{MULTIPROC_ENV}={path!r} exists and is not a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"{MULTIPROC_ENV}={path!r} cannot be created: {exc.strerror or exc}") from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+        for name in glob.glob(os.path.join(path, "*.db")):
+            os.remove(name)
+    except OSError as exc:
+        raise ConfigError(f"{MULTIPROC_ENV}={path!r} is not writable: {exc.strerror or exc}") from None
 
 
 def mark_worker_dead(pid: int) -> None:

@@ -8,19 +8,20 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import socket
 import time
 from datetime import date
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode, urlsplit
 
-from relay.config import AgentSettings, Settings
+from relay.config import INSECURE_STREAM_SECRET, AgentSettings, Settings
 from relay.metrics import Metrics
 from relay.profiles import Profiles, load_profiles
 from relay.realtime.dialect import Dialect, get_dialect
 from relay.realtime.models import shutdown_notice
 from relay.store import Store, make_store
-from relay.tools import ToolRegistry
+from relay.tools import ToolRegistry, whisper_text
 from relay.twilio.rest import TwilioControl
 
 if TYPE_CHECKING:
@@ -33,7 +34,11 @@ DRAIN_GOODBYE = "Sorry, we have to end this call for maintenance. Please call ba
 DRAIN_GOODBYE_TIMEOUT_S = 4.5
 DRAIN_TEARDOWN_WAIT_S = 1.0  # each call's teardown (final summary, state writes)
 METRICS_SYNC_S = 1.0
-MAX_WHISPER_CHARS = 600
+INSECURE_WARNING_S = 300.0  # RELAY_INSECURE_DEV is repeated in the log this often
+STORE_PROBE_S = 2.0  # Redis unreachable at start-up: probed this often until it answers
+WHISPER_TTL_S = 300  # a transfer rings for at most a few minutes before the human answers
+WHISPER_CLOCK_SKEW_S = 30  # instances' clocks may differ this much
+_EXPIRY = re.compile(r"[1-9][0-9]{0,11}")
 
 
 def check_configuration(
@@ -91,6 +96,21 @@ def interface_notices(settings: Settings) -> list[str]:
     return []
 
 
+def redis_location(url: str | None) -> str:
+    """host:port (or the socket path) of a Redis URL, for log lines: never its password."""
+    if not url:
+        return "-"
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        port = 6379
+    host = parts.hostname or "localhost"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class Runtime:
     def __init__(
         self,
@@ -127,25 +147,75 @@ class Runtime:
         self.started = False
         self._drain_task: asyncio.Task[None] | None = None
         self._metrics_task: asyncio.Task[None] | None = None
+        self._store_watch_task: asyncio.Task[None] | None = None
+        self.insecure_warning_interval_s = INSECURE_WARNING_S
 
     async def start(self) -> None:
         await self.store.start()
         self.started = True
-        self._metrics_task = asyncio.create_task(self._sync_metrics(), name="metrics-sync")
+        self._metrics_task = asyncio.create_task(self._periodic(), name="runtime-periodic")
+        if self.store.kind == "redis":
+            self._store_watch_task = asyncio.create_task(self._watch_store(), name="store-watch")
 
     async def stop(self) -> None:
-        if self._metrics_task is not None:
-            self._metrics_task.cancel()
-            self._metrics_task = None
+        for task in (self._metrics_task, self._store_watch_task):
+            if task is not None:
+                task.cancel()
+        self._metrics_task = self._store_watch_task = None
         await self.store.close()
         self.metrics.sync_store(self.store.queue_depth, self.store.dropped_writes)
         self.started = False
 
-    async def _sync_metrics(self) -> None:
-        """Store gauges are copied periodically: with several workers any one of them answers a scrape."""
+    async def _periodic(self) -> None:
+        """Store gauges are copied periodically: with several workers any one of them answers a scrape.
+
+        With RELAY_INSECURE_DEV the warning is logged at start-up and again every INSECURE_WARNING_S.
+        """
+        warned_at: float | None = None
         while True:
             self.metrics.sync_store(self.store.queue_depth, self.store.dropped_writes)
+            warning = self.insecure_warning()
+            if warning and (warned_at is None or time.monotonic() - warned_at >= self.insecure_warning_interval_s):
+                warned_at = time.monotonic()
+                log.warning(warning, extra={"insecure_dev": True})
             await asyncio.sleep(METRICS_SYNC_S)
+
+    def insecure_warning(self) -> str | None:
+        """What RELAY_INSECURE_DEV turns off in this configuration (None when it is not set)."""
+        settings = self.settings
+        if not settings.insecure_dev:
+            return None
+        disabled = []
+        if not settings.twilio_auth_token:
+            disabled.append("Twilio signature checks on /incoming-call are disabled (no TWILIO_AUTH_TOKEN)")
+        if settings.stream_secret == INSECURE_STREAM_SECRET:
+            disabled.append("media stream tokens are signed with a publicly known development secret")
+        if not disabled:
+            disabled.append("start-up would not insist on TWILIO_AUTH_TOKEN")
+        return f"RELAY_INSECURE_DEV=1, for local development only: {'; '.join(disabled)}"
+
+    async def _watch_store(self) -> None:
+        """Redis unreachable at start-up is one warning (host:port, never the password), then one line
+        when it answers; later outages are reported by the store's writer."""
+        where = redis_location(self.settings.redis_url)
+        down_since: float | None = None
+        while not await self.store.ping():
+            if down_since is None:
+                down_since = time.monotonic()
+                log.warning(
+                    "redis at %s is unreachable: caller memory, call state and GET /calls are degraded "
+                    "and /readyz answers 503 until it answers",
+                    where,
+                    extra={"redis": where},
+                )
+            await asyncio.sleep(STORE_PROBE_S)
+        if down_since is not None:
+            log.info(
+                "redis at %s is reachable again after %.1f s",
+                where,
+                time.monotonic() - down_since,
+                extra={"redis": where},
+            )
 
     def profile_for(self, called: str) -> AgentSettings:
         return self.profiles.for_number(called) if called else self.profiles.default
@@ -178,25 +248,39 @@ class Runtime:
             except Exception:
                 store_ok = False
         checks["store_ok"] = store_ok
+        warning = self.insecure_warning()
+        checks["insecure_dev"] = warning is not None
+        if warning:
+            checks["warning"] = warning
         checks["ready"] = store_ok and not self.draining and not self.full and self.started
         self.metrics.sync_store(self.store.queue_depth, self.store.dropped_writes)
         return checks
 
     # ---- transfer whisper: signed URL, so any instance can serve it -------------------------
 
-    def _whisper_sig(self, text: str) -> str:
-        mac = hmac.new(self.settings.stream_secret, b"whisper:" + text.encode(), hashlib.sha256).digest()
+    def _whisper_sig(self, text: str, expires: int) -> str:
+        message = b"whisper:%d:" % expires + text.encode()
+        mac = hmac.new(self.settings.stream_secret, message, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
-    def whisper_url(self, text: str | None) -> str | None:
+    def whisper_url(self, text: str | None, *, memory: str | None = None, now: float | None = None) -> str | None:
+        """A URL that serves ``text`` as <Say> for WHISPER_TTL_S seconds, capped and without caller memory."""
+        text = whisper_text(text or "", memory=memory)
         if not text or not self.settings.public_url:
             return None
-        text = text[:MAX_WHISPER_CHARS]
-        query = urlencode({"text": text, "sig": self._whisper_sig(text)})
+        expires = int(time.time() if now is None else now) + WHISPER_TTL_S
+        query = urlencode({"text": text, "expires": str(expires), "sig": self._whisper_sig(text, expires)})
         return f"{self.settings.public_url}/transfer-whisper?{query}"
 
-    def whisper_valid(self, text: str, sig: str) -> bool:
-        return hmac.compare_digest(self._whisper_sig(text), sig)
+    def whisper_valid(self, text: str, expires: str, sig: str, *, now: float | None = None) -> bool:
+        """A whisper URL this relay signed whose expiry has not passed (nor lies beyond any it mints)."""
+        if not _EXPIRY.fullmatch(expires):
+            return False  # ASCII digits only, no sign, no leading zero: one spelling per instant
+        deadline = int(expires)
+        if not hmac.compare_digest(self._whisper_sig(text, deadline).encode(), sig.encode()):
+            return False
+        current = time.time() if now is None else now
+        return current <= deadline <= current + WHISPER_TTL_S + WHISPER_CLOCK_SKEW_S
 
     # ---- graceful drain ----------------------------------------------------------------------
 

@@ -59,6 +59,41 @@ class ToolContext:
     summary: Callable[[], str | None] = field(default=lambda: None)
 
 
+MAX_WHISPER_CHARS = 300
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE_END.split(" ".join(text.split())) if s]
+
+
+def _folded(sentence: str) -> str:
+    return re.sub(r"[^0-9a-z]+", " ", sentence.lower()).strip()
+
+
+def whisper_text(text: str, *, memory: str | None = None, limit: int = MAX_WHISPER_CHARS) -> str:
+    """What a human colleague hears before a transfer: whole sentences, at most ``limit`` characters.
+
+    Sentences that repeat the caller's memory (notes kept from earlier calls) are left out: the
+    colleague hears about this call only. A first sentence longer than the limit is cut at a word.
+    """
+    remembered = {_folded(s) for s in _sentences(memory or "")}
+    kept: list[str] = []
+    length = 0
+    for sentence in _sentences(text):
+        if _folded(sentence) in remembered:
+            continue
+        extra = len(sentence) + (1 if kept else 0)
+        if length + extra > limit:
+            if not kept:
+                cut = sentence[: limit - 1].rsplit(" ", 1)[0].rstrip(",;:- ")
+                kept.append(cut + "…")
+            break
+        kept.append(sentence)
+        length += extra
+    return " ".join(kept)
+
+
 @dataclass(frozen=True)
 class ToolSpec:
     name: str
@@ -285,8 +320,11 @@ class ToolRegistry:
         for module_name in modules:
             try:
                 module = importlib.import_module(module_name)
-            except ImportError as exc:
-                raise ConfigError(f"RELAY_HANDLERS: cannot import {module_name!r}: {exc}") from exc
+            except Exception as exc:  # any failure of the module's own code is a configuration error too
+                detail = " ".join(str(exc).split())[:300]
+                raise ConfigError(
+                    f"RELAY_HANDLERS: cannot import {module_name!r}: {type(exc).__name__}: {detail}"
+                ) from exc
             found = [v for v in vars(module).values() if isinstance(getattr(v, "__relay_tool__", None), ToolSpec)]
             if not found:
                 log.warning("handler module %s defines no @tool functions", module_name)

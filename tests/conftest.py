@@ -234,7 +234,7 @@ def relay_settings(realtime_url: str, **overrides: Any) -> Settings:
         start_timeout_s=2.0,
         session_update_timeout_s=3.0,
         reconnect_backoff_s=0.05,
-        relay_api_token="test-api-token-abcdef",
+        relay_api_token="test-api-token-abcdef0123456789abcdef",
     )
     return dataclasses.replace(base, **overrides)
 

@@ -27,8 +27,8 @@ from relay.sim import ulaw
 from relay.sim.caller import CallerConfig, SimulatedCaller
 
 ROOT = Path(__file__).resolve().parent.parent
-STREAM_SECRET = "drain-test-stream-secret-5b1e0c"
-API_TOKEN = "ops-test-api-token-7c2d1f"
+STREAM_SECRET = "drain-test-stream-secret-5b1e0c9a4f7d2e8b"
+API_TOKEN = "ops-test-api-token-7c2d1f3e8a9b4c5d6e0f"
 _INHERITED_PREFIXES = ("RELAY_", "OPENAI_", "TWILIO_", "AZURE_OPENAI_")
 _INHERITED_NAMES = {
     "REDIS_URL",

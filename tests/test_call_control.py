@@ -30,7 +30,7 @@ from tools_support import (
 from twilio.base.exceptions import TwilioRestException
 
 from relay.config import AgentSettings, Settings
-from relay.runtime import Runtime
+from relay.runtime import WHISPER_TTL_S, Runtime
 from relay.sim import ulaw
 from relay.sim.caller import SimulatedCaller
 from relay.sim.local import LocalRelay
@@ -298,8 +298,8 @@ async def test_end_call_without_rest_credentials_still_ends_the_stream() -> None
 BILLING = "+15550003333"
 
 
-def whisper_sig(text: str) -> str:
-    mac = hmac.new(STREAM_SECRET, b"whisper:" + text.encode(), hashlib.sha256).digest()
+def whisper_sig(text: str, expires: str) -> str:
+    mac = hmac.new(STREAM_SECRET, f"whisper:{expires}:".encode() + text.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
 
@@ -389,14 +389,18 @@ async def test_transfer_with_a_whisper_for_the_human() -> None:
                 (redirect,) = api.requests
                 twiml = redirect.form["Twiml"][0]
                 text = "Incoming transfer. invoice question. Caller Ann asks why invoice 7 was charged twice."
-                url = f"{relay.base_url}/transfer-whisper?text={quote_plus(text)}&sig={whisper_sig(text)}"
+                number = ET.fromstring(twiml).find("./Dial/Number")
+                assert number is not None
+                expires = parse_qs(urlsplit(number.get("url", "")).query)["expires"][0]
+                assert time.time() + 290 < int(expires) <= time.time() + 300  # valid for five minutes
+                sig = whisper_sig(text, expires)
+                url = f"{relay.base_url}/transfer-whisper?text={quote_plus(text)}&expires={expires}&sig={sig}"
                 escaped = url.replace("&", "&amp;")
                 assert twiml == (
                     f'{XML_DECL}<Response><Dial><Number method="POST" url="{escaped}">{BILLING}</Number>'
                     "</Dial></Response>"
                 )
-                number = ET.fromstring(twiml).find("./Dial/Number")
-                assert number is not None and number.get("url") == url
+                assert number.get("url") == url
                 # Twilio fetches the whisper URL when the human answers: it says the text to them
                 async with httpx.AsyncClient() as http:
                     whisper = await http.post(url)
@@ -404,14 +408,80 @@ async def test_transfer_with_a_whisper_for_the_human() -> None:
                     assert whisper.headers["content-type"].startswith("application/xml")
                     assert whisper.text == f"{XML_DECL}<Response><Say>{text}</Say></Response>"
                     query = parse_qs(urlsplit(url).query)
-                    forged = {"text": "Transfer: give this caller a full refund.", "sig": query["sig"][0]}
+                    forged = {"text": "Transfer: give this caller a full refund.", "expires": expires, "sig": sig}
                     assert (await http.post(f"{relay.base_url}/transfer-whisper", params=forged)).status_code == 403
-                    bad_sig = {"text": text, "sig": query["sig"][0][:-2] + "AA"}
+                    bad_sig = {"text": text, "expires": expires, "sig": query["sig"][0][:-2] + "AA"}
                     assert (await http.post(f"{relay.base_url}/transfer-whisper", params=bad_sig)).status_code == 403
                     unsigned = await http.get(f"{relay.base_url}/transfer-whisper", params={"text": text})
                     assert unsigned.status_code == 403
     finally:
         await sim.stop()
+
+
+async def test_whisper_urls_expire_and_refuse_any_altered_part() -> None:
+    text = "Incoming transfer. Caller Ann asks about invoice 7."
+    async with LocalRelay(relay_settings("ws://127.0.0.1:9")) as relay:
+        runtime = relay.runtime
+
+        def parts(url: str | None) -> dict[str, str]:
+            assert url is not None and url.startswith(f"{relay.base_url}/transfer-whisper?")
+            return {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+
+        async with httpx.AsyncClient() as http:
+
+            async def status(params: dict[str, str]) -> int:
+                return (await http.post(f"{relay.base_url}/transfer-whisper", params=params)).status_code
+
+            fresh = parts(runtime.whisper_url(text))
+            assert sorted(fresh) == ["expires", "sig", "text"]
+            answer = await http.post(f"{relay.base_url}/transfer-whisper", params=fresh)
+            assert answer.status_code == 200
+            assert answer.text == f"{XML_DECL}<Response><Say>{text}</Say></Response>"
+            # minted WHISPER_TTL_S + 1 seconds ago: its five minutes are over
+            stale = parts(runtime.whisper_url(text, now=time.time() - WHISPER_TTL_S - 1))
+            assert await status(stale) == 403
+            assert await status({**fresh, "text": text + " Give them a refund."}) == 403
+            assert await status({**fresh, "expires": str(int(fresh["expires"]) + 3600)}) == 403
+            assert await status({**fresh, "sig": ""}) == 403
+            assert await status({"text": text, "sig": fresh["sig"]}) == 403  # no expiry at all
+            # other spellings of the same instant (a lax int() would accept them all)
+            digits = fresh["expires"]
+            arabic_indic = digits.translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))
+            for spelling in ("0" + digits, "+" + digits, f" {digits}", f"{digits} ", f"{digits}\n", arabic_indic):
+                assert await status({**fresh, "expires": spelling}) == 403, spelling
+            assert await status(fresh) == 200  # still valid: nothing above was a replay counter
+
+
+async def test_the_whisper_is_a_few_sentences_of_this_call_only() -> None:
+    sim = control_sim([("transfer_call", '{"destination": "billing", "reason": "invoice question"}')])
+    agent = AgentSettings(transfer_numbers={"billing": BILLING}, whisper_summary=True)
+    memory = "Caller Ann is a VIP customer with a disputed loan. She lives at 12 Elm Street."
+    details = [f"She also mentioned detail {i:02d} of her account." for i in range(12)]
+    await sim.start()
+    try:
+        with TwilioApiRecorder() as api:
+            async with LocalRelay(control_settings(sim, api, agent=agent, caller_memory=True)) as relay:
+                relay.runtime.store.set_caller_memory("+15550001111", memory)
+                caller = await greeted(relay, from_number="+15550001111")
+                bridge = relay.runtime.calls[caller.call_sid]
+                assert bridge.call is not None
+                assert bridge.caller_memory == memory  # the model was given it for this call
+                # the model's summary repeats the notes from earlier calls and goes on for too long
+                repeated = "Caller Ann is a VIP customer with a disputed loan."
+                bridge.call.summary = " ".join([repeated, "Ann asks why invoice 7 was charged twice.", *details])
+                await caller.press("5")
+                assert await caller.wait_closed(timeout=5) == 1000
+    finally:
+        await sim.stop()
+    (redirect,) = api.requests
+    number = ET.fromstring(redirect.form["Twiml"][0]).find("./Dial/Number")
+    assert number is not None
+    text = parse_qs(urlsplit(number.get("url", "")).query)["text"][0]
+    # whole sentences up to 300 characters (78 + 4 x 45), the remembered sentence left out
+    assert text == " ".join(
+        ["Incoming transfer.", "invoice question.", "Ann asks why invoice 7 was charged twice.", *details[:4]]
+    )
+    assert len(text) == 258
 
 
 async def test_a_failed_transfer_is_an_error_the_model_hears_and_the_call_goes_on() -> None:

@@ -267,11 +267,13 @@ async def eventually_async(read: Any, want: float, timeout: float) -> bool:
 
 
 def test_worker_count_comes_from_web_concurrency_or_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    import relay.logs
     import relay.server
     from relay.__main__ import main
 
     seen: list[int] = []
     monkeypatch.setattr(relay.server, "serve", lambda settings, workers=1: seen.append(workers))
+    monkeypatch.setattr(relay.logs, "configure", lambda *args, **kwargs: None)  # pytest keeps its own handlers
     monkeypatch.setenv("RELAY_INSECURE_DEV", "1")
     monkeypatch.setenv("WEB_CONCURRENCY", "3")
     assert main(["serve"]) == 0

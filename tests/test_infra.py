@@ -655,7 +655,7 @@ def test_env_example_covers_the_contract_with_placeholders() -> None:
     assert set(env) <= CONTRACT_ENV, f"unknown variables: {sorted(set(env) - CONTRACT_ENV)}"
     assert set(env) >= (CONTRACT_ENV - {"REDIS_URL", "HOST", "FORWARDED_ALLOW_IPS"})
     for key in SECRET_ENV:
-        assert env[key] == "replace-me", f"{key} must be a placeholder in the example"
+        assert env[key] == "REPLACE_ME", f"{key} must be a placeholder in the example (the relay refuses it)"
     for key, value in env.items():
         assert not looks_like_secret(value), f"{key} looks like a real credential"
     assert int(env["PORT"]) == relay_port() == 8000

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY, make_caller, relay_settings, wait_for
+from conftest import API_KEY, free_port, make_caller, relay_settings, wait_for
 from openai.types.beta.realtime import RealtimeClientEvent as BetaClientEvent
 from openai.types.realtime import RealtimeClientEvent as GaClientEvent
 from ops_support import RelayProcess
@@ -315,7 +315,7 @@ def test_provider_settings_are_checked(env: dict[str, str], message: str) -> Non
 def run_serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     inherited = ("RELAY_", "TWILIO_", "OPENAI_", "AZURE_OPENAI_")
     full = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
-    full.update({"RELAY_INSECURE_DEV": "1", "PORT": "0", **env})
+    full.update({"RELAY_INSECURE_DEV": "1", "PORT": str(free_port()), **env})
     return subprocess.run(
         [sys.executable, "-m", "relay", "serve"], env=full, capture_output=True, text=True, timeout=30, cwd=ROOT
     )

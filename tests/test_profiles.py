@@ -238,7 +238,7 @@ def test_start_up_refuses_unknown_tools_and_mcp_on_beta(tmp_path: Path, monkeypa
 
 def test_serve_exits_with_the_error_before_taking_calls(tmp_path: Path) -> None:
     bad = write(tmp_path, "bad.toml", '[profiles.a]\nvoice = "robot"\n')
-    env = {"PATH": "/usr/bin:/bin", "RELAY_INSECURE_DEV": "1", "RELAY_PROFILES": bad, "PORT": "0"}
+    env = {"PATH": "/usr/bin:/bin", "RELAY_INSECURE_DEV": "1", "RELAY_PROFILES": bad, "PORT": "8000"}
     result = subprocess.run(
         [sys.executable, "-m", "relay", "serve"], env=env, capture_output=True, text=True, timeout=60,
         cwd=Path(__file__).resolve().parent.parent,

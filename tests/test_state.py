@@ -28,7 +28,7 @@ from relay.sim.local import LocalRelay
 from relay.sim.realtime import RealtimeSimulator
 from relay.store import hash_number
 
-API_TOKEN = "test-api-token-abcdef"
+API_TOKEN = "test-api-token-abcdef0123456789abcdef"
 
 
 async def greeted_caller(relay: LocalRelay) -> SimulatedCaller:
@@ -148,7 +148,7 @@ async def test_caller_memory_reaches_the_next_call_on_another_instance_process(
         "REDIS_URL": redis_url,
         "RELAY_REDIS_PREFIX": store_prefix,
         "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-        "RELAY_STREAM_SECRET": "shared-secret-between-instances",
+        "RELAY_STREAM_SECRET": "shared-secret-between-instances-4d9e",
         "OPENAI_REALTIME_URL": sim.url,
         "OPENAI_API_KEY": "sk-test-instances-000000",
         "RELAY_API_TOKEN": API_TOKEN,
