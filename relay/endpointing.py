@@ -10,10 +10,10 @@ after ``silence_duration_ms`` of frames below it. The VAD ``threshold`` (0..1, s
 default) maps linearly onto the RMS of the 16-bit linear signal: ``threshold * RMS_AT_THRESHOLD_ONE``,
 so 0.5 is an RMS of 500, about -36 dBFS: well under telephone speech, well over line noise.
 
-With manual commits the API makes the whole buffer since the previous commit into the turn, so the
-committed audio always begins at least ``prefix_padding_ms`` before the onset except at the very start
-of a session; the padding is reported in ``SpeechStart.audio_start_ms``. A turn shorter than the API's
-100 ms commit minimum is never ended.
+``prefix_padding_ms`` needs no work here: a manual commit makes the whole buffer since the previous
+commit into the turn, so the committed audio holds everything before the onset (at least the padding,
+except right at the start of a session); the relay never holds caller audio back to trim it. A turn
+shorter than the API's 100 ms commit minimum is never ended.
 
 Sans-I/O: fed bytes, it returns boundaries; no clock (time is the audio's own position).
 """
@@ -50,8 +50,7 @@ def frame_square_sum(frame: bytes) -> int:
 
 @dataclass(frozen=True, slots=True)
 class SpeechStart:
-    onset_ms: int  # first loud frame, in this session's input audio
-    audio_start_ms: int  # the onset less prefix_padding_ms, not before the uncommitted audio
+    onset_ms: int  # start of the first loud frame, in this session's input audio
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +69,6 @@ class Endpointer:
         self._limit = rms * rms * FRAME_BYTES  # compared with the frame's square sum: no square root
         self._onset_frames = -(-SPEECH_ONSET_MS // FRAME_MS)
         self._silence_frames = max(1, -(-vad.silence_duration_ms // FRAME_MS))
-        self._padding_ms = vad.prefix_padding_ms
         self.reset()
 
     def reset(self) -> None:
@@ -115,9 +113,7 @@ class Endpointer:
             self._last_loud_end = self._position
             if not self.in_speech and self._loud >= self._onset_frames:
                 self.in_speech = True
-                onset_ms = (self._position - self._loud * FRAME_BYTES) // ULAW_BYTES_PER_MS
-                start_ms = max(self._committed // ULAW_BYTES_PER_MS, onset_ms - self._padding_ms, 0)
-                return SpeechStart(onset_ms, start_ms)
+                return SpeechStart((self._position - self._loud * FRAME_BYTES) // ULAW_BYTES_PER_MS)
             return None
         self._loud = 0
         if not self.in_speech:

@@ -404,11 +404,11 @@ def test_ulaw_expansion_table_is_g711() -> None:
 
 
 def test_endpointer_boundaries_to_the_frame() -> None:
-    endpointer = Endpointer(VadSettings(type="none", threshold=0.5, prefix_padding_ms=100, silence_duration_ms=500))
+    endpointer = Endpointer(VadSettings(type="none", threshold=0.5, silence_duration_ms=500))
     assert endpointer.feed(SILENT * 10) == []
     assert endpointer.feed(LOUD) == [] and endpointer.feed(LOUD) == []
-    # the third loud frame in a row (60 ms) starts speech at the first one: 200 ms, less 100 ms padding
-    assert endpointer.feed(LOUD) == [SpeechStart(onset_ms=200, audio_start_ms=100)]
+    # the third loud frame in a row (60 ms) starts speech, dated at the first one: 200 ms
+    assert endpointer.feed(LOUD) == [SpeechStart(onset_ms=200)]
     assert endpointer.feed(LOUD * 20) == []  # speech until 660 ms
     assert endpointer.feed(QUIET * 24) == []  # 480 ms of silence: not yet
     assert endpointer.feed(QUIET) == [SpeechEnd(audio_end_ms=660)]  # the 25th quiet frame: 500 ms
@@ -421,12 +421,12 @@ def test_endpointer_threshold_scales_and_frames_may_be_split() -> None:
     split = Endpointer(VadSettings(type="none", threshold=0.5, silence_duration_ms=100))
     audio = SILENT * 2 + LOUD * 5 + SILENT * 5
     found = [b for offset in range(0, len(audio), 100) for b in split.feed(audio[offset : offset + 100])]
-    assert found == [SpeechStart(40, 0), SpeechEnd(140)]
+    assert found == [SpeechStart(40), SpeechEnd(140)]
 
 
 def test_endpointer_never_ends_a_turn_under_the_commit_minimum() -> None:
     endpointer = Endpointer(VadSettings(type="none", silence_duration_ms=0))
-    assert endpointer.feed(LOUD * 3) == [SpeechStart(0, 0)]
+    assert endpointer.feed(LOUD * 3) == [SpeechStart(0)]
     assert endpointer.feed(SILENT) == []  # 80 ms buffered: the API refuses commits under 100 ms
     assert endpointer.feed(SILENT) == [SpeechEnd(60)]
 
