@@ -676,7 +676,7 @@ class Call:
             self.log.debug("cancel raced the end of the response (harmless)")
             return
         if code == "input_audio_buffer_commit_empty":
-            self.log.info("caller turn too short to commit; waiting for more speech")
+            self.log.info("the Realtime API found too little caller audio to commit that turn")
             return
         refused = self._sent_creates.pop(error.event_id, None) if error.event_id else None
         if refused is not None and self._create_in_flight is refused:

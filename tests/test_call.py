@@ -539,6 +539,16 @@ def test_cancel_not_active_error_is_only_a_debug_line(caplog: pytest.LogCaptureF
     assert [r.levelname for r in caplog.records] == ["DEBUG"]
 
 
+def test_a_refused_commit_is_not_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    call, _ = no_vad_call()
+    ready(call)
+    with caplog.at_level("DEBUG", logger="relay.call"):
+        call.upstream_event(
+            ev.ServerError("invalid_request_error", "input_audio_buffer_commit_empty", "small", None, None)
+        )
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+
+
 # ---- greeting and one-off responses keep the session's instructions -----------------------------
 
 
