@@ -104,6 +104,10 @@ class CallBridge:
         self.started_at = time.monotonic()
         self.agent = self.settings.agent
         self.allowed_tools: tuple[str, ...] | None = None
+        # how a caller frame is taken, chosen once per call (relay-side endpointing also looks at it)
+        self._take = self._take_now
+        self._call_timer: asyncio.Task[None] | None = None
+        self._endpoint_flush: asyncio.Task[None] | None = None
 
     # ---- admission -----------------------------------------------------------------------
 
@@ -253,7 +257,11 @@ class CallBridge:
         receive = self._receive
         max_bytes = self.settings.max_twilio_message_bytes
         parse = tw.parse
-        take_now = self._take_now
+        # Relay-side endpointing (vad "none") looks at every caller frame; otherwise frames only pass.
+        endpoint = call.caller_audio if call.endpointer is not None else None
+        if endpoint is not None:
+            self._take = self._take_now_endpointing
+        take_now = self._take
         self._media_since = time.monotonic()  # the stream has just started: audio may not outrun the clock
         direct = self._direct
         if direct is not None:  # frames that need no waiting are handled as they arrive
@@ -294,6 +302,9 @@ class CallBridge:
                     call.frames_in += 1
                     self._media_bytes += len(event.payload) * 3 // 4
                     await self._send_upstream(client.APPEND_PREFIX + event.payload + client.APPEND_SUFFIX)
+                    if endpoint is not None:
+                        endpoint(event.payload)
+                        await self._flush()
                 elif isinstance(event, tw.Dtmf):
                     allowed = self._dtmf_allowed()
                     if allowed is None:
@@ -303,6 +314,7 @@ class CallBridge:
                     if allowed:
                         call.twilio_dtmf(event.digit)
                         await self._flush()
+                        self._arm_call_timer()
                 elif isinstance(event, tw.Stop):
                     self._mark_ending("caller_hung_up")
                     return
@@ -330,7 +342,7 @@ class CallBridge:
             return False  # the loop parses it again and logs it
         frame = self._frames + 1
         t0 = time.perf_counter() if frame % HOP_SAMPLE_EVERY == 1 else 0.0
-        if self._take_now(event, t0):
+        if self._take(event, t0):
             self._frames = frame
             return True
         return False
@@ -363,6 +375,49 @@ class CallBridge:
             call.twilio_mark(event.name)
             return True
         return False
+
+    def _take_now_endpointing(self, event: tw.TwilioEvent, t0: float) -> bool:
+        """``_take_now``, then the frame goes to the call's endpointer (only when it has one)."""
+        if not self._take_now(event, t0):
+            return False
+        if type(event) is tw.Media:
+            call = self.call
+            assert call is not None
+            call.caller_audio(event.payload)
+            if (call.to_twilio or call.to_upstream or call.effects) and self._endpoint_flush is None:
+                # a speech boundary (barge-in, end of turn): sent by a task, as this must not wait
+                self._endpoint_flush = self._spawn(self._flush_endpointing(), "endpoint-flush")
+        return True
+
+    async def _flush_endpointing(self) -> None:
+        try:
+            await self._flush()
+        finally:
+            self._endpoint_flush = None
+
+    def _arm_call_timer(self) -> None:
+        """Wake up at the call's next deadline (a keypad entry's pause); one timer task per call."""
+        call = self.call
+        if call is None or call.next_deadline() is None or self.ending:
+            return
+        if self._call_timer is None or self._call_timer.done():
+            self._call_timer = self._spawn(self._run_call_timer(), "call-timer")
+
+    async def _run_call_timer(self) -> None:
+        call = self.call
+        assert call is not None
+        while not self.ending:
+            deadline = call.next_deadline()  # moves later with each key: sleep again until it holds
+            if deadline is None:
+                return
+            delay = deadline - call.clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            call.tick()
+            await self._flush()
+            if call.next_deadline() == deadline:
+                return  # nothing left that time can change (the call has closed)
 
     def _media_flood(self, payload: str) -> bool:
         """True if this frame would put the stream over its audio budget (real time plus a burst)."""

@@ -12,6 +12,7 @@ named ``<generation>.<seq>``; Twilio echoes the mark when the chunk has played. 
 
 from __future__ import annotations
 
+import binascii
 import enum
 import logging
 import time
@@ -23,6 +24,7 @@ from typing import Any
 import orjson
 
 from relay.config import AgentSettings
+from relay.endpointing import Endpointer, SpeechStart
 from relay.realtime import client
 from relay.realtime import events as ev
 from relay.realtime.dialect import Dialect
@@ -174,6 +176,9 @@ class Call:
 
         # responses
         self.active_response: str | None = None
+        # Interrupted responses whose response.done has not come yet: a response.create sent now
+        # would be refused with conversation_already_has_active_response, so creates wait for it.
+        self._ending_responses: set[str] = set()
         self._out_of_band: set[str] = set()
         self._dropped_responses: set[str] = set()
         self._create_in_flight: dict[str, Any] | None = None
@@ -197,6 +202,22 @@ class Call:
         self._summary_in_flight = False
         self._summary_final_requested = False
         self._last_input_tokens = 0
+
+        # turn taking: who asks for the answer to a caller's turn (PROTOCOLS §7)
+        vad = agent.vad
+        # relay-side endpointing when the session has no turn detection; the bridge feeds it caller audio
+        self.endpointer: Endpointer | None = Endpointer(vad) if vad.type == "none" else None
+        # server VAD that commits turns but leaves the answer to us (create_response false)
+        self._answer_commits = vad.type != "none" and not vad.create_response
+        # the server cancels a response at speech start by itself only with interrupt_response true
+        self._server_cancels_on_speech = vad.type != "none" and vad.interrupt_response
+        self._answered_commits: deque[str] = deque(maxlen=32)
+        self._turn_unsent = False  # relay-side turn ended while no session was ready to take the commit
+
+        # keypad entries
+        self._keys: list[str] = []
+        self._last_key_at = 0.0
+        self._unsent_items: list[dict[str, Any]] = []  # entries typed while no session was ready
 
         # tools
         self._tool_batches: dict[str, _ToolBatch] = {}
@@ -223,8 +244,13 @@ class Call:
 
     @property
     def playback_idle(self) -> bool:
-        """True when the caller has heard everything sent and nothing is being generated."""
-        return self.unplayed_bytes == 0 and self.active_response is None and self._create_in_flight is None
+        """True when the caller has heard everything sent and nothing is being generated or waits to be."""
+        return (
+            self.unplayed_bytes == 0
+            and self.active_response is None
+            and self._create_in_flight is None
+            and not any(c.get("response", {}).get("conversation") != "none" for c in self._queued_creates)
+        )
 
     def _set_phase(self, phase: Phase) -> None:
         if self.phase is not Phase.CLOSED:
@@ -251,6 +277,12 @@ class Call:
             text = f"{text}\n\n{self.resume_context()}"
         return text
 
+    def with_session_instructions(self, text: str) -> str:
+        """``response.instructions`` replaces the session's for that response (PROTOCOLS §8): a spoken
+        one-off (greeting, goodbye) carries the session's instructions too, so the persona and what
+        is known about the caller hold from the first word."""
+        return f"{self.instructions()}\n\n{text}"
+
     def resume_context(self) -> str:
         """What a replacement Realtime session needs to continue mid-call."""
         lines = [
@@ -272,9 +304,12 @@ class Call:
         self.session_ready = False
         self.caller_audio_committed_ms = 0
         self.active_response = None
+        self._ending_responses.clear()
         self._out_of_band.clear()
         self._create_in_flight = None
         self._session_items = set()
+        if self.endpointer is not None:
+            self.endpointer.new_session()
         self.conversation_items = []
         self._summary_in_flight = False
         self._set_phase(Phase.CONFIGURING)
@@ -289,6 +324,7 @@ class Call:
         if self.active_response:
             self._dropped_responses.add(self.active_response)
         self.active_response = None
+        self._ending_responses.clear()
         self._create_in_flight = None
         self._queued_creates.clear()
         self.session_ready = False
@@ -299,6 +335,8 @@ class Call:
     def close(self, reason: str) -> None:
         if self.phase is Phase.CLOSED:
             return
+        if self._keys:  # the caller hung up mid-entry: keep what was typed, answer nothing
+            self._record_entry("hangup")
         self.phase = Phase.CLOSED
         self.effects.append(Entry("system", {"event": "call_ended", "reason": reason}))
 
@@ -308,6 +346,8 @@ class Call:
         """Caller audio: the base64 string goes upstream untouched (validated by the parser)."""
         self.frames_in += 1
         self.to_upstream.append(client.APPEND_PREFIX + payload + client.APPEND_SUFFIX)
+        if self.endpointer is not None:
+            self.caller_audio(payload)
 
     def twilio_mark(self, name: str) -> None:
         gen, _, _ = name.partition(".")
@@ -334,10 +374,77 @@ class Call:
                 self._awaiting_first_mark_name = None
         self._settle_phase()
 
+    def caller_audio(self, payload: str) -> None:
+        """Relay-side endpointing only: look at a caller frame already sent upstream as is."""
+        endpointer = self.endpointer
+        if endpointer is None:
+            return
+        try:
+            audio = binascii.a2b_base64(payload)
+        except binascii.Error:
+            return  # the parser lets only base64 through; nothing to look at otherwise
+        for boundary in endpointer.feed(audio):
+            if isinstance(boundary, SpeechStart):
+                self._caller_started(cancel=True)  # no server VAD: nobody else cancels the response
+            else:
+                self._caller_stopped(boundary.audio_end_ms)
+                self._end_relay_turn()
+
+    def _end_relay_turn(self) -> None:
+        """input_audio_buffer.commit, then one response.create (PROTOCOLS §7, turn_detection null)."""
+        assert self.endpointer is not None
+        if not self.session_ready:
+            self._turn_unsent = True  # committed once the new session (with the replayed audio) is ready
+            return
+        self._turn_unsent = False
+        self.endpointer.committed()
+        self.caller_audio_committed_ms = max(self.caller_audio_committed_ms, self.endpointer.position_ms)
+        self._send_upstream(client.commit())
+        self.request_response(self.dialect.response_create())
+
     def twilio_dtmf(self, digit: str) -> None:
-        self.effects.append(Entry("dtmf", {"digit": digit}))
-        self.turns.append(_Turn("Caller (keypad)", f"pressed {digit}"))
-        self._send_upstream(client.user_text(f"The caller pressed {digit}"))
+        """One key press. Keys are collected into one entry, which ends with the terminator, a pause
+        of ``dtmf.timeout_ms`` (see ``next_deadline``/``tick``) or ``dtmf.max_digits`` keys."""
+        settings = self.agent.dtmf
+        now = self.clock()
+        if self._keys and now >= self._last_key_at + settings.timeout_ms / 1000.0:
+            self._finish_entry("timeout")  # the timer had not fired yet: that entry was over
+        if settings.interrupt:
+            self._interrupt_assistant(cancel=True)  # the server never cancels for a key press
+            self._settle_phase()
+        self._keys.append(digit)
+        self._last_key_at = now
+        if settings.terminator and digit == settings.terminator:
+            self._finish_entry("terminator")
+        elif len(self._keys) >= settings.max_digits:
+            self._finish_entry("max_digits")
+
+    def next_deadline(self) -> float | None:
+        """When ``tick`` has something to do (clock time), or None: the bridge sleeps until then."""
+        if self._keys:
+            return self._last_key_at + self.agent.dtmf.timeout_ms / 1000.0
+        return None
+
+    def tick(self) -> None:
+        """Let time pass: a keypad entry whose inter-key pause is over is complete."""
+        deadline = self.next_deadline()
+        if deadline is not None and self.clock() >= deadline and self.phase is not Phase.CLOSED:
+            self._finish_entry("timeout")
+
+    def _record_entry(self, ended: str) -> str:
+        digits = "".join(self._keys)
+        self._keys.clear()
+        self.effects.append(Entry("dtmf", {"digits": digits, "ended": ended}))
+        return digits
+
+    def _finish_entry(self, ended: str) -> None:
+        digits = self._record_entry(ended)
+        self.turns.append(_Turn("Caller (keypad)", f"entered {digits}"))
+        item = client.user_text(f"The caller entered {' '.join(digits)}")
+        if self.session_ready:
+            self._send_upstream(item)
+        else:
+            self._unsent_items.append(item)
         self.request_response(self.dialect.response_create())
 
     # ---- responses ----------------------------------------------------------------------
@@ -349,7 +456,7 @@ class Call:
         if not self.session_ready:
             self._queued_creates.append(create)
             return
-        if self.active_response is None and self._create_in_flight is None:
+        if self.active_response is None and self._create_in_flight is None and not self._ending_responses:
             self._send_create(create)
             return
         is_plain = "response" not in create
@@ -368,13 +475,14 @@ class Call:
         """Make the assistant speak now (drain goodbye, announcements), optionally cutting it off."""
         if interrupt and self.active_response is not None:
             self._dropped_responses.add(self.active_response)
+            self._ending_responses.add(self.active_response)
             self._send_upstream(client.cancel(self.active_response))
             self.active_response = None
-        self.request_response(self.dialect.response_create(instructions=instructions))
+        self.request_response(self.dialect.response_create(instructions=self.with_session_instructions(instructions)))
 
     def _flush_queued_create(self) -> None:
         if self.session_ready and self._queued_creates and self.active_response is None:
-            if self._create_in_flight is None:
+            if self._create_in_flight is None and not self._ending_responses:
                 self._send_create(self._queued_creates.popleft())
 
     def request_summary(self, *, final: bool = False) -> bool:
@@ -384,6 +492,7 @@ class Call:
         self._summary_in_flight = True
         self._summary_final_requested = final
         previous = f" Earlier summary: {self.summary}" if self.summary else ""
+        # Out of band and never spoken: these instructions replace the persona on purpose.
         self.request_response(
             self.dialect.response_create(
                 instructions=(
@@ -433,10 +542,10 @@ class Call:
             self._on_speech_started(event)
         elif kind is ev.SpeechStopped:
             assert isinstance(event, ev.SpeechStopped)
-            self.caller_speaking = False
-            self.caller_audio_committed_ms = max(self.caller_audio_committed_ms, event.audio_end_ms)
-            self._speech_stopped_at = self.clock()
-            self._settle_phase()
+            self._caller_stopped(event.audio_end_ms)
+        elif kind is ev.InputCommitted:
+            assert isinstance(event, ev.InputCommitted)
+            self._on_input_committed(event)
         elif kind is ev.ResponseCreated:
             assert isinstance(event, ev.ResponseCreated)
             self._on_response_created(event)
@@ -498,9 +607,22 @@ class Call:
             self.greeted = True
             self._set_phase(Phase.GREETING)
             self._speech_stopped_at = self.clock()  # greeting latency counts from session ready
-            self.request_response(self.dialect.response_create(instructions=self.agent.greeting))
+            greeting = self.with_session_instructions(self.agent.greeting)
+            self.request_response(self.dialect.response_create(instructions=greeting))
         self.greeted = True
+        for item in self._unsent_items:
+            self._send_upstream(item)
+        self._unsent_items.clear()
+        if self._turn_unsent:
+            self._end_relay_turn()
         self._flush_queued_create()
+
+    def _on_input_committed(self, event: ev.InputCommitted) -> None:
+        """Server VAD with create_response false: each committed caller turn gets one response.create."""
+        if not self._answer_commits or event.item_id in self._answered_commits:
+            return
+        self._answered_commits.append(event.item_id)
+        self.request_response(self.dialect.response_create())
 
     def _on_response_created(self, event: ev.ResponseCreated) -> None:
         metadata = event.metadata or {}
@@ -533,6 +655,7 @@ class Call:
             return
         if event.status == "failed":
             self.log.warning("response %s failed: %s", event.response_id, event.error_code or event.status_reason)
+        self._ending_responses.discard(event.response_id)
         if self.active_response == event.response_id or self.active_response is None:
             self.active_response = None
         if event.function_calls:
@@ -551,6 +674,9 @@ class Call:
         self.effects.append(Metric("realtime_errors", 1.0, code))
         if code == "response_cancel_not_active":
             self.log.debug("cancel raced the end of the response (harmless)")
+            return
+        if code == "input_audio_buffer_commit_empty":
+            self.log.info("the Realtime API found too little caller audio to commit that turn")
             return
         refused = self._sent_creates.pop(error.event_id, None) if error.event_id else None
         if refused is not None and self._create_in_flight is refused:
@@ -619,12 +745,31 @@ class Call:
         return item_id, min(nbytes, frames_begun * FRAME_MS * ULAW_BYTES_PER_MS)
 
     def _on_speech_started(self, event: ev.SpeechStarted) -> None:
+        # With interrupt_response true the server has cancelled the response already; a cancel from
+        # us could only draw response_cancel_not_active (PROTOCOLS §7, §11).
+        self._caller_started(cancel=not self._server_cancels_on_speech)
+
+    def _caller_started(self, *, cancel: bool) -> None:
+        """The caller started speaking (server VAD or relay-side endpointing)."""
         self.caller_speaking = True
         self._speech_stopped_at = None
+        if self._interrupt_assistant(cancel=cancel):
+            self._set_phase(Phase.INTERRUPTED)
+        else:
+            self._settle_phase()
+
+    def _caller_stopped(self, audio_end_ms: int) -> None:
+        self.caller_speaking = False
+        self.caller_audio_committed_ms = max(self.caller_audio_committed_ms, audio_end_ms)
+        self._speech_stopped_at = self.clock()
+        self._settle_phase()
+
+    def _interrupt_assistant(self, *, cancel: bool) -> bool:
+        """Barge-in: clear Twilio, truncate each item at what was heard, drop the response's late
+        deltas and, when ``cancel`` (the server won't), cancel it. False if nothing was playing."""
         interrupted_response = self.active_response
         if not self._pending_marks and interrupted_response is None:
-            self._settle_phase()
-            return
+            return False
         self.effects.append(Metric("barge_ins", 1.0))
         if self._pending_marks:
             self.to_twilio.append(self.out.clear())
@@ -662,9 +807,11 @@ class Call:
             self._awaiting_first_mark_name = None
         if interrupted_response is not None:
             self._dropped_responses.add(interrupted_response)
-            self._send_upstream(client.cancel(interrupted_response))
+            self._ending_responses.add(interrupted_response)
+            if cancel:
+                self._send_upstream(client.cancel(interrupted_response))
             self.active_response = None
-        self._set_phase(Phase.INTERRUPTED)
+        return True
 
     # ---- tools ----------------------------------------------------------------------------
 

@@ -261,6 +261,31 @@ class VadSettings:
     idle_timeout_ms: int | None = None
 
 
+DTMF_KEYS = "0123456789*#ABCD"
+
+
+@dataclass(frozen=True)
+class DtmfSettings:
+    """How key presses become one keypad entry (an account number, a menu choice)."""
+
+    terminator: str = "#"  # "" = no terminator: an entry ends by pause or length only
+    timeout_ms: int = 2000  # pause after the last key that ends an entry
+    max_digits: int = 20  # keys (the terminator not counted) that end an entry by themselves
+    interrupt: bool = True  # a key press cuts off the assistant like speech does
+
+
+def check_dtmf(dtmf: DtmfSettings, names: Mapping[str, str]) -> None:
+    """``names`` maps each field to what the operator wrote (an env variable, a profile key)."""
+    if dtmf.terminator and (len(dtmf.terminator) != 1 or dtmf.terminator not in DTMF_KEYS):
+        raise ConfigError(
+            f"{names['terminator']} must be one key of 0-9 * # A-D, or empty for none, got {dtmf.terminator!r}"
+        )
+    if dtmf.timeout_ms < 100:
+        raise ConfigError(f"{names['timeout_ms']} must be at least 100 (ms), got {dtmf.timeout_ms}")
+    if dtmf.max_digits < 1:
+        raise ConfigError(f"{names['max_digits']} must be at least 1, got {dtmf.max_digits}")
+
+
 @dataclass(frozen=True)
 class AgentSettings:
     """What the assistant is: per called number when profiles are configured."""
@@ -270,6 +295,7 @@ class AgentSettings:
     voice: str | None = None  # None: the dialect's default (GA marin, beta alloy)
     speed: float = 1.0
     vad: VadSettings = field(default_factory=VadSettings)
+    dtmf: DtmfSettings = field(default_factory=DtmfSettings)
     transcription_model: str | None = models.DEFAULT_TRANSCRIPTION_MODEL
     noise_reduction: str | None = "near_field"
     tools: tuple[str, ...] | None = None  # None: every loaded tool
@@ -397,6 +423,20 @@ class Settings:
         )
         if not 0.0 <= vad.threshold <= 1.0:
             raise ConfigError("RELAY_VAD_THRESHOLD must be between 0 and 1")
+        dtmf = DtmfSettings(
+            terminator=env.get("RELAY_DTMF_TERMINATOR", "#").strip(),
+            timeout_ms=_int(env, "RELAY_DTMF_TIMEOUT_MS", 2000, 100),
+            max_digits=_int(env, "RELAY_DTMF_MAX_DIGITS", 20, 1),
+            interrupt=_bool(env, "RELAY_DTMF_INTERRUPT", True),
+        )
+        check_dtmf(
+            dtmf,
+            {
+                "terminator": "RELAY_DTMF_TERMINATOR",
+                "timeout_ms": "RELAY_DTMF_TIMEOUT_MS",
+                "max_digits": "RELAY_DTMF_MAX_DIGITS",
+            },
+        )
         greeting = env.get("RELAY_GREETING", DEFAULT_GREETING)
         voice = env.get("RELAY_VOICE") or models.DEFAULT_VOICE[dialect]
         speed = _float(env, "RELAY_VOICE_SPEED", 1.0, 0.25)
@@ -407,6 +447,7 @@ class Settings:
             voice=voice,
             speed=speed,
             vad=vad,
+            dtmf=dtmf,
             transcription_model=env.get("RELAY_TRANSCRIPTION_MODEL", models.DEFAULT_TRANSCRIPTION_MODEL) or None,
             noise_reduction=(_choice(env, "RELAY_NOISE_REDUCTION", "near_field", ("near_field", "far_field", "off"))),
         )

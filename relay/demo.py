@@ -110,7 +110,7 @@ async def run_demo(
     if record_data is not None:
         print("  conversation record:")
         for entry in record_data.entries:
-            detail = entry.get("text") or entry.get("digit") or entry.get("reason") or entry.get("event") or ""
+            detail = entry.get("text") or entry.get("digits") or entry.get("reason") or entry.get("event") or ""
             if entry["kind"] == "interruption":
                 detail = f"assistant cut at {entry['audio_end_ms']} ms"
             print(f"    {entry['kind']:<13} {detail}")

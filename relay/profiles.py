@@ -23,6 +23,12 @@ Every profile starts from the environment's agent settings (``RELAY_INSTRUCTIONS
     [profiles.support.vad]
     type = "semantic_vad"                 # server_vad, semantic_vad or none
     eagerness = "low"
+    create_response = true                # false: the relay asks for each answer after the turn is committed
+    [profiles.support.dtmf]               # key presses are collected into one entry
+    terminator = "#"                      # ends an entry ("" = none)
+    timeout_ms = 2000                     # so does this pause after the last key
+    max_digits = 20                       # and this many keys
+    interrupt = true                      # a key press cuts the assistant off, like speech
     [[profiles.support.mcp_servers]]
     server_label = "crm"
     server_url = "https://crm.example.com/mcp"
@@ -60,7 +66,7 @@ from typing import Any
 
 import yaml
 
-from relay.config import AgentSettings, ConfigError, check_voice
+from relay.config import AgentSettings, ConfigError, check_dtmf, check_voice
 
 _NUMBER = (int, float)
 _PROFILE_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -76,6 +82,7 @@ _PROFILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "transcription_model": str,
     "noise_reduction": str,
     "vad": dict,
+    "dtmf": dict,
     "mcp_servers": list,
 }
 _VAD_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -87,6 +94,12 @@ _VAD_KEYS: dict[str, type | tuple[type, ...]] = {
     "create_response": bool,
     "interrupt_response": bool,
     "idle_timeout_ms": int,
+}
+_DTMF_KEYS: dict[str, type | tuple[type, ...]] = {
+    "terminator": str,
+    "timeout_ms": int,
+    "max_digits": int,
+    "interrupt": bool,
 }
 _MCP_KEYS: dict[str, type | tuple[type, ...]] = {
     "server_label": str,
@@ -187,6 +200,11 @@ def _profile(name: str, data: Any, base: AgentSettings, env: Mapping[str, str], 
             raise ConfigError(f"{where}.vad.eagerness must be low, medium, high or auto, got {vad.eagerness!r}")
         if not 0.0 <= vad.threshold <= 1.0:
             raise ConfigError(f"{where}.vad.threshold must be between 0 and 1")
+    dtmf = base.dtmf
+    if "dtmf" in data:
+        _check_keys(f"{where}.dtmf", data["dtmf"], _DTMF_KEYS)
+        dtmf = replace(dtmf, **data["dtmf"])
+        check_dtmf(dtmf, {key: f"{where}.dtmf.{key}" for key in _DTMF_KEYS})
     voice = data.get("voice", base.voice)
     speed = data.get("speed", base.speed)
     check_voice(dialect, voice, speed, voice_key=f"{where}.voice", speed_key=f"{where}.speed")
@@ -216,6 +234,7 @@ def _profile(name: str, data: Any, base: AgentSettings, env: Mapping[str, str], 
         voice=voice,
         speed=float(speed),
         vad=vad,
+        dtmf=dtmf,
         tools=tuple(tools) if tools is not None else base.tools,
         transfer_numbers=transfers or dict(base.transfer_numbers),
         allow_any_transfer_number=data.get("allow_any_transfer_number", base.allow_any_transfer_number),

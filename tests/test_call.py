@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -11,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.call import Call, Entry, Metric, Phase, RunTool, SummaryReady, UsageReport, b64_decoded_len
-from relay.config import AgentSettings
+from relay.config import AgentSettings, DtmfSettings, VadSettings
+from relay.endpointing import ULAW_TO_LINEAR, Endpointer, SpeechEnd, SpeechStart
 from relay.realtime import events as ev
 from relay.realtime.dialect import get_dialect
 
@@ -26,13 +28,15 @@ class Clock:
         return self.now
 
 
-def make_call(dialect: str = "ga", greeting: str | None = "Say hello", **kw: Any) -> tuple[Call, Clock]:
+def make_call(
+    dialect: str = "ga", greeting: str | None = "Say hello", agent: AgentSettings | None = None, **kw: Any
+) -> tuple[Call, Clock]:
     clock = Clock()
     call = Call(
         call_sid="CA" + "1" * 32,
         stream_sid=STREAM,
         dialect=get_dialect(dialect),
-        agent=AgentSettings(greeting=greeting),
+        agent=replace(agent or AgentSettings(), greeting=greeting),
         model="gpt-realtime",
         clock=clock,
         **kw,
@@ -70,7 +74,8 @@ def test_greeting_after_session_updated_only_once() -> None:
     call, _ = make_call()
     sent = ready(call)
     assert [m["type"] for m in sent] == ["response.create"]
-    assert sent[0]["response"]["instructions"] == "Say hello"
+    # the session's instructions stay in force for the greeting (response.instructions replaces them)
+    assert sent[0]["response"]["instructions"] == f"{call.agent.instructions}\n\nSay hello"
     call.upstream_event(ev.SessionUpdated({}))
     assert call.drain()[1] == []
     assert call.phase is Phase.GREETING
@@ -121,7 +126,8 @@ def test_barge_in_truncates_at_played_audio_and_clears() -> None:
         "content_index": 0,
         "audio_end_ms": 200,
     }
-    assert sent[1] == {"type": "response.cancel", "response_id": "resp_1"}
+    # interrupt_response (default true): the server cancels the response itself; no response.cancel
+    assert len(sent) == 1
     assert Metric("barge_ins") in effects
     assert call.unplayed_bytes == 0
     # marks of cleared audio are echoed by Twilio but never count as played
@@ -184,32 +190,25 @@ def test_truncate_is_clamped_to_received_audio() -> None:
     assert truncate["audio_end_ms"] == 60
 
 
-def test_dtmf_becomes_user_text_and_one_response() -> None:
-    call, _ = make_call(greeting=None)
-    ready(call)
-    call.twilio_dtmf("5")
-    sent = [orjson.loads(m) for m in call.drain()[1]]
-    assert sent[0]["item"]["content"][0]["text"] == "The caller pressed 5"
-    assert sent[1]["type"] == "response.create"
-
-
 def test_response_create_waits_for_active_response() -> None:
-    call, _ = make_call(greeting=None)
+    call, _ = make_call(greeting=None, agent=AgentSettings(dtmf=DtmfSettings(interrupt=False)))
     ready(call)
     start_response(call)
     call.twilio_dtmf("1")
+    call.twilio_dtmf("#")
     call.twilio_dtmf("2")
+    call.twilio_dtmf("#")
     sent = [orjson.loads(m)["type"] for m in call.drain()[1]]
-    assert sent.count("response.create") == 0
+    assert sent == ["conversation.item.create", "conversation.item.create"]
     call.upstream_event(ev.ResponseDone("resp_1", "completed", None, (), {}, None, ""))
     sent = [orjson.loads(m)["type"] for m in call.drain()[1]]
-    assert sent == ["response.create"]  # one response sees both digits
+    assert sent == ["response.create"]  # one response sees both entries
 
 
 def test_active_response_error_requeues() -> None:
     call, _ = make_call(greeting=None)
     ready(call)
-    call.twilio_dtmf("1")
+    call.twilio_dtmf("#")
     create = [orjson.loads(m) for m in call.drain()[1]][1]
     call.upstream_event(
         ev.ServerError(
@@ -384,3 +383,288 @@ def test_summary_request_that_loses_a_race_to_a_vad_response_is_retried() -> Non
     call.upstream_event(ev.ResponseDone("vad", "completed", None, (), {}, None, ""))
     retried = [orjson.loads(m) for m in call.drain()[1]]
     assert [m["event_id"] for m in retried] == [summary["event_id"]]
+
+
+# ---- relay-side endpointing (vad.type = "none") ------------------------------------------------
+
+LOUD = bytes([0xDB, 0x5B] * 80)  # one 20 ms frame at +-524 linear: RMS 524, just over 0.5 -> 500
+QUIET = bytes([0xDC, 0x5C] * 80)  # RMS 492: just under it
+SILENT = b"\xff" * 160
+
+
+def frames(frame: bytes, count: int) -> list[str]:
+    return [base64.b64encode(frame).decode()] * count
+
+
+def test_ulaw_expansion_table_is_g711() -> None:
+    assert ULAW_TO_LINEAR[0xFF] == ULAW_TO_LINEAR[0x7F] == 0
+    assert ULAW_TO_LINEAR[0x80] == 32124 and ULAW_TO_LINEAR[0x00] == -32124
+    assert ULAW_TO_LINEAR[0xDB] == 524 and ULAW_TO_LINEAR[0x5B] == -524
+    assert len(set(ULAW_TO_LINEAR)) == 255  # every code but the two zeros is distinct
+
+
+def test_endpointer_boundaries_to_the_frame() -> None:
+    endpointer = Endpointer(VadSettings(type="none", threshold=0.5, silence_duration_ms=500))
+    assert endpointer.feed(SILENT * 10) == []
+    assert endpointer.feed(LOUD) == [] and endpointer.feed(LOUD) == []
+    # the third loud frame in a row (60 ms) starts speech, dated at the first one: 200 ms
+    assert endpointer.feed(LOUD) == [SpeechStart(onset_ms=200)]
+    assert endpointer.feed(LOUD * 20) == []  # speech until 660 ms
+    assert endpointer.feed(QUIET * 24) == []  # 480 ms of silence: not yet
+    assert endpointer.feed(QUIET) == [SpeechEnd(audio_end_ms=660)]  # the 25th quiet frame: 500 ms
+    assert not endpointer.in_speech
+
+
+def test_endpointer_threshold_scales_and_frames_may_be_split() -> None:
+    strict = Endpointer(VadSettings(type="none", threshold=0.6, silence_duration_ms=100))
+    assert strict.feed(LOUD * 10) == []  # 524 is under 0.6 -> 600
+    split = Endpointer(VadSettings(type="none", threshold=0.5, silence_duration_ms=100))
+    audio = SILENT * 2 + LOUD * 5 + SILENT * 5
+    found = [b for offset in range(0, len(audio), 100) for b in split.feed(audio[offset : offset + 100])]
+    assert found == [SpeechStart(40), SpeechEnd(140)]
+
+
+def test_endpointer_never_ends_a_turn_under_the_commit_minimum() -> None:
+    endpointer = Endpointer(VadSettings(type="none", silence_duration_ms=0))
+    assert endpointer.feed(LOUD * 3) == [SpeechStart(0)]
+    assert endpointer.feed(SILENT) == []  # 80 ms buffered: the API refuses commits under 100 ms
+    assert endpointer.feed(SILENT) == [SpeechEnd(60)]
+
+
+def no_vad_call(greeting: str | None = None, **vad: Any) -> tuple[Call, Clock]:
+    agent = AgentSettings(vad=VadSettings(type="none", silence_duration_ms=200, **vad))
+    return make_call(greeting=greeting, agent=agent)
+
+
+def feed(call: Call, payloads: list[str]) -> list[dict[str, Any]]:
+    """Caller frames in; what the call sent upstream besides the appends themselves."""
+    for payload in payloads:
+        call.twilio_media(payload)
+    return [e for e in map(orjson.loads, call.drain()[1]) if e["type"] != "input_audio_buffer.append"]
+
+
+def test_without_server_vad_the_relay_commits_the_turn_and_asks_for_one_answer() -> None:
+    call, _ = no_vad_call()
+    ready(call)
+    assert feed(call, frames(SILENT, 5) + frames(LOUD, 30) + frames(SILENT, 9)) == []
+    assert call.caller_speaking
+    sent = feed(call, frames(SILENT, 1))  # the 10th silent frame completes the 200 ms silence window
+    assert [e["type"] for e in sent] == ["input_audio_buffer.commit", "response.create"]
+    assert not call.caller_speaking
+    assert call.caller_audio_committed_ms == 900  # all input audio so far is in that turn
+    # the server's committed event for our own commit asks for nothing more
+    call.upstream_event(ev.InputCommitted("item_u1"))
+    assert call.drain()[1] == []
+    assert feed(call, frames(SILENT, 50)) == []
+
+
+def test_without_server_vad_speech_interrupts_and_cancels_and_the_answer_waits() -> None:
+    call, _ = no_vad_call(greeting="Say hello")
+    ready(call)
+    start_response(call, "resp_g", "item_g")
+    marks = []
+    for _ in range(4):
+        call.upstream_event(ev.AudioDelta("resp_g", "item_g", audio(100)))
+        marks.append(twilio_msgs(call)[1]["mark"]["name"])
+    call.twilio_mark(marks[0])  # 100 ms heard
+    assert feed(call, frames(LOUD, 2)) == []
+    assert call.drain()[0] == []
+    for payload in frames(LOUD, 1):  # the third loud frame: speech
+        call.twilio_media(payload)
+    to_twilio, to_upstream, _ = call.drain()
+    assert [orjson.loads(m)["event"] for m in to_twilio] == ["clear"]
+    sent = [e for e in map(orjson.loads, to_upstream) if e["type"] != "input_audio_buffer.append"]
+    assert sent == [
+        {"type": "conversation.item.truncate", "item_id": "item_g", "content_index": 0, "audio_end_ms": 100},
+        {"type": "response.cancel", "response_id": "resp_g"},  # no server VAD: nobody else cancels
+    ]
+    # the turn ends before the cancelled response is done: the answer waits for response.done
+    assert [e["type"] for e in feed(call, frames(LOUD, 5) + frames(SILENT, 10))] == ["input_audio_buffer.commit"]
+    call.upstream_event(ev.ResponseDone("resp_g", "cancelled", "client_cancelled", (), {}, None, ""))
+    assert [orjson.loads(m)["type"] for m in call.drain()[1]] == ["response.create"]
+
+
+def test_a_relay_side_turn_ending_between_sessions_is_committed_once_the_next_is_ready() -> None:
+    call, _ = no_vad_call()
+    ready(call)
+    feed(call, frames(LOUD, 10))
+    call.upstream_lost()
+    call.upstream_opened()
+    call.drain()
+    assert feed(call, frames(SILENT, 10)) == []  # nothing can take a commit now
+    assert [e["type"] for e in ready(call)] == ["input_audio_buffer.commit", "response.create"]
+
+
+def test_server_vad_default_needs_no_response_create_after_a_commit() -> None:
+    call, _ = make_call(greeting=None)
+    ready(call)
+    call.upstream_event(ev.SpeechStarted(100, "item_u"))
+    call.upstream_event(ev.SpeechStopped(900, "item_u"))
+    call.upstream_event(ev.InputCommitted("item_u"))
+    assert call.drain()[1] == []
+
+
+def test_create_response_false_gets_one_response_create_per_committed_turn() -> None:
+    call, _ = make_call(greeting=None, agent=AgentSettings(vad=VadSettings(create_response=False)))
+    ready(call)
+    call.upstream_event(ev.SpeechStarted(100, "item_u1"))
+    call.upstream_event(ev.SpeechStopped(900, "item_u1"))
+    assert call.drain()[1] == []  # not at speech_stopped: only once the turn is committed
+    call.upstream_event(ev.InputCommitted("item_u1"))
+    call.upstream_event(ev.InputCommitted("item_u1"))  # the same turn again asks for nothing
+    assert [orjson.loads(m)["type"] for m in call.drain()[1]] == ["response.create"]
+    start_response(call, "resp_1", "item_a")
+    call.upstream_event(ev.InputCommitted("item_u2"))  # while a response is active: queued
+    assert call.drain()[1] == []
+    call.upstream_event(ev.ResponseDone("resp_1", "completed", None, (), {}, None, ""))
+    assert [orjson.loads(m)["type"] for m in call.drain()[1]] == ["response.create"]
+
+
+def test_barge_in_cancels_only_when_the_server_will_not() -> None:
+    call, _ = make_call(agent=AgentSettings(vad=VadSettings(interrupt_response=False)))
+    ready(call)
+    start_response(call)
+    call.upstream_event(ev.AudioDelta("resp_1", "item_a", audio(100)))
+    call.drain()
+    call.upstream_event(ev.SpeechStarted(500, "item_u"))
+    sent = [orjson.loads(m) for m in call.drain()[1]]
+    assert [e["type"] for e in sent] == ["conversation.item.truncate", "response.cancel"]
+
+
+def test_cancel_not_active_error_is_only_a_debug_line(caplog: pytest.LogCaptureFixture) -> None:
+    call, _ = make_call(greeting=None)
+    ready(call)
+    with caplog.at_level("DEBUG", logger="relay.call"):
+        call.upstream_event(ev.ServerError("invalid_request_error", "response_cancel_not_active", "no", None, None))
+    assert [r.levelname for r in caplog.records] == ["DEBUG"]
+
+
+def test_a_refused_commit_is_not_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    call, _ = no_vad_call()
+    ready(call)
+    with caplog.at_level("DEBUG", logger="relay.call"):
+        call.upstream_event(
+            ev.ServerError("invalid_request_error", "input_audio_buffer_commit_empty", "small", None, None)
+        )
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+
+
+# ---- greeting and one-off responses keep the session's instructions -----------------------------
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+def test_greeting_and_goodbye_carry_the_session_instructions(dialect: str) -> None:
+    call, _ = make_call(
+        dialect, agent=AgentSettings(instructions="You are ACME support."), instructions_suffix="Caller is Ana."
+    )
+    (greeting,) = ready(call)
+    assert greeting["response"]["instructions"] == "You are ACME support.\n\nCaller is Ana.\n\nSay hello"
+    call.upstream_event(ev.ResponseCreated("resp_g", None, None))
+    call.say("Say goodbye", interrupt=True)
+    (cancel,) = (orjson.loads(m) for m in call.drain()[1])  # the goodbye waits for the cancel to be done
+    assert cancel == {"type": "response.cancel", "response_id": "resp_g"}
+    call.upstream_event(ev.ResponseDone("resp_g", "cancelled", None, (), {}, None, ""))
+    (goodbye,) = (orjson.loads(m) for m in call.drain()[1])
+    assert goodbye["response"]["instructions"] == "You are ACME support.\n\nCaller is Ana.\n\nSay goodbye"
+
+
+# ---- keypad entries ------------------------------------------------------------------------------
+
+
+def keypad_call(**dtmf: Any) -> tuple[Call, Clock]:
+    call, clock = make_call(greeting=None, agent=AgentSettings(dtmf=DtmfSettings(**dtmf)))
+    ready(call)
+    return call, clock
+
+
+def press(call: Call, keys: str) -> tuple[list[dict[str, Any]], list[Any]]:
+    for key in keys:
+        call.twilio_dtmf(key)
+    _, upstream, effects = call.drain()
+    return [orjson.loads(m) for m in upstream], [e for e in effects if isinstance(e, Entry)]
+
+
+def test_keys_until_the_terminator_are_one_entry_and_one_response() -> None:
+    call, _ = keypad_call()
+    assert press(call, "4512") == ([], [])  # still typing: nothing is sent, nothing answered
+    sent, entries = press(call, "#")
+    assert [e["type"] for e in sent] == ["conversation.item.create", "response.create"]
+    assert sent[0]["item"]["content"] == [{"type": "input_text", "text": "The caller entered 4 5 1 2 #"}]
+    assert entries == [Entry("dtmf", {"digits": "4512#", "ended": "terminator"})]
+    assert call.next_deadline() is None
+
+
+def test_an_entry_ends_after_the_pause_exactly_at_the_timeout() -> None:
+    call, clock = keypad_call(timeout_ms=2000)
+    press(call, "4")
+    clock.now += 1.5
+    press(call, "5")  # each key restarts the pause
+    assert call.next_deadline() == clock.now + 2.0
+    clock.now += 1.999
+    call.tick()
+    assert call.drain()[1] == []
+    clock.now += 0.001  # exactly 2000 ms after the last key
+    call.tick()
+    _, upstream, effects = call.drain()
+    assert [orjson.loads(m)["item"]["content"][0]["text"] for m in upstream[:1]] == ["The caller entered 4 5"]
+    assert Entry("dtmf", {"digits": "45", "ended": "timeout"}) in effects
+    assert call.next_deadline() is None
+
+
+def test_a_key_after_an_overdue_pause_starts_a_new_entry() -> None:
+    call, clock = keypad_call(timeout_ms=2000)
+    press(call, "1")
+    clock.now += 2.5  # the timer has not fired yet
+    sent, entries = press(call, "2")
+    assert sent[0]["item"]["content"][0]["text"] == "The caller entered 1"
+    assert entries == [Entry("dtmf", {"digits": "1", "ended": "timeout"})]
+    assert call.next_deadline() == clock.now + 2.0
+
+
+def test_max_digits_end_an_entry_and_no_terminator_can_be_configured() -> None:
+    call, _ = keypad_call(max_digits=3, terminator="")
+    assert press(call, "#1") == ([], [])  # without a terminator "#" is a key like any other
+    sent, entries = press(call, "2")
+    assert sent[0]["item"]["content"][0]["text"] == "The caller entered # 1 2"
+    assert entries == [Entry("dtmf", {"digits": "#12", "ended": "max_digits"})]
+
+
+def test_a_key_press_interrupts_the_assistant_like_speech() -> None:
+    call, _ = keypad_call()
+    start_response(call)
+    marks = []
+    for _ in range(5):
+        call.upstream_event(ev.AudioDelta("resp_1", "item_a", audio(100)))
+        marks.append(twilio_msgs(call)[1]["mark"]["name"])
+    call.twilio_mark(marks[2])  # 300 ms heard
+    call.twilio_dtmf("1")
+    to_twilio, to_upstream, effects = call.drain()
+    assert [orjson.loads(m)["event"] for m in to_twilio] == ["clear"]
+    assert [orjson.loads(m) for m in to_upstream] == [
+        {"type": "conversation.item.truncate", "item_id": "item_a", "content_index": 0, "audio_end_ms": 300},
+        {"type": "response.cancel", "response_id": "resp_1"},  # the server never cancels for a key
+    ]
+    assert Entry("interruption", {"item_id": "item_a", "audio_end_ms": 300, "received_ms": 500}) in effects
+    # the entry's answer waits for the cancelled response to be done
+    assert [e["type"] for e in press(call, "#")[0]] == ["conversation.item.create"]
+    call.upstream_event(ev.ResponseDone("resp_1", "cancelled", None, (), {}, None, ""))
+    assert [orjson.loads(m)["type"] for m in call.drain()[1]] == ["response.create"]
+
+
+def test_a_profile_can_keep_key_presses_from_interrupting() -> None:
+    call, _ = keypad_call(interrupt=False)
+    start_response(call)
+    call.upstream_event(ev.AudioDelta("resp_1", "item_a", audio(100)))
+    call.drain()
+    call.twilio_dtmf("1")
+    assert call.drain()[:2] == ([], [])
+    assert call.unplayed_bytes == 800
+
+
+def test_keys_typed_when_the_caller_hangs_up_are_kept() -> None:
+    call, _ = keypad_call()
+    press(call, "12")
+    call.close("caller_hung_up")
+    _, upstream, effects = call.drain()
+    assert upstream == []
+    assert effects[0] == Entry("dtmf", {"digits": "12", "ended": "hangup"})

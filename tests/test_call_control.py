@@ -111,7 +111,7 @@ def control_sim(calls: list[tuple[str, str]], **config: Any) -> RealtimeSimulato
     config.setdefault("realtime_factor", 8.0)
     config.setdefault("greeting_reply_ms", 200)
     config.setdefault("reply_ms", 300)
-    return RealtimeSimulator(SimConfig(function_calls_on_text={"pressed 5": calls}, **config))
+    return RealtimeSimulator(SimConfig(function_calls_on_text={"entered 5 #": calls}, **config))
 
 
 async def greeted(relay: LocalRelay, **config: Any) -> SimulatedCaller:
@@ -137,7 +137,7 @@ async def test_end_call_hangs_up_only_after_the_goodbye_has_played() -> None:
         with TwilioApiRecorder() as api:
             async with LocalRelay(control_settings(sim, api, end_call_mark_timeout_s=5.0)) as relay:
                 caller = await greeted(relay)
-                await caller.press("5")
+                await caller.enter("5#")
                 pressed_at = time.monotonic()
                 assert await caller.wait_closed(timeout=8) == 1000
                 reason = await end_reason(relay, caller.call_sid)
@@ -262,6 +262,7 @@ async def test_end_call_hangs_up_after_the_timeout_when_marks_never_come() -> No
                 await phone.connect()
                 assert await wait_for(lambda: phone.marks_in > 0, timeout=5)  # the greeting arrived
                 await phone.press("5")
+                await phone.press("#")
                 pressed_at = time.monotonic()
                 assert await wait_for(lambda: api.requests, timeout=5)
                 assert await wait_for(lambda: phone.close_code is not None, timeout=5)
@@ -286,7 +287,7 @@ async def test_end_call_without_rest_credentials_still_ends_the_stream() -> None
         async with LocalRelay(relay_settings(sim.url, end_call_mark_timeout_s=1.0)) as relay:
             assert relay.runtime.twilio_control is None
             caller = await greeted(relay)
-            await caller.press("5")
+            await caller.enter("5#")
             assert await caller.wait_closed(timeout=5) == 1000
             assert await end_reason(relay, caller.call_sid) == "assistant_ended"
     finally:
@@ -311,7 +312,7 @@ async def test_transfer_dials_the_profile_number() -> None:
         with TwilioApiRecorder() as api:
             async with LocalRelay(control_settings(sim, api, agent=agent)) as relay:
                 caller = await greeted(relay)
-                await caller.press("5")
+                await caller.enter("5#")
                 assert await caller.wait_closed(timeout=5) == 1000
                 reason = await end_reason(relay, caller.call_sid)
     finally:
@@ -338,7 +339,7 @@ async def test_an_invented_number_is_refused_and_the_call_goes_on() -> None:
             async with LocalRelay(control_settings(sim, api, agent=agent)) as relay:
                 caller = await greeted(relay)
                 heard = caller.played_bytes
-                await caller.press("5")
+                await caller.enter("5#")
                 session = only_session(sim)
                 assert await wait_for(lambda: outputs(session), timeout=5)
                 assert await caller.wait_for_audio(heard // 8 + 300, timeout=5)
@@ -364,7 +365,7 @@ async def test_any_number_when_the_profile_allows_it() -> None:
         with TwilioApiRecorder() as api:
             async with LocalRelay(control_settings(sim, api, agent=agent)) as relay:
                 caller = await greeted(relay)
-                await caller.press("5")
+                await caller.enter("5#")
                 assert await caller.wait_closed(timeout=5) == 1000
                 assert await end_reason(relay, caller.call_sid) == "transferred"
     finally:
@@ -384,7 +385,7 @@ async def test_transfer_with_a_whisper_for_the_human() -> None:
                 bridge = relay.runtime.calls[caller.call_sid]
                 assert bridge.call is not None
                 bridge.call.summary = "Caller Ann asks why invoice 7 was charged twice."
-                await caller.press("5")
+                await caller.enter("5#")
                 assert await caller.wait_closed(timeout=5) == 1000
                 (redirect,) = api.requests
                 twiml = redirect.form["Twiml"][0]
@@ -494,7 +495,7 @@ async def test_a_failed_transfer_is_an_error_the_model_hears_and_the_call_goes_o
             async with LocalRelay(control_settings(sim, api, agent=agent)) as relay:
                 caller = await greeted(relay)
                 heard = caller.played_bytes
-                await caller.press("5")
+                await caller.enter("5#")
                 session = only_session(sim)
                 assert await wait_for(lambda: outputs(session), timeout=5)
                 assert await caller.wait_for_audio(heard // 8 + 300, timeout=5)

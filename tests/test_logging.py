@@ -227,7 +227,7 @@ async def _full_call(caller: SimulatedCaller, *, assistant_hangs_up: bool = Fals
         return stream.parameters["token"]
     await caller.wait_for_audio(600, timeout=5)
     await caller.wait_idle(timeout=5)
-    await caller.press("7")
+    await caller.enter("7#")
     assert caller._ws is not None
     await caller._ws.send('{"event":"media","media":{"payload":"not base64!"}}')
     await caller.wait_for_audio(900, timeout=5)

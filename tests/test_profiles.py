@@ -16,7 +16,7 @@ from openai.types.realtime import RealtimeClientEvent
 from pydantic import TypeAdapter
 from tools_support import received
 
-from relay.config import AgentSettings, ConfigError, Settings, VadSettings
+from relay.config import AgentSettings, ConfigError, DtmfSettings, Settings, VadSettings
 from relay.profiles import load_profiles, parse_profiles
 from relay.runtime import Runtime
 from relay.sim.local import LocalRelay
@@ -195,12 +195,40 @@ def test_toml_and_yaml_files_load_to_the_same_profiles(tmp_path: Path) -> None:
             {"profiles": {"a": {"mcp_servers": [{"server_label": "c d", "server_url": "https://x"}]}}},
             "server_label: 'c d' may only contain",
         ),
+        ({"profiles": {"a": {"dtmf": {"terminator": "##"}}}}, "profiles.a.dtmf.terminator must be one key"),
+        ({"profiles": {"a": {"dtmf": {"timeout_ms": 20}}}}, "profiles.a.dtmf.timeout_ms must be at least 100"),
+        ({"profiles": {"a": {"dtmf": {"max_digits": 0}}}}, "profiles.a.dtmf.max_digits must be at least 1"),
+        ({"profiles": {"a": {"dtmf": {"interrupt": "no"}}}}, "profiles.a.dtmf.interrupt: expected true or false"),
+        ({"profiles": {"a": {"dtmf": {"digits": 4}}}}, "profiles.a.dtmf: unknown key 'digits'"),
     ],
 )
 def test_validation_errors_name_the_key(document: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_profiles(document, BASE, {})
     assert message in str(info.value)
+
+
+def test_keypad_settings_per_profile_and_from_the_environment() -> None:
+    document = {"profiles": {"ivr": {"dtmf": {"terminator": "*", "timeout_ms": 1500, "max_digits": 6}}}}
+    ivr = parse_profiles(document, BASE, {}).by_name["ivr"]
+    assert ivr.dtmf == DtmfSettings(terminator="*", timeout_ms=1500, max_digits=6, interrupt=True)
+    quiet = parse_profiles({"profiles": {"q": {"dtmf": {"interrupt": False}}}}, BASE, {}).by_name["q"]
+    assert quiet.dtmf == DtmfSettings(interrupt=False)
+    env = {"RELAY_INSECURE_DEV": "1"}
+    assert Settings.from_env(env).agent.dtmf == DtmfSettings(terminator="#", timeout_ms=2000, max_digits=20)
+    custom = Settings.from_env(
+        {**env, "RELAY_DTMF_TERMINATOR": "", "RELAY_DTMF_TIMEOUT_MS": "3000", "RELAY_DTMF_MAX_DIGITS": "4"}
+    )
+    assert custom.agent.dtmf == DtmfSettings(terminator="", timeout_ms=3000, max_digits=4)
+    for name, value, message in [
+        ("RELAY_DTMF_TERMINATOR", "X", "RELAY_DTMF_TERMINATOR must be one key of 0-9 * # A-D"),
+        ("RELAY_DTMF_TIMEOUT_MS", "50", "RELAY_DTMF_TIMEOUT_MS must be >= 100"),
+        ("RELAY_DTMF_MAX_DIGITS", "0", "RELAY_DTMF_MAX_DIGITS must be >= 1"),
+        ("RELAY_DTMF_INTERRUPT", "maybe", "RELAY_DTMF_INTERRUPT must be a boolean"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            Settings.from_env({**env, name: value})
+        assert message in str(info.value)
 
 
 def test_file_errors(tmp_path: Path) -> None:
@@ -292,7 +320,8 @@ async def test_the_called_number_selects_the_profile(tmp_path: Path, monkeypatch
     assert [t for t in session["tools"] if t["type"] == "mcp"] == [CRM]
     greeting = support[1]
     assert greeting["type"] == "response.create"
-    assert greeting["response"]["instructions"] == "Greet the caller as ACME support."
+    # the greeting is spoken in the profile's persona: its instructions, then the greeting instruction
+    assert greeting["response"]["instructions"] == "You answer for ACME support.\n\nGreet the caller as ACME support."
     # an unknown number gets the default profile: its instructions, voice and tools only
     default_session = other[0]["session"]
     validate(other[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import orjson
@@ -128,6 +129,7 @@ def test_client_events_validate(dialect: str) -> None:
         system,
         client.function_output("call_1", '{"ok": true}'),
         client.delete_item("item_1"),
+        client.commit(),
         d.response_create(),
         d.response_create(instructions="Greet the caller"),
         d.response_create(instructions="Summarize", out_of_band=True, metadata={"purpose": "summary"}, text_only=True),
@@ -156,6 +158,7 @@ def test_call_object_output_validates(dialect: str) -> None:
     call.upstream_event(ev.AudioDelta("r1", "i1", "/////w=="))
     call.upstream_event(ev.SpeechStarted(10, "u1"))
     call.twilio_dtmf("7")
+    call.twilio_dtmf("#")
     call.upstream_event(ev.ResponseDone("r1", "cancelled", None, (), {}, None, ""))
     for i in range(3):
         call.upstream_event(ev.ItemAdded(f"x{i}", None, {}))
@@ -177,6 +180,39 @@ def test_call_object_output_validates(dialect: str) -> None:
         "conversation.item.create",
         "conversation.item.delete",
     } <= kinds
+    for message in sent:
+        assert_valid(dialect, message)
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+def test_relay_side_turns_validate(dialect: str) -> None:
+    """Without server VAD: commit, response.create and the barge-in cancel, as the call sends them."""
+    call = Call(
+        call_sid="CA1",
+        stream_sid="MZ1",
+        dialect=get_dialect(dialect),
+        agent=AgentSettings(vad=VadSettings(type="none", silence_duration_ms=100)),
+        model="m",
+    )
+    call.upstream_opened()
+    call.upstream_event(ev.SessionUpdated({}))
+    call.upstream_event(ev.ResponseCreated("r1", None, None))
+    call.upstream_event(ev.AudioDelta("r1", "i1", "/////w=="))
+    loud = base64.b64encode(bytes([0x80, 0x00] * 80)).decode()
+    silent = base64.b64encode(b"\xff" * 160).decode()
+    for payload in [loud] * 10 + [silent] * 10:
+        call.twilio_media(payload)
+    call.upstream_event(ev.ResponseDone("r1", "cancelled", None, (), {}, None, ""))
+    sent = call.drain()[1]
+    kinds = [orjson.loads(m)["type"] for m in sent]
+    assert [k for k in kinds if k != "input_audio_buffer.append"] == [
+        "session.update",
+        "response.create",
+        "conversation.item.truncate",
+        "response.cancel",
+        "input_audio_buffer.commit",
+        "response.create",
+    ]
     for message in sent:
         assert_valid(dialect, message)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import logging
 import os
 from typing import Any
 
@@ -17,6 +18,7 @@ from openai.types.realtime import RealtimeClientEvent as GaClientEvent
 from pydantic import TypeAdapter
 from twilio.request_validator import RequestValidator
 
+from relay.config import AgentSettings, DtmfSettings, VadSettings
 from relay.realtime.connection import RealtimeConnection
 from relay.security import mint_stream_token
 from relay.sim import ulaw
@@ -109,20 +111,165 @@ async def test_barge_in_truncates_at_what_the_caller_heard(sim: RealtimeSimulato
         await caller.hangup()
 
 
-async def test_dtmf_reaches_the_model_as_text_and_one_response(sim: RealtimeSimulator) -> None:
-    sim.config.greeting_reply_ms = 200
+def received_types(session: Any) -> list[str]:
+    return [event["type"] for _, event in session.received]
+
+
+def relay_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Warning lines of the call's own loggers (the store's start-up notice is not about the call)."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name.startswith(("relay.call", "relay.bridge"))
+    ]
+
+
+async def test_barge_in_with_server_vad_draws_no_cancel_and_no_warning(
+    sim: RealtimeSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """interrupt_response (default true): the server cancels the response itself at speech start."""
+    sim.config.realtime_factor = 1.0  # the greeting is still being generated when the caller speaks
+    sim.config.greeting_reply_ms = 6000
+    sim.config.reply_ms = 400
     async with LocalRelay(relay_settings(sim.url)) as relay:
+        caller = make_caller(relay)
+        await caller.connect()
+        assert await caller.wait_for_audio(1000, timeout=5)
+        caller.say(ulaw.synth_speech(600) + ulaw.silence(700))
+        assert await wait_for(lambda: bool(sim.sessions[0].truncates), timeout=5)
+        assert await wait_for(lambda: len(sim.sessions[0].responses) == 2, timeout=10)  # greeting, answer
+        await caller.wait_idle(timeout=5)
+        await caller.hangup()
+    session = sim.sessions[0]
+    assert session.responses[0]["status_details"]["reason"] == "turn_detected"
+    assert received_types(session).count("response.cancel") == 0
+    assert [e for e in session.sent if e["type"] == "error"] == []
+    assert relay_warnings(caplog) == []
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+async def test_without_server_vad_the_relay_ends_the_turn_and_the_caller_is_answered(
+    sim: RealtimeSimulator, caplog: pytest.LogCaptureFixture, dialect: str
+) -> None:
+    sim.config.greeting_reply_ms = 300
+    sim.config.reply_ms = 800
+    agent = AgentSettings(vad=VadSettings(type="none", silence_duration_ms=400))
+    async with LocalRelay(relay_settings(sim.url, agent=agent, dialect=dialect)) as relay:
+        caller = make_caller(relay)
+        await caller.connect()
+        assert await caller.wait_for_audio(300, timeout=5)
+        await caller.wait_idle(timeout=5)
+        await caller.say_and_wait(ulaw.synth_speech(700) + ulaw.silence(600))
+        assert await caller.wait_for_audio(300 + 800, timeout=5)  # the answer
+        await caller.wait_idle(timeout=5)
+        await caller.hangup()
+    session = sim.sessions[0]
+    configured = session.session["audio"]["input"] if dialect == "ga" else session.session
+    assert configured["turn_detection"] is None
+    assert session.speech_started_at == []  # the simulator ran no VAD of its own
+    types = received_types(session)
+    assert types.count("input_audio_buffer.commit") == 1
+    assert types.count("response.create") == 2  # the greeting's, then the answer's
+    commit = types.index("input_audio_buffer.commit")
+    assert types.index("response.create", commit) == commit + 1
+    assert session.turns == 1
+    assert [r["status"] for r in session.responses] == ["completed", "completed"]
+    assert [e for e in session.sent if e["type"] == "error"] == []
+    for _, event in session.received:
+        CLIENT_TYPES[dialect].validate_python(event)
+    assert relay_warnings(caplog) == []
+
+
+async def test_create_response_false_gets_one_answer_per_committed_turn(sim: RealtimeSimulator) -> None:
+    sim.config.greeting_reply_ms = 300
+    sim.config.reply_ms = 500
+    agent = AgentSettings(vad=VadSettings(create_response=False))
+    async with LocalRelay(relay_settings(sim.url, agent=agent)) as relay:
+        caller = make_caller(relay)
+        await caller.connect()
+        assert await caller.wait_for_audio(300, timeout=5)
+        await caller.wait_idle(timeout=5)
+        for turn in range(2):
+            before = caller.played_bytes // ulaw.ULAW_BYTES_PER_MS
+            await caller.say_and_wait(ulaw.synth_speech(500, seed=turn) + ulaw.silence(700))
+            assert await caller.wait_for_audio(before + 500, timeout=5)
+            await caller.wait_idle(timeout=5)
+        await caller.hangup()
+    session = sim.sessions[0]
+    assert session.turns == 2
+    assert received_types(session).count("response.create") == 3  # the greeting's and one per turn
+    assert [e for e in session.sent if e["type"] == "error"] == []
+    assert len(session.responses) == 3
+
+
+async def test_a_keypad_entry_is_one_user_item_and_one_response(
+    sim: RealtimeSimulator, redis_url: str, store_prefix: str
+) -> None:
+    sim.config.greeting_reply_ms = 200
+    settings = relay_settings(sim.url, redis_url=redis_url, redis_prefix=store_prefix)
+    async with LocalRelay(settings) as relay:
         caller = make_caller(relay)
         await caller.connect()
         await caller.wait_for_audio(200, timeout=5)
         await caller.wait_idle(timeout=5)
-        await caller.press("5")
-        assert await wait_for(lambda: len(sim.sessions[0].received) >= 4, timeout=5)
+        await caller.enter("4512#")
+        assert await wait_for(lambda: len(sim.sessions[0].responses) == 2, timeout=5)
+        await caller.wait_idle(timeout=5)
         await caller.hangup()
-    received = [event for _, event in sim.sessions[0].received]
-    index = next(i for i, e in enumerate(received) if e["type"] == "conversation.item.create")
-    assert received[index]["item"]["content"][0]["text"] == "The caller pressed 5"
-    assert received[index + 1]["type"] == "response.create"
+        assert await wait_for(lambda: not relay.runtime.calls)
+        assert await relay.runtime.store.flush(5)
+        record = await relay.runtime.store.get_call(caller.call_sid)
+    session = sim.sessions[0]
+    typed = [item for item in session.items() if item["type"] == "message" and item["role"] == "user"]
+    assert [item["text"] for item in typed] == ["The caller entered 4 5 1 2 #"]
+    assert received_types(session).count("response.create") == 2  # the greeting's and the entry's
+    assert record is not None
+    dtmf = [e for e in record.entries if e["kind"] == "dtmf"]
+    assert [(e["digits"], e["ended"]) for e in dtmf] == [("4512#", "terminator")]
+
+
+async def test_a_keypad_entry_also_ends_after_a_pause(sim: RealtimeSimulator) -> None:
+    sim.config.greeting_reply_ms = 200
+    agent = AgentSettings(dtmf=DtmfSettings(timeout_ms=300))
+    async with LocalRelay(relay_settings(sim.url, agent=agent)) as relay:
+        caller = make_caller(relay)
+        await caller.connect()
+        await caller.wait_for_audio(200, timeout=5)
+        await caller.wait_idle(timeout=5)
+        await caller.enter("42", gap_s=0.1)
+        assert await wait_for(lambda: len(sim.sessions[0].responses) == 2, timeout=5)
+        await caller.hangup()
+    typed = [item["text"] for item in sim.sessions[0].items() if item.get("role") == "user"]
+    assert typed == ["The caller entered 4 2"]
+
+
+async def test_a_key_press_interrupts_the_greeting_at_what_the_caller_heard(
+    sim: RealtimeSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim.config.realtime_factor = 1.0  # the greeting is still being generated at the key press
+    sim.config.greeting_reply_ms = 8000
+    sim.config.reply_ms = 300
+    async with LocalRelay(relay_settings(sim.url)) as relay:
+        caller = make_caller(relay)
+        await caller.connect()
+        assert await caller.wait_for_audio(1500, timeout=5)
+        await caller.press("1")
+        assert await wait_for(lambda: any(kind == "clear" for _, kind, _ in caller.events), timeout=5)
+        heard_ms = caller.played_bytes / ulaw.ULAW_BYTES_PER_MS
+        assert await wait_for(lambda: bool(sim.sessions[0].truncates), timeout=5)
+        await caller.press("#")
+        assert await wait_for(lambda: len(sim.sessions[0].responses) == 2, timeout=5)
+        await caller.wait_idle(timeout=5)
+        await caller.hangup()
+    session = sim.sessions[0]
+    truncate = session.truncates[0]
+    assert abs(truncate["audio_end_ms"] - heard_ms) <= 20, (truncate, heard_ms)
+    assert truncate["ok"]
+    # no server VAD saw a key press: the relay cancelled the greeting itself, exactly once
+    assert received_types(session).count("response.cancel") == 1
+    assert session.responses[0]["status_details"]["reason"] == "client_cancelled"
+    assert [e for e in session.sent if e["type"] == "error"] == []
+    assert relay_warnings(caplog) == []
 
 
 async def test_tampered_webhook_and_stream_are_refused_before_any_realtime_session(

@@ -61,7 +61,7 @@ async def test_full_call_is_recorded_in_redis_in_order_with_ttls(
         caller.say(ulaw.synth_speech(600, seed=3))  # interrupts the greeting
         await caller.wait_for_audio(caller.played_bytes // 8 + 400, timeout=10)
         await caller.wait_idle(timeout=10)
-        await caller.press("7")
+        await caller.enter("7#")
         await asyncio.sleep(0.3)
         await caller.wait_idle(timeout=10)
         await caller.hangup()
@@ -80,7 +80,7 @@ async def test_full_call_is_recorded_in_redis_in_order_with_ttls(
     assert kinds[-1] == "system"
     interruption = next(e for e in record["entries"] if e["kind"] == "interruption")
     assert 0 < interruption["audio_end_ms"] < 2500
-    assert next(e for e in record["entries"] if e["kind"] == "dtmf")["digit"] == "7"
+    assert next(e for e in record["entries"] if e["kind"] == "dtmf")["digits"] == "7#"
     assert any(e["kind"] == "assistant" for e in record["entries"])
     times = [e["t"] for e in record["entries"]]
     assert times == sorted(times)

@@ -457,13 +457,13 @@ async def greeted_caller(relay: LocalRelay, **config: Any) -> Any:
 
 @pytest.mark.parametrize("dialect", ["ga", "beta"])
 async def test_slow_tool_runs_beside_the_audio_and_one_response_follows(tool_module: ModuleType, dialect: str) -> None:
-    sim = tool_sim(function_calls_on_text={"pressed 5": [("slow_lookup", '{"order_id": "10042"}')]})
+    sim = tool_sim(function_calls_on_text={"entered 5 #": [("slow_lookup", '{"order_id": "10042"}')]})
     await sim.start()
     try:
         async with LocalRelay(tool_settings(sim, tool_module, dialect=dialect)) as relay:
             caller = await greeted_caller(relay)
             heard_before = caller.played_bytes
-            await caller.press("5")
+            await caller.enter("5#")
             session = only_session(sim)
             assert await wait_for(lambda: outputs(session), timeout=5)
             # the model's answer to the tool output reaches the caller
@@ -537,13 +537,13 @@ async def test_two_calls_in_one_response_then_one_response_create(tool_module: M
 async def test_failing_tools_give_the_model_an_error_and_the_call_goes_on(
     tool_module: ModuleType, name: str, arguments: str, error_type: str, message: str, handler_ran: bool
 ) -> None:
-    sim = tool_sim(function_calls_on_text={"pressed 5": [(name, arguments)]})
+    sim = tool_sim(function_calls_on_text={"entered 5 #": [(name, arguments)]})
     await sim.start()
     try:
         async with LocalRelay(tool_settings(sim, tool_module)) as relay:
             caller = await greeted_caller(relay)
             heard_before = caller.played_bytes
-            await caller.press("5")
+            await caller.enter("5#")
             session = only_session(sim)
             assert await wait_for(lambda: outputs(session), timeout=5)
             # the call goes on: the model speaks about the error, and the caller hears it

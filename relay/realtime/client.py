@@ -41,3 +41,8 @@ def function_output(call_id: str, output: str) -> dict[str, Any]:
 
 def delete_item(item_id: str) -> dict[str, Any]:
     return {"type": "conversation.item.delete", "item_id": item_id}
+
+
+def commit() -> dict[str, Any]:
+    """Make the input audio buffer a user item (only without server turn detection)."""
+    return {"type": "input_audio_buffer.commit"}

@@ -36,6 +36,13 @@ class SpeechStopped:
 
 
 @dataclass(frozen=True, slots=True)
+class InputCommitted:
+    """The input audio buffer became a user item (server VAD end of turn, or our own commit)."""
+
+    item_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class ResponseCreated:
     response_id: str
     metadata: dict[str, Any] | None
@@ -163,6 +170,7 @@ ServerEvent = (
     | SessionUpdated
     | SpeechStarted
     | SpeechStopped
+    | InputCommitted
     | ResponseCreated
     | OutputItemAdded
     | AudioDelta

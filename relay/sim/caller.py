@@ -426,6 +426,13 @@ class SimulatedCaller:
             raise CallClosed("the call ended before the key press was sent") from None
         self._record("dtmf_out", digit=digit)
 
+    async def enter(self, keys: str, gap_s: float = 0.15) -> None:
+        """Type several keys, ``gap_s`` apart, like a person keying in a number."""
+        for index, key in enumerate(keys):
+            if index:
+                await asyncio.sleep(gap_s)
+            await self.press(key)
+
     # ------------------------------------------------------------------ speaker
 
     async def _echo_mark(self, name: str) -> None:
