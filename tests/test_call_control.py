@@ -470,7 +470,7 @@ async def test_the_whisper_is_a_few_sentences_of_this_call_only() -> None:
                 # the model's summary repeats the notes from earlier calls and goes on for too long
                 repeated = "Caller Ann is a VIP customer with a disputed loan."
                 bridge.call.summary = " ".join([repeated, "Ann asks why invoice 7 was charged twice.", *details])
-                await caller.press("5")
+                await caller.enter("5#")
                 assert await caller.wait_closed(timeout=5) == 1000
     finally:
         await sim.stop()
