@@ -762,6 +762,55 @@ async def test_session_update_accepts_every_format_the_dialect_names(
     assert_conforms(sim.sessions[0])
 
 
+@pytest.mark.parametrize(
+    ("dialect", "fmt", "convert"),
+    [
+        ("ga", {"type": "audio/pcma"}, ulaw.to_alaw),
+        ("ga", {"type": "audio/pcm", "rate": 24000}, ulaw.to_pcm16_24k),
+        ("ga", None, ulaw.to_pcm16_24k),  # never configured: the service's PCM16 default
+        ("beta", "g711_alaw", ulaw.to_alaw),
+        ("beta", "pcm16", ulaw.to_pcm16_24k),
+    ],
+)
+async def test_replies_come_in_the_configured_output_format(
+    sim: RealtimeSimulator, dialect: str, fmt: Any, convert: Any
+) -> None:
+    replies: list[list[bytes]] = []
+    finals: list[JSON] = []
+    for output_format in ("ulaw", fmt):
+        async with open_client(sim, dialect) as client:
+            await client.expect("session.created")
+            if output_format == "ulaw":
+                await client.send(session_update(dialect))
+                await client.expect("session.updated")
+            elif output_format is not None:
+                key = "output_audio_format" if dialect == "beta" else "audio"
+                value = output_format if dialect == "beta" else {"output": {"format": output_format}}
+                update: JSON = {key: value} if dialect == "beta" else {"type": "realtime", key: value}
+                await client.send({"type": "session.update", "session": update})
+                await client.expect("session.updated")
+            await client.send({"type": "response.create"})
+            events = await client.until("response.done")
+            replies.append([base64.b64decode(e["delta"]) for e in events if e["type"] == NAMES[dialect]["audio_delta"]])
+            finals.append(events[-1]["response"])
+    ulaw_chunks, chunks = replies
+    assert [len(c) for c in ulaw_chunks] == [8 * ms for ms in [40, 100, 60, 120, 80]]
+    assert chunks == [convert(c) for c in ulaw_chunks]
+    expected = fmt if fmt is not None else {"type": "audio/pcm", "rate": 24000}
+    reported = finals[1]["audio"]["output"]["format"] if dialect == "ga" else finals[1]["output_audio_format"]
+    assert reported == expected
+    for rec in sim.sessions:
+        assert_conforms(rec)
+
+
+def test_alaw_and_pcm_conversions_match_g711() -> None:
+    # µ-law codes of 0, +max and -max; A-law codes from the G.711 tables.
+    assert ulaw.to_alaw(bytes([0xFF, 0x80, 0x00])) == bytes([0xD5, 0xAA, 0x2A])
+    assert ulaw.to_pcm16_24k(bytes([0x80, 0xFF])) == struct.pack("<6h", 32124, 32124, 32124, 0, 0, 0)
+    codes = bytes(range(256))
+    assert len(ulaw.to_alaw(codes)) == 256 and len(ulaw.to_pcm16_24k(codes)) == 256 * 6
+
+
 async def test_unanswered_session_update_still_applies(sim: RealtimeSimulator) -> None:
     sim.config.answer_session_update = False
     async with open_client(sim) as client:

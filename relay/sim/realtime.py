@@ -491,6 +491,8 @@ class _Settings:
     modalities: list[str]
     input_ulaw: bool
     instructions: str
+    output_format: Any = None
+    """As configured: a GA format object or a beta format string."""
 
     @staticmethod
     def of(dialect: Dialect, session: JSON) -> _Settings:
@@ -505,6 +507,7 @@ class _Settings:
                 modalities=list(session.get("output_modalities") or ["audio"]),
                 input_ulaw=(inp.get("format") or {}).get("type") == "audio/pcmu",
                 instructions=str(session.get("instructions") or ""),
+                output_format=_clone(out.get("format") or {"type": "audio/pcm", "rate": 24000}),
             )
         return _Settings(
             turn_detection=session.get("turn_detection"),
@@ -513,6 +516,7 @@ class _Settings:
             modalities=list(session.get("modalities") or ["text", "audio"]),
             input_ulaw=session.get("input_audio_format") == "g711_ulaw",
             instructions=str(session.get("instructions") or ""),
+            output_format=session.get("output_audio_format") or "pcm16",
         )
 
 
@@ -536,6 +540,7 @@ class _Response:
     sent_audio_ms: int = 0
     audio: bytes = b""
     chunk_index: int = 0
+    output_format: Any = None
     task: asyncio.Task[None] | None = None
     done: bool = False
     speech_before_calls_ms: int = 0
@@ -637,6 +642,14 @@ def _check_ga_format(fmt: Any, where: str) -> None:
             f"Invalid value: '{fmt.get('rate')}'. Supported values are: {_supported(GA_PCM_RATES)}.",
             f"{where}.rate",
         )
+
+
+def _codec(fmt: Any) -> Literal["pcmu", "pcma", "pcm"]:
+    """The encoding a GA format object or a beta format string stands for (PCM16 24 kHz unless G.711)."""
+    name = fmt.get("type") if isinstance(fmt, dict) else fmt
+    if name in ("audio/pcmu", "g711_ulaw"):
+        return "pcmu"
+    return "pcma" if name in ("audio/pcma", "g711_alaw") else "pcm"
 
 
 def _check_beta_format(fmt: Any, where: str) -> None:
@@ -1351,10 +1364,21 @@ class _Peer:
             calls=calls,
             voice=str(voice or settings.voice),
             speech_before_calls_ms=speech_before_calls_ms,
+            output_format=self._response_format(request),
         )
         self.active = response
         self._emit({"type": "response.created", "response": self._response_object(response, "in_progress")})
         response.task = self._spawn(self._generate(response))
+
+    def _response_format(self, request: JSON) -> Any:
+        """The output format of one response: the session's, unless ``response.create`` names another."""
+        if self.rec.dialect == "ga":
+            audio = request.get("audio")
+            output = audio.get("output") if isinstance(audio, dict) else None
+            wanted = output.get("format") if isinstance(output, dict) else None
+            return _clone(wanted) if isinstance(wanted, dict) else _clone(self.settings.output_format)
+        wanted = request.get("output_audio_format")
+        return wanted if wanted in BETA_AUDIO_FORMATS else self.settings.output_format
 
     def _summary_text(self, request: JSON) -> str:
         texts: list[str] = []
@@ -1387,11 +1411,11 @@ class _Peer:
         }
         if self.rec.dialect == "ga":
             common["output_modalities"] = response.modalities
-            common["audio"] = {"output": {"format": {"type": "audio/pcmu"}, "voice": response.voice}}
+            common["audio"] = {"output": {"format": _clone(response.output_format), "voice": response.voice}}
         else:
             common["modalities"] = response.modalities
             common["voice"] = response.voice
-            common["output_audio_format"] = "g711_ulaw"
+            common["output_audio_format"] = response.output_format
             common["temperature"] = 0.8
         return common
 
@@ -1525,6 +1549,9 @@ class _Peer:
         probe = self.cfg.latency_probe
         if probe is not None:
             chunk = probe.outgoing(self.rec, chunk)
+        codec = _codec(response.output_format)
+        if codec != "pcmu":  # replies are synthesised as µ-law; other formats are converted from it
+            chunk = ulaw.to_alaw(chunk) if codec == "pcma" else ulaw.to_pcm16_24k(chunk)
         self._emit({"type": self.names.audio_delta, **where, "delta": base64.b64encode(chunk).decode("ascii")})
         position += ms
         response.sent_audio_ms = position
