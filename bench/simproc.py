@@ -125,6 +125,9 @@ async def serve(args: argparse.Namespace) -> None:
         realtime_factor=args.realtime_factor,
         record_audio=False,
         latency_probe=probe,
+        # Frame accounting owes the caller every chunk sent; late deltas of a cancelled response are
+        # dropped by a correct relay and would count as lost. Their handling is the tests' job.
+        late_audio_deltas=0,
     )
     sim = RealtimeSimulator(config)
     url = await sim.start(args.host, args.port)

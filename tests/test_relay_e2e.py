@@ -84,6 +84,7 @@ async def test_call_relays_every_frame_untouched_and_speaks_valid_protocol(diale
 async def test_barge_in_truncates_at_what_the_caller_heard(sim: RealtimeSimulator) -> None:
     sim.config.greeting_reply_ms = 8000
     sim.config.reply_ms = 500
+    sim.config.realtime_factor = 1.0  # the greeting is still being generated when the caller barges in
     async with LocalRelay(relay_settings(sim.url)) as relay:
         caller = make_caller(relay)
         await caller.connect()
@@ -107,6 +108,10 @@ async def test_barge_in_truncates_at_what_the_caller_heard(sim: RealtimeSimulato
         media_after_clear = [details for _, kind, details in caller.events[clear_index:] if kind == "media_in"]
         received_after = caller.received_payloads[len(caller.received_payloads) - len(media_after_clear) :]
         assert not greeting_deltas & set(received_after)
+        # ... although the simulator, like the service, still sent deltas of it after speech started
+        kinds = [e["type"] for e in session.sent]
+        late = session.sent[kinds.index("input_audio_buffer.speech_started") : kinds.index("response.done")]
+        assert [e["item_id"] for e in late if e["type"] == "response.output_audio.delta"] == [greeting_item] * 2
         await caller.wait_idle(timeout=5)
         await caller.hangup()
 

@@ -12,6 +12,8 @@ import contextlib
 import math
 import struct
 import time
+import types
+import typing
 import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,14 +25,26 @@ from hypothesis import given
 from hypothesis import strategies as st
 from openai.types.beta.realtime import RealtimeClientEvent as BetaClientEvent
 from openai.types.beta.realtime import RealtimeServerEvent as BetaServerEvent
+from openai.types.beta.realtime.session_update_event import Session as BetaSessionUpdate
 from openai.types.realtime import RealtimeClientEvent as GAClientEvent
 from openai.types.realtime import RealtimeServerEvent as GAServerEvent
+from openai.types.realtime import RealtimeSessionCreateRequest
+from openai.types.realtime.realtime_audio_formats import AudioPCM, RealtimeAudioFormats
 from pydantic import BaseModel, TypeAdapter
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
 
 from relay.sim import ulaw
-from relay.sim.realtime import RealtimeSimulator, SimConfig, SimSession
+from relay.sim.realtime import (
+    BETA_AUDIO_FORMATS,
+    GA_AUDIO_FORMATS,
+    GA_PCM_RATES,
+    SESSION_FIELDS,
+    OneOf,
+    RealtimeSimulator,
+    SimConfig,
+    SimSession,
+)
 
 JSON = dict[str, Any]
 
@@ -46,10 +60,13 @@ CLIENT_ADAPTERS: dict[str, TypeAdapter[Any]] = {
 ALLOWED_EXTRAS = {
     "session.created": {"session.object", "session.id", "session.expires_at"},
     "session.updated": {"session.object", "session.id", "session.expires_at"},
+    "response.output_audio_transcript.delta": {"obfuscation"},
+    "response.audio_transcript.delta": {"obfuscation"},
 }
 NAMES = {
     "ga": {
         "audio_delta": "response.output_audio.delta",
+        "transcript_delta": "response.output_audio_transcript.delta",
         "transcript_done": "response.output_audio_transcript.done",
         "text_delta": "response.output_text.delta",
         "text_done": "response.output_text.done",
@@ -57,6 +74,7 @@ NAMES = {
     },
     "beta": {
         "audio_delta": "response.audio.delta",
+        "transcript_delta": "response.audio_transcript.delta",
         "transcript_done": "response.audio_transcript.done",
         "text_delta": "response.text.delta",
         "text_done": "response.text.done",
@@ -197,6 +215,39 @@ def session_update(dialect: str, *, turn_detection: JSON | str | None = "vad", *
     return {"type": "session.update", "event_id": "evt_cfg", "session": session}
 
 
+def assert_service_defaults(session: JSON, dialect: str) -> None:
+    """``session.created`` reports the service's own defaults (as recorded live), not a client's choices."""
+    vad = {
+        "type": "server_vad",
+        "threshold": 0.5,
+        "prefix_padding_ms": 300,
+        "silence_duration_ms": 200,
+        "create_response": True,
+        "interrupt_response": True,
+    }
+    if dialect == "ga":
+        assert session["type"] == "realtime" and session["output_modalities"] == ["audio"]
+        assert session["audio"] == {
+            "input": {
+                "format": {"type": "audio/pcm", "rate": 24000},
+                "transcription": None,
+                "noise_reduction": None,
+                "turn_detection": {**vad, "idle_timeout_ms": None},
+            },
+            "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "alloy", "speed": 1.0},
+        }
+        assert (session["tools"], session["tool_choice"], session["max_output_tokens"]) == ([], "auto", "inf")
+    else:
+        assert "type" not in session and session["modalities"] == ["text", "audio"]
+        assert (session["voice"], session["input_audio_format"], session["output_audio_format"]) == (
+            "alloy",
+            "pcm16",
+            "pcm16",
+        )
+        assert session["turn_detection"] == vad and session["input_audio_transcription"] is None
+        assert (session["tools"], session["tool_choice"], session["max_response_output_tokens"]) == ([], "auto", "inf")
+
+
 def delta_ms(events: list[JSON], dialect: str) -> list[int]:
     return [
         len(base64.b64decode(e["delta"])) // ulaw.ULAW_BYTES_PER_MS
@@ -234,11 +285,7 @@ async def test_scripted_call_conforms_and_behaves(sim: RealtimeSimulator, dialec
         assert rec.dialect == dialect and rec.path == "/v1/realtime"
         assert rec.headers["authorization"] == rec.headers["Authorization"] == "Bearer sk-test-key-0001"
         created = await client.expect("session.created")
-        if dialect == "ga":
-            assert created["session"]["type"] == "realtime"
-            assert created["session"]["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
-        else:
-            assert "type" not in created["session"] and created["session"]["input_audio_format"] == "pcm16"
+        assert_service_defaults(created["session"], dialect)
 
         await client.send(session_update(dialect))
         updated = (await client.expect("session.updated"))["session"]
@@ -256,7 +303,22 @@ async def test_scripted_call_conforms_and_behaves(sim: RealtimeSimulator, dialec
         assert done["usage"]["output_token_details"]["audio_tokens"] == 200 // 50
         transcript = next(e for e in greeting if e["type"] == names["transcript_done"])["transcript"]
         assert transcript == "assistant reply 1"
-        assert (await client.recv())["type"] == "rate_limits.updated"
+        transcript_deltas = [e for e in greeting if e["type"] == names["transcript_delta"]]
+        assert "".join(e["delta"] for e in transcript_deltas) == transcript
+        assert all(isinstance(e["obfuscation"], str) and e["obfuscation"] for e in transcript_deltas)
+        audio_part = next(e for e in greeting if e["type"] == "response.content_part.added")["part"]
+        assert audio_part == {"type": "audio", "transcript": ""}  # "audio", not "output_audio", in GA too
+        rate_limits = await client.recv()
+        assert rate_limits["type"] == "rate_limits.updated"
+        total_tokens = done["usage"]["total_tokens"]
+        assert rate_limits["rate_limits"] == [
+            {
+                "name": "tokens",
+                "limit": 40000,
+                "remaining": 40000 - total_tokens,
+                "reset_seconds": round(total_tokens * 60.0 / 40000, 3),
+            }
+        ]
         greeting_item = done["output"][0]["id"]
         assert rec.audio_ms(greeting_item) == 200
 
@@ -276,6 +338,12 @@ async def test_scripted_call_conforms_and_behaves(sim: RealtimeSimulator, dialec
         assert user_item["role"] == "user" and user_item["content"][0]["type"] == "input_audio"
         transcription = turn[kinds.index("conversation.item.input_audio_transcription.completed")]
         assert transcription["transcript"] == "caller turn 1 (1.2 s)"
+        input_deltas = [
+            (i, e) for i, e in enumerate(turn) if e["type"] == "conversation.item.input_audio_transcription.delta"
+        ]
+        assert "".join(e["delta"] for _, e in input_deltas) == "caller turn 1 (1.2 s)"
+        assert {e["item_id"] for _, e in input_deltas} == {started["item_id"]}
+        assert max(i for i, _ in input_deltas) < kinds.index("conversation.item.input_audio_transcription.completed")
         assert kinds.index("conversation.item.input_audio_transcription.completed") < kinds.index("response.created")
         assert turn[-1]["response"]["status"] == "completed"
 
@@ -333,7 +401,10 @@ async def test_scripted_call_conforms_and_behaves(sim: RealtimeSimulator, dialec
         sim.config.reply_ms = 300
         await client.speak(ulaw.synth_speech(200, seed=3))
         barge = await client.until("response.done")
-        assert any(e["type"] == "input_audio_buffer.speech_started" for e in barge)
+        barge_kinds = [e["type"] for e in barge]
+        after_start = barge[barge_kinds.index("input_audio_buffer.speech_started") :]
+        late = [e for e in after_start if e["type"] == names["audio_delta"]]
+        assert len(late) == 2 and {e["response_id"] for e in late} == {long_created["id"]}  # already in flight
         cancelled = barge[-1]["response"]
         assert cancelled["id"] == long_created["id"] and cancelled["status"] == "cancelled"
         assert cancelled["status_details"] == {"type": "cancelled", "reason": "turn_detected"}
@@ -346,14 +417,20 @@ async def test_scripted_call_conforms_and_behaves(sim: RealtimeSimulator, dialec
         await client.send(
             {
                 "type": "conversation.item.truncate",
+                "event_id": "evt_trunc",
                 "item_id": long_item,
                 "content_index": 0,
                 "audio_end_ms": sent_ms + 500,
             }
         )
         error = (await client.expect("error"))["error"]
-        assert error["type"] == "invalid_request_error" and error["code"] == "invalid_value"
-        assert error["message"] == f"Audio content of {sent_ms} ms is already shorter than {sent_ms + 500} ms"
+        assert error == {
+            "type": "invalid_request_error",
+            "code": None,
+            "message": f"Audio content of {sent_ms}ms is already shorter than {sent_ms + 500}ms",
+            "param": None,
+            "event_id": "evt_trunc",
+        }
         await client.send(
             {
                 "type": "conversation.item.truncate",
@@ -486,40 +563,252 @@ async def test_wrong_path_is_refused_before_upgrade(sim: RealtimeSimulator) -> N
     assert sim.connections == 0 and sim.sessions == []
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Annotated, typing.Union, types.UnionType, list):
+        args = typing.get_args(annotation)[:1] if origin is typing.Annotated else typing.get_args(annotation)
+        return [model for arg in args for model in _models_in(arg)]
+    return [annotation] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+
+
+def _literals(annotation: Any) -> list[Any]:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return list(typing.get_args(annotation))
+    if origin in (typing.Annotated, typing.Union, types.UnionType):
+        return [value for arg in typing.get_args(annotation) for value in _literals(arg)]
+    return []
+
+
+def _fields_of(model: type[BaseModel]) -> dict[str, Any]:
+    return {name: _shape_of(info.annotation) for name, info in model.model_fields.items()}
+
+
+def _shape_of(annotation: Any) -> Any:
+    """The simulator's field-shape notation, read off the ``openai`` package's pydantic models."""
+    models = _models_in(annotation)
+    if not models:
+        return None
+    if len(models) == 1 and "type" not in models[0].model_fields:
+        return _fields_of(models[0])
+    by_type = {kind: _fields_of(model) for model in models for kind in _literals(model.model_fields["type"].annotation)}
+    return OneOf(all(model.model_fields["type"].is_required() for model in models), by_type)
+
+
+def test_session_fields_are_the_openai_packages() -> None:
+    """The simulator accepts exactly the session fields (at every depth) and audio formats the package declares."""
+    assert SESSION_FIELDS["ga"] == _fields_of(RealtimeSessionCreateRequest)
+    assert SESSION_FIELDS["beta"] == _fields_of(BetaSessionUpdate)
+    ga_formats = {
+        kind for model in _models_in(RealtimeAudioFormats) for kind in _literals(model.model_fields["type"].annotation)
+    }
+    assert GA_AUDIO_FORMATS == ga_formats
+    assert set(GA_PCM_RATES) == set(_literals(AudioPCM.model_fields["rate"].annotation))
+    assert BETA_AUDIO_FORMATS == set(_literals(BetaSessionUpdate.model_fields["input_audio_format"].annotation))
+    assert BETA_AUDIO_FORMATS == set(_literals(BetaSessionUpdate.model_fields["output_audio_format"].annotation))
+
+
+GA_INPUT_VAD = {"type": "server_vad", "silence_duration_ms": 400}
+
+
 @pytest.mark.parametrize(
-    ("dialect", "session", "code"),
+    ("dialect", "session", "code", "param"),
     [
-        ("ga", {"modalities": ["audio"], "input_audio_format": "g711_ulaw"}, "beta_api_shape_disabled"),
-        ("ga", {"type": "realtime", "input_audio_format": "g711_ulaw"}, "unknown_parameter"),
+        ("ga", {"modalities": ["audio"], "input_audio_format": "g711_ulaw"}, "beta_api_shape_disabled", "session.type"),
         (
             "ga",
-            {"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcm"}}}},
-            "unsupported_audio_format",
-        ),
-        (
-            "ga",
-            {"type": "realtime", "audio": {"output": {"format": {"type": "audio/pcma"}}}},
-            "unsupported_audio_format",
+            {"type": "realtime", "input_audio_format": "g711_ulaw"},
+            "unknown_parameter",
+            "session.input_audio_format",
         ),
         (
             "ga",
             {"type": "realtime", "audio": {"input": {"turn_detection": {"silence_duration_ms": 9}}}},
-            None,
+            "missing_required_parameter",
+            "session.audio.input.turn_detection.type",
         ),
-        ("beta", {"type": "realtime"}, "unknown_parameter"),
-        ("beta", {"audio": {"input": {"format": {"type": "audio/pcmu"}}}}, "unknown_parameter"),
-        ("beta", {"input_audio_format": "pcm16"}, "unsupported_audio_format"),
+        (
+            "ga",
+            {"type": "realtime", "audio": {"input": {"turn_detection": {**GA_INPUT_VAD, "idle_timeout": 5000}}}},
+            "unknown_parameter",
+            "session.audio.input.turn_detection.idle_timeout",
+        ),
+        (
+            "ga",
+            {"type": "realtime", "audio": {"input": {"turn_detection": {"type": "semantic_vad", "threshold": 0.5}}}},
+            "unknown_parameter",
+            "session.audio.input.turn_detection.threshold",
+        ),
+        (
+            "ga",
+            {"type": "realtime", "audio": {"input": {"turn_detection": {"type": "push_to_talk"}}}},
+            "invalid_value",
+            "session.audio.input.turn_detection.type",
+        ),
+        (
+            "ga",
+            {"type": "realtime", "audio": {"input": {"transcription": {"model": "whisper-1", "lang": "en"}}}},
+            "unknown_parameter",
+            "session.audio.input.transcription.lang",
+        ),
+        (
+            "ga",
+            {"type": "realtime", "audio": {"input": {"noise_reduction": {"type": "near_field", "level": 2}}}},
+            "unknown_parameter",
+            "session.audio.input.noise_reduction.level",
+        ),
+        (
+            "ga",
+            {"type": "realtime", "audio": {"output": {"format": {"type": "audio/pcmu"}, "sample_rate": 8000}}},
+            "unknown_parameter",
+            "session.audio.output.sample_rate",
+        ),
+        (
+            "ga",
+            {"type": "realtime", "tools": [{**TOOL, "strict": True}]},
+            "unknown_parameter",
+            "session.tools[0].strict",
+        ),
+        ("ga", {"type": "realtime", "temperature": 0.8}, "unknown_parameter", "session.temperature"),
+        (
+            "ga",
+            {"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}},
+            "invalid_value",
+            "session.audio.input.format.rate",
+        ),
+        (
+            "ga",
+            {"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcmu", "rate": 8000}}}},
+            "unknown_parameter",
+            "session.audio.input.format.rate",
+        ),
+        (
+            "ga",
+            {"type": "realtime", "audio": {"output": {"format": {"type": "g711_ulaw"}}}},
+            "invalid_value",
+            "session.audio.output.format.type",
+        ),
+        (
+            "ga",
+            {"type": "realtime", "audio": {"output": {"format": "g711_ulaw"}}},
+            "invalid_type",
+            "session.audio.output.format",
+        ),
+        ("beta", {"type": "realtime"}, "unknown_parameter", "session.type"),
+        ("beta", {"audio": {"input": {"format": {"type": "audio/pcmu"}}}}, "unknown_parameter", "session.audio"),
+        ("beta", {"input_audio_format": "audio/pcmu"}, "invalid_value", "session.input_audio_format"),
+        ("beta", {"output_audio_format": "ulaw"}, "invalid_value", "session.output_audio_format"),
+        (
+            "beta",
+            {"turn_detection": {"type": "server_vad", "idle_timeout_ms": 5000}},
+            "unknown_parameter",
+            "session.turn_detection.idle_timeout_ms",
+        ),
+        ("beta", {"turn_detection": {"type": "manual"}}, "invalid_value", "session.turn_detection.type"),
+        (
+            "beta",
+            {"input_audio_transcription": {"model": "whisper-1", "delay": "low"}},
+            "unknown_parameter",
+            "session.input_audio_transcription.delay",
+        ),
+        ("beta", {"output_modalities": ["audio"]}, "unknown_parameter", "session.output_modalities"),
     ],
 )
-async def test_session_update_rejections(sim: RealtimeSimulator, dialect: str, session: JSON, code: str | None) -> None:
+async def test_session_update_rejections(
+    sim: RealtimeSimulator, dialect: str, session: JSON, code: str, param: str
+) -> None:
     async with open_client(sim, dialect) as client:
         before = (await client.expect("session.created"))["session"]
         await client.send({"type": "session.update", "event_id": "evt_bad", "session": session}, validate=False)
-        error = (await client.expect("error"))["error"]
-        assert error["code"] == (code or "missing_required_parameter")
-        assert error["event_id"] == "evt_bad" and error["param"].startswith("session.")
+        error = await client.expect("error")
+        assert set(error) == {"type", "event_id", "error"}
+        assert error["error"]["type"] == "invalid_request_error"
+        assert (error["error"]["code"], error["error"]["param"]) == (code, param)
+        assert error["error"]["event_id"] == "evt_bad"
+        if code == "unknown_parameter":
+            assert error["error"]["message"] == f"Unknown parameter: '{param}'."
         assert sim.sessions[0].session == before  # a rejected update changes nothing
+        assert [e["type"] for e in await client.quiet(0.1)] == []
     assert_conforms(sim.sessions[0])
+
+
+@pytest.mark.parametrize(
+    ("dialect", "formats"),
+    [
+        ("ga", [{"type": "audio/pcmu"}, {"type": "audio/pcma"}, {"type": "audio/pcm", "rate": 24000}]),
+        ("beta", ["g711_ulaw", "g711_alaw", "pcm16"]),
+    ],
+)
+async def test_session_update_accepts_every_format_the_dialect_names(
+    sim: RealtimeSimulator, dialect: str, formats: list[Any]
+) -> None:
+    async with open_client(sim, dialect) as client:
+        await client.expect("session.created")
+        for fmt in formats:
+            if dialect == "ga":
+                update: JSON = {"type": "realtime", "audio": {"input": {"format": fmt}, "output": {"format": fmt}}}
+            else:
+                update = {"input_audio_format": fmt, "output_audio_format": fmt}
+            await client.send({"type": "session.update", "session": update})
+            session = (await client.expect("session.updated"))["session"]
+            if dialect == "ga":
+                assert session["audio"]["input"]["format"] == session["audio"]["output"]["format"] == fmt
+            else:
+                assert session["input_audio_format"] == session["output_audio_format"] == fmt
+        full = session_update(dialect)  # the relay-like full configuration, nested fields included
+        await client.send(full)
+        await client.expect("session.updated")
+    assert not any(e["type"] == "error" for e in client.events)
+    assert_conforms(sim.sessions[0])
+
+
+@pytest.mark.parametrize(
+    ("dialect", "fmt", "convert"),
+    [
+        ("ga", {"type": "audio/pcma"}, ulaw.to_alaw),
+        ("ga", {"type": "audio/pcm", "rate": 24000}, ulaw.to_pcm16_24k),
+        ("ga", None, ulaw.to_pcm16_24k),  # never configured: the service's PCM16 default
+        ("beta", "g711_alaw", ulaw.to_alaw),
+        ("beta", "pcm16", ulaw.to_pcm16_24k),
+    ],
+)
+async def test_replies_come_in_the_configured_output_format(
+    sim: RealtimeSimulator, dialect: str, fmt: Any, convert: Any
+) -> None:
+    replies: list[list[bytes]] = []
+    finals: list[JSON] = []
+    for output_format in ("ulaw", fmt):
+        async with open_client(sim, dialect) as client:
+            await client.expect("session.created")
+            if output_format == "ulaw":
+                await client.send(session_update(dialect))
+                await client.expect("session.updated")
+            elif output_format is not None:
+                key = "output_audio_format" if dialect == "beta" else "audio"
+                value = output_format if dialect == "beta" else {"output": {"format": output_format}}
+                update: JSON = {key: value} if dialect == "beta" else {"type": "realtime", key: value}
+                await client.send({"type": "session.update", "session": update})
+                await client.expect("session.updated")
+            await client.send({"type": "response.create"})
+            events = await client.until("response.done")
+            replies.append([base64.b64decode(e["delta"]) for e in events if e["type"] == NAMES[dialect]["audio_delta"]])
+            finals.append(events[-1]["response"])
+    ulaw_chunks, chunks = replies
+    assert [len(c) for c in ulaw_chunks] == [8 * ms for ms in [40, 100, 60, 120, 80]]
+    assert chunks == [convert(c) for c in ulaw_chunks]
+    expected = fmt if fmt is not None else {"type": "audio/pcm", "rate": 24000}
+    reported = finals[1]["audio"]["output"]["format"] if dialect == "ga" else finals[1]["output_audio_format"]
+    assert reported == expected
+    for rec in sim.sessions:
+        assert_conforms(rec)
+
+
+def test_alaw_and_pcm_conversions_match_g711() -> None:
+    # µ-law codes of 0, +max and -max; A-law codes from the G.711 tables.
+    assert ulaw.to_alaw(bytes([0xFF, 0x80, 0x00])) == bytes([0xD5, 0xAA, 0x2A])
+    assert ulaw.to_pcm16_24k(bytes([0x80, 0xFF])) == struct.pack("<6h", 32124, 32124, 32124, 0, 0, 0)
+    codes = bytes(range(256))
+    assert len(ulaw.to_alaw(codes)) == 256 and len(ulaw.to_pcm16_24k(codes)) == 256 * 6
 
 
 async def test_unanswered_session_update_still_applies(sim: RealtimeSimulator) -> None:
@@ -633,6 +922,28 @@ async def test_client_cancel_and_pacing() -> None:
         done = (await client.expect("response.done"))["response"]
         assert done["status"] == "cancelled" and done["status_details"]["reason"] == "client_cancelled"
         assert not any(e["type"] == "response.output_audio.delta" for e in await client.quiet(0.1))
+    assert_conforms(sim.sessions[0])
+
+
+@pytest.mark.parametrize("late", [0, 1, 3])
+async def test_cancelled_response_still_sends_deltas_in_flight(late: int) -> None:
+    """After a cancel, ``late_audio_deltas`` more chunks of the same response arrive before its done events."""
+    config = SimConfig(realtime_factor=0.01, response_delay_ms=0, reply_ms=5000, late_audio_deltas=late)
+    async with RealtimeSimulator(config) as sim, open_client(sim) as client:
+        await configured(client, "ga")
+        await client.send({"type": "response.create"})
+        response_id = (await client.expect("response.created"))["response"]["id"]
+        first = await client.expect("response.output_audio.delta")  # the next one is due 4 s later
+        await client.send({"type": "response.cancel", "event_id": "evt_cancel"})
+        events = await client.until("response.done")
+        kinds = [e["type"] for e in events]
+        late_deltas = [e for e in events if e["type"] == "response.output_audio.delta"]
+        assert len(late_deltas) == late
+        assert all(e["response_id"] == response_id and e["item_id"] == first["item_id"] for e in late_deltas)
+        assert all(i < kinds.index("response.output_audio.done") for i, k in enumerate(kinds) if k.endswith(".delta"))
+        assert events[-1]["response"]["status"] == "cancelled"
+        assert sim.sessions[0].audio_ms(first["item_id"]) == 40 + sum([100, 60, 120][:late])
+        assert [e["type"] for e in await client.quiet(0.1)] == ["rate_limits.updated"]
     assert_conforms(sim.sessions[0])
 
 

@@ -299,6 +299,8 @@ class Dialect:
                 session["tools"] = tool_list + mcp
                 session["tool_choice"] = "auto"
         else:
+            if detection is not None:
+                detection.pop("idle_timeout_ms", None)  # GA only: a beta session.update naming it is refused
             session = {
                 "modalities": ["audio", "text"],
                 "instructions": instructions,

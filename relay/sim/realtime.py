@@ -4,8 +4,12 @@ It speaks both wire dialects (GA and ``OpenAI-Beta: realtime=v1``) closely enoug
 tell it from the real service for the paths it uses: session configuration, an energy VAD over the
 µ-law it receives, synthetic spoken replies paced like real generation, barge-in (server-side cancel,
 truncate bookkeeping and its errors), function calls, out-of-band responses and the fatal errors of a
-bad key or an expired session. Every event it emits validates against the ``openai`` package's server
-event types (checked in the tests; this module never imports ``openai``).
+bad key or an expired session. It is as strict as the service where a relay could go wrong: a
+``session.update`` naming a field the dialect does not declare, at any depth, or an audio format it does
+not name is refused; ``session.created`` reports the service's own defaults; a cancelled response still
+delivers the audio deltas already in flight. Every event it emits validates against the ``openai``
+package's server event types, and its session field tables equal that package's (both checked in the
+tests; this module never imports ``openai``).
 
 Design: per connection, one ``_Peer`` holds the protocol state. Client events are handled
 synchronously and emitted events go through a FIFO drained by a single writer task, so the order on the
@@ -25,7 +29,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from http import HTTPStatus
@@ -100,6 +104,9 @@ class SimConfig:
     record_audio: bool = True
     speech_before_calls_ms: int = 0
     """Off by default. A response carrying function calls first speaks this much audio (a goodbye before end_call)."""
+    late_audio_deltas: int = 2
+    """Audio deltas of a cancelled response that still arrive after the cancel (barge-in or client), as live
+    sessions show: a relay must drop them. 0 turns it off."""
     latency_probe: LatencyProbe | None = None
     """Off by default. The load bench's hook: sees every decoded append, may stamp every audio chunk sent."""
 
@@ -233,22 +240,164 @@ _NAMES: dict[Dialect, _Names] = {
     ),
 }
 
-_GA_SESSION_KEYS = frozenset(
-    {
-        "type", "audio", "include", "instructions", "max_output_tokens", "model", "output_modalities",
-        "parallel_tool_calls", "prompt", "reasoning", "tool_choice", "tools", "tracing", "truncation",
-    }
-)  # fmt: skip
-_GA_AUDIO_KEYS = frozenset({"input", "output"})
-_GA_INPUT_KEYS = frozenset({"format", "noise_reduction", "transcription", "turn_detection"})
-_GA_OUTPUT_KEYS = frozenset({"format", "speed", "voice"})
-_BETA_SESSION_KEYS = frozenset(
-    {
-        "client_secret", "input_audio_format", "input_audio_noise_reduction", "input_audio_transcription",
-        "instructions", "max_response_output_tokens", "modalities", "model", "output_audio_format", "speed",
-        "temperature", "tool_choice", "tools", "tracing", "turn_detection", "voice",
-    }
-)  # fmt: skip
+
+@dataclass(frozen=True)
+class OneOf:
+    """An object whose allowed fields depend on its ``type`` (a discriminated union in the API schema)."""
+
+    type_required: bool
+    by_type: dict[str, dict[str, Any]]
+
+
+FieldShape = dict[str, Any] | OneOf | None
+"""``None``: any value; a dict: an object with exactly these optional fields; ``OneOf``: chosen by ``type``.
+A shape applies to an object value or to every object in a list value; other values are not inspected."""
+
+SESSION_FIELDS: dict[Dialect, dict[str, FieldShape]] = {
+    # The session fields each dialect accepts, as the ``openai`` package declares them: GA
+    # ``RealtimeSessionCreateRequest``, beta ``session_update_event.Session`` (a test keeps them equal).
+    "ga": {
+        "audio": {
+            "input": {
+                "format": OneOf(
+                    False,
+                    {
+                        "audio/pcm": {"rate": None, "type": None},
+                        "audio/pcma": {"type": None},
+                        "audio/pcmu": {"type": None},
+                    },
+                ),
+                "noise_reduction": OneOf(
+                    False,
+                    {"far_field": {"strength": None, "type": None}, "near_field": {"strength": None, "type": None}},
+                ),
+                "transcription": {
+                    "delay": None,
+                    "keywords": None,
+                    "language": None,
+                    "languages": None,
+                    "model": None,
+                    "prompt": None,
+                },
+                "turn_detection": OneOf(
+                    True,
+                    {
+                        "semantic_vad": {
+                            "create_response": None,
+                            "eagerness": None,
+                            "interrupt_response": None,
+                            "type": None,
+                        },
+                        "server_vad": {
+                            "create_response": None,
+                            "idle_timeout_ms": None,
+                            "interrupt_response": None,
+                            "prefix_padding_ms": None,
+                            "silence_duration_ms": None,
+                            "threshold": None,
+                            "type": None,
+                        },
+                    },
+                ),
+            },
+            "output": {
+                "format": OneOf(
+                    False,
+                    {
+                        "audio/pcm": {"rate": None, "type": None},
+                        "audio/pcma": {"type": None},
+                        "audio/pcmu": {"type": None},
+                    },
+                ),
+                "speed": None,
+                "voice": {"id": None},
+            },
+        },
+        "include": None,
+        "instructions": None,
+        "max_output_tokens": None,
+        "model": None,
+        "output_modalities": None,
+        "parallel_tool_calls": None,
+        "prompt": {"id": None, "variables": None, "version": None},
+        "reasoning": {"effort": None},
+        "tool_choice": OneOf(
+            True, {"function": {"name": None, "type": None}, "mcp": {"name": None, "server_label": None, "type": None}}
+        ),
+        "tools": OneOf(
+            False,
+            {
+                "function": {"description": None, "name": None, "parameters": None, "type": None},
+                "mcp": {
+                    "allowed_callers": None,
+                    "allowed_tools": {"read_only": None, "tool_names": None},
+                    "authorization": None,
+                    "connector_id": None,
+                    "defer_loading": None,
+                    "headers": None,
+                    "require_approval": {
+                        "always": {"read_only": None, "tool_names": None},
+                        "never": {"read_only": None, "tool_names": None},
+                    },
+                    "server_description": None,
+                    "server_label": None,
+                    "server_url": None,
+                    "tunnel_id": None,
+                    "type": None,
+                },
+            },
+        ),
+        "tracing": {"group_id": None, "metadata": None, "workflow_name": None},
+        "truncation": OneOf(
+            True,
+            {"retention_ratio": {"retention_ratio": None, "token_limits": {"post_instructions": None}, "type": None}},
+        ),
+        "type": None,
+    },
+    "beta": {
+        "client_secret": {"expires_after": {"anchor": None, "seconds": None}},
+        "input_audio_format": None,
+        "input_audio_noise_reduction": OneOf(False, {"far_field": {"type": None}, "near_field": {"type": None}}),
+        "input_audio_transcription": {"language": None, "model": None, "prompt": None},
+        "instructions": None,
+        "max_response_output_tokens": None,
+        "modalities": None,
+        "model": None,
+        "output_audio_format": None,
+        "speed": None,
+        "temperature": None,
+        "tool_choice": None,
+        "tools": OneOf(False, {"function": {"description": None, "name": None, "parameters": None, "type": None}}),
+        "tracing": {"group_id": None, "metadata": None, "workflow_name": None},
+        "turn_detection": OneOf(
+            False,
+            {
+                "semantic_vad": {
+                    "create_response": None,
+                    "eagerness": None,
+                    "interrupt_response": None,
+                    "prefix_padding_ms": None,
+                    "silence_duration_ms": None,
+                    "threshold": None,
+                    "type": None,
+                },
+                "server_vad": {
+                    "create_response": None,
+                    "eagerness": None,
+                    "interrupt_response": None,
+                    "prefix_padding_ms": None,
+                    "silence_duration_ms": None,
+                    "threshold": None,
+                    "type": None,
+                },
+            },
+        ),
+        "voice": None,
+    },
+}
+GA_AUDIO_FORMATS = frozenset({"audio/pcm", "audio/pcmu", "audio/pcma"})
+GA_PCM_RATES = frozenset({24000})
+BETA_AUDIO_FORMATS = frozenset({"pcm16", "g711_ulaw", "g711_alaw"})
 _BETA_MODELS = frozenset(
     {
         "gpt-realtime", "gpt-realtime-2025-08-28", "gpt-4o-realtime-preview",
@@ -261,7 +410,7 @@ _DEFAULT_INSTRUCTIONS = "You are a simulated realtime assistant (relay.sim). Rep
 _SERVER_VAD_DEFAULTS: JSON = {
     "threshold": 0.5,
     "prefix_padding_ms": 300,
-    "silence_duration_ms": 500,
+    "silence_duration_ms": 200,  # a live session.created reports 200 (the docstring says 500)
     "idle_timeout_ms": None,
     "create_response": True,
     "interrupt_response": True,
@@ -269,8 +418,8 @@ _SERVER_VAD_DEFAULTS: JSON = {
 _SEMANTIC_VAD_DEFAULTS: JSON = {"eagerness": "auto", "create_response": True, "interrupt_response": True}
 _SEMANTIC_VAD_SILENCE_MS = 500
 _DEFAULT_PREFIX_PADDING_MS = 300
-_REQUEST_LIMIT = 5000
 _TOKEN_LIMIT = 40000
+_OBFUSCATION_CHARS = 16
 
 
 def _normalize_turn_detection(value: Any, dialect: Dialect) -> Any:
@@ -314,7 +463,7 @@ def _default_session(dialect: Dialect, session_id: str, model: str, expires_at: 
                     "noise_reduction": None,
                     "turn_detection": turn_detection,
                 },
-                "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "marin", "speed": 1.0},
+                "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "alloy", "speed": 1.0},
             },
         }
     session: JSON = {
@@ -351,6 +500,8 @@ class _Settings:
     modalities: list[str]
     input_ulaw: bool
     instructions: str
+    output_format: Any = None
+    """As configured: a GA format object or a beta format string."""
 
     @staticmethod
     def of(dialect: Dialect, session: JSON) -> _Settings:
@@ -361,10 +512,11 @@ class _Settings:
             return _Settings(
                 turn_detection=inp.get("turn_detection"),
                 transcription=inp.get("transcription") is not None,
-                voice=str(out.get("voice") or "marin"),
+                voice=str(out.get("voice") or "alloy"),
                 modalities=list(session.get("output_modalities") or ["audio"]),
                 input_ulaw=(inp.get("format") or {}).get("type") == "audio/pcmu",
                 instructions=str(session.get("instructions") or ""),
+                output_format=_clone(out.get("format") or {"type": "audio/pcm", "rate": 24000}),
             )
         return _Settings(
             turn_detection=session.get("turn_detection"),
@@ -373,6 +525,7 @@ class _Settings:
             modalities=list(session.get("modalities") or ["text", "audio"]),
             input_ulaw=session.get("input_audio_format") == "g711_ulaw",
             instructions=str(session.get("instructions") or ""),
+            output_format=session.get("output_audio_format") or "pcm16",
         )
 
 
@@ -394,6 +547,9 @@ class _Response:
     open_item: JSON | None = None
     text_so_far: str = ""
     sent_audio_ms: int = 0
+    audio: bytes = b""
+    chunk_index: int = 0
+    output_format: Any = None
     task: asyncio.Task[None] | None = None
     done: bool = False
     speech_before_calls_ms: int = 0
@@ -408,7 +564,7 @@ class _Close:
 class _Problem(Exception):
     """A client mistake answered with an ``error`` event (the session stays open)."""
 
-    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+    def __init__(self, code: str | None, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -434,6 +590,83 @@ def _require(event: JSON, name: str, kind: type | tuple[type, ...]) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise _Problem("invalid_type", f"Invalid type for '{name}'.", name)
     return value
+
+
+def _supported(values: Iterable[Any]) -> str:
+    """The API's enumeration style: 'a', 'b' and 'c'."""
+    quoted = [f"'{value}'" for value in sorted(values, key=str)]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
+
+
+def _check_fields(value: Any, shape: FieldShape, where: str) -> None:
+    """Refuse, at any depth, a field the API does not declare (``unknown_parameter``) or an unknown ``type``."""
+    if shape is None:
+        return
+    if isinstance(value, list):
+        for index, element in enumerate(value):
+            _check_fields(element, shape, f"{where}[{index}]")
+        return
+    if not isinstance(value, dict):
+        return
+    fields: dict[str, FieldShape]
+    if isinstance(shape, OneOf):
+        kind = value.get("type")
+        if kind is None:
+            if shape.type_required:
+                raise _Problem(
+                    "missing_required_parameter", f"Missing required parameter: '{where}.type'.", f"{where}.type"
+                )
+            fields = {key: sub for branch in shape.by_type.values() for key, sub in branch.items()}
+        elif isinstance(kind, str) and kind in shape.by_type:
+            fields = shape.by_type[kind]
+        else:
+            raise _Problem(
+                "invalid_value",
+                f"Invalid value: '{kind}'. Supported values are: {_supported(shape.by_type)}.",
+                f"{where}.type",
+            )
+    else:
+        fields = shape
+    for key, sub_value in value.items():
+        if key not in fields:
+            raise _Problem("unknown_parameter", f"Unknown parameter: '{where}.{key}'.", f"{where}.{key}")
+        _check_fields(sub_value, fields[key], f"{where}.{key}")
+
+
+def _check_ga_format(fmt: Any, where: str) -> None:
+    """GA formats are objects: ``audio/pcmu``, ``audio/pcma``, ``audio/pcm`` at 24 kHz (types: ``_check_fields``)."""
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict):
+        raise _Problem(
+            "invalid_type", f"Invalid type for '{where}': expected an object, but got a {type(fmt).__name__}.", where
+        )
+    if (
+        fmt.get("type", "audio/pcm") == "audio/pcm"
+        and fmt.get("rate") is not None
+        and fmt.get("rate") not in GA_PCM_RATES
+    ):
+        raise _Problem(
+            "invalid_value",
+            f"Invalid value: '{fmt.get('rate')}'. Supported values are: {_supported(GA_PCM_RATES)}.",
+            f"{where}.rate",
+        )
+
+
+def _codec(fmt: Any) -> Literal["pcmu", "pcma", "pcm"]:
+    """The encoding a GA format object or a beta format string stands for (PCM16 24 kHz unless G.711)."""
+    name = fmt.get("type") if isinstance(fmt, dict) else fmt
+    if name in ("audio/pcmu", "g711_ulaw"):
+        return "pcmu"
+    return "pcma" if name in ("audio/pcma", "g711_alaw") else "pcm"
+
+
+def _check_beta_format(fmt: Any, where: str) -> None:
+    """Beta formats are the strings ``pcm16``, ``g711_ulaw`` and ``g711_alaw``."""
+    if fmt is not None and fmt not in BETA_AUDIO_FORMATS:
+        raise _Problem(
+            "invalid_value", f"Invalid value: '{fmt}'. Supported values are: {_supported(BETA_AUDIO_FORMATS)}.", where
+        )
 
 
 class _Peer:
@@ -684,74 +917,31 @@ class _Peer:
             raise _Problem(
                 "invalid_value", f"Invalid value: '{kind}'. Supported values are: 'realtime'.", "session.type"
             )
-        self._reject_unknown(update, _GA_SESSION_KEYS, "session")
+        _check_fields(update, SESSION_FIELDS["ga"], "session")
         audio = update.get("audio")
         if audio is None:
             return
         if not isinstance(audio, dict):
             raise _Problem("invalid_type", "Invalid type for 'session.audio'.", "session.audio")
-        self._reject_unknown(audio, _GA_AUDIO_KEYS, "session.audio")
-        for side, keys in (("input", _GA_INPUT_KEYS), ("output", _GA_OUTPUT_KEYS)):
+        for side in ("input", "output"):
             section = audio.get(side)
             if section is None:
                 continue
             if not isinstance(section, dict):
                 raise _Problem("invalid_type", f"Invalid type for 'session.audio.{side}'.", f"session.audio.{side}")
-            self._reject_unknown(section, keys, f"session.audio.{side}")
             if "format" in section:
-                fmt = section["format"]
-                fmt_type = fmt.get("type") if isinstance(fmt, dict) else fmt
-                if fmt_type != "audio/pcmu":
-                    raise _Problem(
-                        "unsupported_audio_format",
-                        f"The simulator only speaks µ-law: 'session.audio.{side}.format' must be "
-                        f'{{"type": "audio/pcmu"}}, got {orjson.dumps(fmt).decode()}.',
-                        f"session.audio.{side}.format",
-                    )
-        input_section = audio.get("input")
-        if isinstance(input_section, dict) and "turn_detection" in input_section:
-            self._check_turn_detection(input_section["turn_detection"], "session.audio.input.turn_detection", True)
+                _check_ga_format(section["format"], f"session.audio.{side}.format")
         output_section = audio.get("output")
         if isinstance(output_section, dict) and "voice" in output_section:
             self._check_voice(output_section["voice"], "session.audio.output.voice")
 
     def _check_beta_update(self, update: JSON) -> None:
-        self._reject_unknown(update, _BETA_SESSION_KEYS, "session")
+        _check_fields(update, SESSION_FIELDS["beta"], "session")
         for key in ("input_audio_format", "output_audio_format"):
-            if key in update and update[key] != "g711_ulaw":
-                raise _Problem(
-                    "unsupported_audio_format",
-                    f"The simulator only speaks µ-law: 'session.{key}' must be 'g711_ulaw', got {update[key]!r}.",
-                    f"session.{key}",
-                )
-        if "turn_detection" in update:
-            self._check_turn_detection(update["turn_detection"], "session.turn_detection", False)
+            if key in update:
+                _check_beta_format(update[key], f"session.{key}")
         if "voice" in update:
             self._check_voice(update["voice"], "session.voice")
-
-    @staticmethod
-    def _reject_unknown(section: JSON, allowed: frozenset[str], where: str) -> None:
-        for key in section:
-            if key not in allowed:
-                raise _Problem("unknown_parameter", f"Unknown parameter: '{where}.{key}'.", f"{where}.{key}")
-
-    @staticmethod
-    def _check_turn_detection(value: Any, where: str, type_required: bool) -> None:
-        if value is None:
-            return
-        if not isinstance(value, dict):
-            raise _Problem("invalid_type", f"Invalid type for '{where}'.", where)
-        kind = value.get("type")
-        if kind is None and type_required:
-            raise _Problem(
-                "missing_required_parameter", f"Missing required parameter: '{where}.type'.", f"{where}.type"
-            )
-        if kind not in (None, "server_vad", "semantic_vad"):
-            raise _Problem(
-                "invalid_value",
-                f"Invalid value: '{kind}'. Supported values are: 'server_vad' and 'semantic_vad'.",
-                f"{where}.type",
-            )
 
     def _check_voice(self, voice: Any, where: str) -> None:
         voices = GA_VOICES if self.rec.dialect == "ga" else BETA_VOICES
@@ -929,6 +1119,15 @@ class _Peer:
             item["content"][0]["transcript"] = transcript
             audio_tokens = max(1, duration_ms // 100)
             text_tokens = len(transcript) // 4 + 1
+            for word in _words(transcript):  # streamed first, as the transcribe models do
+                self._emit(
+                    {
+                        "type": "conversation.item.input_audio_transcription.delta",
+                        "item_id": item_id,
+                        "content_index": 0,
+                        "delta": word,
+                    }
+                )
             self._emit(
                 {
                     "type": "conversation.item.input_audio_transcription.completed",
@@ -1077,11 +1276,8 @@ class _Peer:
         if audio_end_ms < 0:
             raise _Problem("invalid_value", "Invalid 'audio_end_ms': must not be negative.", "audio_end_ms")
         if audio_end_ms > sent_ms:
-            raise _Problem(
-                "invalid_value",
-                f"Audio content of {sent_ms} ms is already shorter than {audio_end_ms} ms",
-                "audio_end_ms",
-            )
+            # As recorded from the service: no code, no param, the durations without a space before "ms".
+            raise _Problem(None, f"Audio content of {sent_ms}ms is already shorter than {audio_end_ms}ms")
         self.rec._truncated_ms[item_id] = audio_end_ms
         for part in item.get("content") or []:
             if isinstance(part, dict) and "transcript" in part:
@@ -1185,10 +1381,21 @@ class _Peer:
             calls=calls,
             voice=str(voice or settings.voice),
             speech_before_calls_ms=speech_before_calls_ms,
+            output_format=self._response_format(request),
         )
         self.active = response
         self._emit({"type": "response.created", "response": self._response_object(response, "in_progress")})
         response.task = self._spawn(self._generate(response))
+
+    def _response_format(self, request: JSON) -> Any:
+        """The output format of one response: the session's, unless ``response.create`` names another."""
+        if self.rec.dialect == "ga":
+            audio = request.get("audio")
+            output = audio.get("output") if isinstance(audio, dict) else None
+            wanted = output.get("format") if isinstance(output, dict) else None
+            return _clone(wanted) if isinstance(wanted, dict) else _clone(self.settings.output_format)
+        wanted = request.get("output_audio_format")
+        return wanted if wanted in BETA_AUDIO_FORMATS else self.settings.output_format
 
     def _summary_text(self, request: JSON) -> str:
         texts: list[str] = []
@@ -1221,11 +1428,11 @@ class _Peer:
         }
         if self.rec.dialect == "ga":
             common["output_modalities"] = response.modalities
-            common["audio"] = {"output": {"format": {"type": "audio/pcmu"}, "voice": response.voice}}
+            common["audio"] = {"output": {"format": _clone(response.output_format), "voice": response.voice}}
         else:
             common["modalities"] = response.modalities
             common["voice"] = response.voice
-            common["output_audio_format"] = "g711_ulaw"
+            common["output_audio_format"] = response.output_format
             common["temperature"] = 0.8
         return common
 
@@ -1323,31 +1530,20 @@ class _Peer:
     async def _generate_audio(self, response: _Response) -> None:
         item = self._open_message(response)
         where = self._where(response, item)
-        audio = _reply_audio(response.audio_ms, response.number % 4)
+        response.audio = _reply_audio(response.audio_ms, response.number % 4)
+        response.chunk_index = 0
         words = _words(response.full_text)
-        chunk_sizes = self.cfg.chunk_ms or (100,)
         realtime_factor = self.cfg.realtime_factor
         loop = asyncio.get_running_loop()
         started = loop.time()
         total = response.audio_ms
-        position = spoken = 0
-        for chunk_index in itertools.count():
-            if position >= total:
-                break
-            ms = min(max(1, chunk_sizes[chunk_index % len(chunk_sizes)]), total - position)
-            chunk = audio[position * ulaw.ULAW_BYTES_PER_MS : (position + ms) * ulaw.ULAW_BYTES_PER_MS]
-            probe = self.cfg.latency_probe
-            if probe is not None:
-                chunk = probe.outgoing(self.rec, chunk)
-            self._emit({"type": self.names.audio_delta, **where, "delta": base64.b64encode(chunk).decode("ascii")})
-            position += ms
-            response.sent_audio_ms = position
-            if not response.out_of_band:
-                self.rec._sent_audio_ms[item["id"]] = position
-            self.assistant_audio_emitted = True
+        spoken = 0
+        while response.sent_audio_ms < total:
+            self._send_audio_chunk(response, item, where)
+            position = response.sent_audio_ms
             due = math.ceil(len(words) * position / total)
             while spoken < due:
-                self._emit({"type": self.names.transcript_delta, **where, "delta": words[spoken]})
+                self._emit_transcript_delta(where, words[spoken])
                 response.text_so_far += words[spoken]
                 spoken += 1
             if realtime_factor > 0:
@@ -1355,10 +1551,46 @@ class _Peer:
             else:
                 await asyncio.sleep(0)
         while spoken < len(words):  # zero-length audio still gets its transcript
-            self._emit({"type": self.names.transcript_delta, **where, "delta": words[spoken]})
+            self._emit_transcript_delta(where, words[spoken])
             response.text_so_far += words[spoken]
             spoken += 1
         self._close_item(response, "completed")
+
+    def _send_audio_chunk(self, response: _Response, item: JSON, where: JSON) -> None:
+        """The next audio delta of the reply; chunk sizes cycle through ``SimConfig.chunk_ms``."""
+        chunk_sizes = self.cfg.chunk_ms or (100,)
+        position, total = response.sent_audio_ms, response.audio_ms
+        ms = min(max(1, chunk_sizes[response.chunk_index % len(chunk_sizes)]), total - position)
+        response.chunk_index += 1
+        chunk = response.audio[position * ulaw.ULAW_BYTES_PER_MS : (position + ms) * ulaw.ULAW_BYTES_PER_MS]
+        probe = self.cfg.latency_probe
+        if probe is not None:
+            chunk = probe.outgoing(self.rec, chunk)
+        codec = _codec(response.output_format)
+        if codec != "pcmu":  # replies are synthesised as µ-law; other formats are converted from it
+            chunk = ulaw.to_alaw(chunk) if codec == "pcma" else ulaw.to_pcm16_24k(chunk)
+        self._emit({"type": self.names.audio_delta, **where, "delta": base64.b64encode(chunk).decode("ascii")})
+        position += ms
+        response.sent_audio_ms = position
+        if not response.out_of_band:
+            self.rec._sent_audio_ms[item["id"]] = position
+        self.assistant_audio_emitted = True
+
+    def _send_late_audio(self, response: _Response) -> None:
+        """Deltas already in flight when a response is cancelled still arrive, before its ``*.done`` events."""
+        item = response.open_item
+        if item is None or item["type"] != "message" or response.modality != "audio" or not response.audio:
+            return
+        where = self._where(response, item)
+        for _ in range(max(0, self.cfg.late_audio_deltas)):
+            if response.sent_audio_ms >= response.audio_ms:
+                return
+            self._send_audio_chunk(response, item, where)
+
+    def _emit_transcript_delta(self, where: JSON, word: str) -> None:
+        """Live transcript deltas carry ``obfuscation``: random padding that hides the length of each delta."""
+        padding = secrets.token_urlsafe(12)[: max(1, _OBFUSCATION_CHARS - len(word))]
+        self._emit({"type": self.names.transcript_delta, **where, "delta": word, "obfuscation": padding})
 
     async def _generate_text(self, response: _Response) -> None:
         item = self._open_message(response)
@@ -1415,6 +1647,8 @@ class _Peer:
     def _cancel(self, response: _Response, reason: str) -> None:
         if response.task is not None and not response.task.done():
             response.task.cancel()
+        if not response.done:
+            self._send_late_audio(response)
         self._finish(response, "cancelled", reason)
 
     def _finish(self, response: _Response, status: str, reason: str | None) -> None:
@@ -1433,13 +1667,7 @@ class _Peer:
         self._emit(
             {
                 "type": "rate_limits.updated",
-                "rate_limits": [
-                    {
-                        "name": "requests",
-                        "limit": _REQUEST_LIMIT,
-                        "remaining": _REQUEST_LIMIT - 1,
-                        "reset_seconds": 0.012,
-                    },
+                "rate_limits": [  # live sessions report a single ``tokens`` entry
                     {
                         "name": "tokens",
                         "limit": _TOKEN_LIMIT,

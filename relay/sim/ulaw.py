@@ -59,6 +59,30 @@ _SQUARES: tuple[int, ...] = tuple(value * value for value in _DECODE)
 _ENCODE: bytes = _build_encode_table()
 
 
+def _alaw_of(sample: int) -> int:
+    """G.711 A-law code of a linear PCM16 value (13-bit magnitude, 8 segments, even bits inverted)."""
+    sign = 0x80 if sample >= 0 else 0x00
+    magnitude = (sample if sample >= 0 else ~sample) >> 3  # negatives: one's complement, as in G.711
+    segment = 0 if magnitude < 32 else magnitude.bit_length() - 5
+    mantissa = (magnitude >> max(segment, 1)) & 0x0F
+    return (sign | (segment << 4) | mantissa) ^ 0x55
+
+
+_TO_ALAW: bytes = bytes(_alaw_of(value) for value in _DECODE)
+_TO_PCM24K: tuple[bytes, ...] = tuple(struct.pack("<hhh", value, value, value) for value in _DECODE)
+
+
+def to_alaw(data: bytes) -> bytes:
+    """µ-law bytes as G.711 A-law (``audio/pcma``, ``g711_alaw``), same rate and length."""
+    return data.translate(_TO_ALAW)
+
+
+def to_pcm16_24k(data: bytes) -> bytes:
+    """µ-law bytes as little-endian PCM16 at 24 kHz (``audio/pcm``, ``pcm16``): each sample held 3 times."""
+    table = _TO_PCM24K
+    return b"".join([table[code] for code in data])
+
+
 def decode(data: bytes) -> list[int]:
     """µ-law bytes to linear PCM16 sample values."""
     table = _DECODE
