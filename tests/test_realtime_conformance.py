@@ -88,7 +88,7 @@ def agents() -> list[AgentSettings]:
             vad=VadSettings(type="semantic_vad", eagerness="low"), transcription_model=None, noise_reduction=None
         ),
         AgentSettings(vad=VadSettings(type="none")),
-        AgentSettings(vad=VadSettings(idle_timeout_ms=6000, create_response=False), voice="cedar", speed=1.2),
+        AgentSettings(vad=VadSettings(idle_timeout_ms=6000, create_response=False), voice="verse", speed=1.2),
     ]
 
 
@@ -104,7 +104,10 @@ def test_session_updates_validate(dialect: str) -> None:
 async def test_simulator_accepts_every_session_update_the_relay_builds(dialect: str) -> None:
     """The simulator refuses fields the dialect does not declare, at any depth, as the service does."""
     d = get_dialect(dialect)
-    async with RealtimeSimulator() as sim, connect(sim.url, additional_headers=d.headers("sk-test")) as ws:
+    async with (
+        RealtimeSimulator() as sim,
+        connect(sim.url, additional_headers=d.headers({"Authorization": "Bearer sk-test"})) as ws,
+    ):
         assert orjson.loads(await ws.recv())["type"] == "session.created"
         for agent in agents():
             event = d.session_update(agent, model="gpt-realtime", instructions="hi", tools=TOOLS)
