@@ -35,6 +35,8 @@ from relay import logs
 from relay.app import create_app
 from relay.asgi_direct import DIRECT_EXTENSION, DirectWebSocket
 from relay.config import Settings
+from relay.forwarded import ForwardedHeaders
+from relay.http_limits import HttpLimits, bounded_http_protocol
 from relay.metrics import mark_worker_dead, multiprocess_dir, reset_multiprocess_dir
 from relay.runtime import Runtime
 
@@ -91,12 +93,20 @@ class DrainingServer(uvicorn.Server):
 
 def uvicorn_config(app: Any, settings: Settings, *, port: int | None = None, ws: Any = None) -> uvicorn.Config:
     """The production configuration; `ws` swaps the WebSocket protocol (tests of the plain ASGI path)."""
+    forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+    if not isinstance(app, str):  # an import string only binds the socket (the multi-worker parent)
+        app = ForwardedHeaders(app, forwarded_allow_ips)
+    limits = HttpLimits(
+        max_header_bytes=settings.max_http_header_bytes,
+        max_url_bytes=settings.max_url_bytes,
+        idle_timeout_s=settings.http_idle_timeout_s,
+    )
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port if port is None else port,
         loop="uvloop",
-        http="httptools",
+        http=bounded_http_protocol(limits),
         ws=RelayWebSocketProtocol if ws is None else ws,
         ws_max_size=settings.max_twilio_message_bytes,
         ws_per_message_deflate=False,
@@ -105,8 +115,9 @@ def uvicorn_config(app: Any, settings: Settings, *, port: int | None = None, ws:
         lifespan="on",
         log_config=None,
         access_log=False,
-        proxy_headers=True,
-        forwarded_allow_ips=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1"),
+        proxy_headers=False,  # applied by ForwardedHeaders, which also decides about X-Forwarded-Host
+        forwarded_allow_ips=forwarded_allow_ips,
+        timeout_keep_alive=settings.http_idle_timeout_s,  # type: ignore[arg-type]
         timeout_graceful_shutdown=2,  # calls are over by then (drained); see runtime.DRAIN_*
     )
 
@@ -304,8 +315,8 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.curr_msg_data_type == "text":
             try:
                 text = data.decode()
-            except UnicodeDecodeError:
-                self.logger.exception("Invalid UTF-8 sequence received from client.")
+            except UnicodeDecodeError as exc:
+                self.logger.warning("invalid UTF-8 in a text frame (at byte %d); closing with 1007", exc.start)
                 self.conn.send_close(1007)
                 self.handle_parser_exception()
                 return
