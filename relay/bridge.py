@@ -57,8 +57,9 @@ DTMF_FLOOD_FACTOR = 3
 # slack, and a socket that sends more without a valid start is closed. Whatever it sends, it costs at
 # most one log line.
 PRE_START_FRAMES = 4
-# Streams refused because too many sockets wait for `start`, logged process-wide at a bounded rate.
-_pending_refusals = RepeatLimiter(logging.getLogger("relay.bridge"), scope="since start-up")
+# Sockets refused for flooding before `start`, or because too many wait for it: a client that keeps
+# reconnecting would otherwise buy one line per socket, so these lines are bounded process-wide.
+_abuse_refusals = RepeatLimiter(logging.getLogger("relay.bridge"), scope="since start-up")
 FINAL_SUMMARY_WAIT_S = 4.0
 
 
@@ -119,7 +120,7 @@ class CallBridge:
             # Refused before accept (uvicorn answers the handshake with 403): no WebSocket state, no
             # start timer, and the socket is gone at once.
             runtime.metrics.calls_refused.labels("pending_streams").inc()
-            _pending_refusals.log(
+            _abuse_refusals.log(
                 "pending_streams",
                 logging.WARNING,
                 "stream refused: %d sockets already wait for their start message",
@@ -156,8 +157,15 @@ class CallBridge:
                         return None
                     frames += 1
                     if frames > PRE_START_FRAMES:
-                        reason = f"too many frames before start: {skipped} skipped, first {first_problem or 'none'}"
-                        await self._refuse(CLOSE_POLICY, reason)
+                        self.runtime.metrics.calls_refused.labels("too many frames before start").inc()
+                        _abuse_refusals.log(
+                            "too_many_frames",
+                            logging.WARNING,
+                            "stream refused: too many frames before start: %d skipped, first %s",
+                            skipped,
+                            first_problem or "none",
+                        )
+                        await self._close_twilio(CLOSE_POLICY, "too many frames before start")
                         return None
                     text = message.get("text")
                     if text is None:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import http
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import Any
 
 import httptools
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
@@ -45,13 +46,21 @@ def _refusal(status: int) -> bytes:
     return head.encode() + body
 
 
+_LIMITS_ATTRIBUTE = "relay_http_limits"
+
+
+def set_limits(config: uvicorn.Config, limits: HttpLimits) -> None:
+    """Give the server built from `config` these limits (an attribute, so the config still pickles
+    for worker processes)."""
+    setattr(config, _LIMITS_ATTRIBUTE, limits)
+
+
 class BoundedHttpProtocol(HttpToolsProtocol):
-    """See the module docstring; `limits` is set per server by `bounded_http_protocol`."""
+    """See the module docstring; ``uvicorn.Config(http=BoundedHttpProtocol)``, limits from `set_limits`."""
 
-    limits: ClassVar[HttpLimits] = HttpLimits()
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.limits: HttpLimits = getattr(config, _LIMITS_ATTRIBUTE, None) or HttpLimits()
         self._head_bytes = 0
         self._reading_head = True  # waiting for, or reading, a request line and headers
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -130,8 +139,3 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if (cycle is None or cycle.response_complete) and not self.transport.is_closing():
             self.transport.close()
-
-
-def bounded_http_protocol(limits: HttpLimits) -> type[BoundedHttpProtocol]:
-    """A `BoundedHttpProtocol` class with these limits, for ``uvicorn.Config(http=...)``."""
-    return cast(type[BoundedHttpProtocol], type("BoundedHttpProtocol", (BoundedHttpProtocol,), {"limits": limits}))

@@ -36,7 +36,7 @@ from relay.app import create_app
 from relay.asgi_direct import DIRECT_EXTENSION, DirectWebSocket
 from relay.config import Settings
 from relay.forwarded import ForwardedHeaders
-from relay.http_limits import HttpLimits, bounded_http_protocol
+from relay.http_limits import BoundedHttpProtocol, HttpLimits, set_limits
 from relay.metrics import mark_worker_dead, multiprocess_dir, reset_multiprocess_dir
 from relay.runtime import Runtime
 
@@ -101,12 +101,12 @@ def uvicorn_config(app: Any, settings: Settings, *, port: int | None = None, ws:
         max_url_bytes=settings.max_url_bytes,
         idle_timeout_s=settings.http_idle_timeout_s,
     )
-    return uvicorn.Config(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port if port is None else port,
         loop="uvloop",
-        http=bounded_http_protocol(limits),
+        http=BoundedHttpProtocol,
         ws=RelayWebSocketProtocol if ws is None else ws,
         ws_max_size=settings.max_twilio_message_bytes,
         ws_per_message_deflate=False,
@@ -120,6 +120,8 @@ def uvicorn_config(app: Any, settings: Settings, *, port: int | None = None, ws:
         timeout_keep_alive=settings.http_idle_timeout_s,  # type: ignore[arg-type]
         timeout_graceful_shutdown=2,  # calls are over by then (drained); see runtime.DRAIN_*
     )
+    set_limits(config, limits)
+    return config
 
 
 def secrets_of(settings: Settings) -> list[str | None]:
@@ -283,6 +285,11 @@ class _MessageQueue:
 
 READ_PAUSE_MESSAGES = 32
 """Messages waiting for the app before the socket stops being read (uvicorn pauses at 1)."""
+MESSAGES_AFTER_CLOSE = 64
+"""Messages a peer may still send after our close frame (in flight: ~1.3 s of audio); past that it
+is ignoring the close, so the socket is no longer read (uvicorn would read and discard for 10 s)
+and is dropped `IGNORED_CLOSE_GRACE_S` later, after the close frame has had time to arrive."""
+IGNORED_CLOSE_GRACE_S = 1.0
 
 
 class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -299,6 +306,7 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.queue = _MessageQueue(self.loop)  # type: ignore[assignment]
         self.direct: DirectWebSocket | None = None
+        self._after_close = 0
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
@@ -310,8 +318,15 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
     def send_receive_event_to_app(self) -> None:
         data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
         self.frames = []
-        if self.close_sent:
-            return  # past websocket.close: discard, as uvicorn does
+        if self.close_sent:  # past websocket.close: discard, as uvicorn does, but not for long
+            self._after_close += 1
+            if self._after_close == MESSAGES_AFTER_CLOSE and not self.transport.is_closing():
+                self.read_paused = True
+                self.transport.pause_reading()
+                if self.close_timer is not None:
+                    self.close_timer.cancel()
+                self.close_timer = self.loop.call_later(IGNORED_CLOSE_GRACE_S, self.transport.close)
+            return
         if self.curr_msg_data_type == "text":
             try:
                 text = data.decode()
