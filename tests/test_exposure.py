@@ -8,7 +8,9 @@ and X-Forwarded-Host from peers that are not trusted proxies.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import os
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
@@ -138,6 +140,38 @@ async def test_junk_before_start_is_closed_after_four_frames_with_one_log_line(s
         assert len(about_it) == 1, about_it
         assert about_it[0]["msg"].startswith("stream refused: too many frames before start: 4 skipped, first malformed")
         assert await refused(relay, reason) == 1
+    finally:
+        await relay.close()
+
+
+def masked_text_frame(payload: bytes) -> bytes:
+    """One client-to-server text frame (RFC 6455 §5.2), short payloads only."""
+    assert len(payload) < 126
+    mask = os.urandom(4)
+    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_a_client_that_ignores_the_close_is_not_read_for_long(sim: RealtimeSimulator) -> None:
+    """A raw client that never reads what the relay sends, and keeps sending junk after the close."""
+    relay = await started(sim, RELAY_START_TIMEOUT="30")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET /media-stream HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        assert b" 101 " in await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        junk = masked_text_frame(b"{junk" + b"x" * 100) * 50
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionError):
+            while time.monotonic() - t0 < 8:
+                writer.write(junk)
+                await writer.drain()
+        # dropped about a second after it went on sending past the close (uvicorn alone: 10 s)
+        assert time.monotonic() - t0 < 5
+        writer.close()
+        assert await refused(relay, "too many frames before start") == 1
     finally:
         await relay.close()
 
