@@ -194,7 +194,7 @@ class CallBridge:
 
     async def _refuse(self, code: int, reason: str) -> None:
         self.runtime.metrics.calls_refused.labels(reason.split(":")[0][:40]).inc()
-        self.log.warning("stream refused: %s", reason)
+        self.log.warning("stream refused: %s", clip(reason, 200))
         await self._close_twilio(code, reason[:100])
 
     async def _admit(self, start: tw.Start) -> tw.Start | None:
