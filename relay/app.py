@@ -23,6 +23,7 @@ from starlette.websockets import WebSocket
 from relay import logs
 from relay.bridge import CallBridge
 from relay.config import Settings
+from relay.logbound import clip
 from relay.metrics import CONTENT_TYPE
 from relay.runtime import Runtime
 from relay.security import InvalidSignature, check_signature, mint_stream_token, public_request_url
@@ -67,7 +68,7 @@ async def incoming_call(request: Request) -> Response:
         form = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False))
     except UnicodeDecodeError:
         return PlainTextResponse("malformed form body", status_code=400)
-    url = public_request_url(settings.public_url, str(request.url))
+    url = public_request_url(_public_base(runtime, request), str(request.url))  # where Twilio sent it
     if settings.twilio_auth_token:
         try:
             check_signature(
@@ -79,7 +80,8 @@ async def incoming_call(request: Request) -> Response:
             )
         except InvalidSignature as exc:
             runtime.metrics.calls_refused.labels("bad_signature").inc()
-            log.warning("webhook refused: %s", exc, extra={"call_sid": form.get("CallSid", "")[:64], "url": url})
+            claimed = {"call_sid": clip(form.get("CallSid", ""), 64), "url": clip(url, 200)}
+            log.warning("webhook refused: %s", exc, extra=claimed)
             return PlainTextResponse("invalid signature", status_code=403)
     call_sid = form.get("CallSid", "")
     if not _SID.fullmatch(call_sid):

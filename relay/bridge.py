@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import time
 from collections import deque
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from websockets.protocol import State
 from relay import logs
 from relay.asgi_direct import DIRECT_EXTENSION, DirectWebSocket
 from relay.call import ULAW_BYTES_PER_MS, Call, Entry, Metric, RunTool, SummaryReady, UpstreamFailed, UsageReport
+from relay.logbound import RepeatLimiter, clip
 from relay.metrics import HOP_SAMPLE_EVERY
 from relay.realtime import client
 from relay.realtime import events as ev
@@ -52,8 +54,13 @@ REPLAY_FRAMES = 75
 MEDIA_RATE_BYTES_PER_S = 2 * 8000
 MEDIA_BURST_BYTES = 10 * 8000
 DTMF_FLOOD_FACTOR = 3
-MALFORMED_LOGGED_EACH = 20
-MALFORMED_LOG_EVERY = 100
+# Before `start` Twilio sends exactly `connected` then `start` (shared/PROTOCOLS.md §3); two frames of
+# slack, and a socket that sends more without a valid start is closed. Whatever it sends, it costs at
+# most one log line.
+PRE_START_FRAMES = 4
+# Sockets refused for flooding before `start`, or because too many wait for it: a client that keeps
+# reconnecting would otherwise buy one line per socket, so these lines are bounded process-wide.
+_abuse_refusals = RepeatLimiter(logging.getLogger("relay.bridge"), scope="since start-up")
 FINAL_SUMMARY_WAIT_S = 4.0
 
 
@@ -89,6 +96,7 @@ class CallBridge:
         self._session_timeout = False
         self._dtmf_times: deque[float] = deque()
         self.malformed_frames = 0
+        self.repeats = RepeatLimiter(self.log)  # per kind of frame the caller's side keeps sending wrong
         # caller-frame state shared by the Twilio loop and the frames taken as they arrive
         self._loop_waiting = False
         self._reader_waiting = False
@@ -113,8 +121,25 @@ class CallBridge:
 
     async def run(self) -> None:
         """Serve one Media Stream from accept to the last task's end."""
-        await self.ws.accept()
-        start = await self._await_start()
+        runtime = self.runtime
+        if runtime.pending_streams >= self.settings.max_pending_streams:
+            # Refused before accept (uvicorn answers the handshake with 403): no WebSocket state, no
+            # start timer, and the socket is gone at once.
+            runtime.metrics.calls_refused.labels("pending_streams").inc()
+            _abuse_refusals.log(
+                "pending_streams",
+                logging.WARNING,
+                "stream refused: %d sockets already wait for their start message",
+                runtime.pending_streams,
+            )
+            await self.ws.close(CLOSE_TRY_AGAIN)
+            return
+        runtime.pending_streams += 1
+        try:
+            await self.ws.accept()
+            start = await self._await_start()
+        finally:
+            runtime.pending_streams -= 1
         if start is None:
             return
         if self.runtime.draining:  # checked once the start message names the call, for the log line
@@ -125,33 +150,57 @@ class CallBridge:
         await self._serve(start)
 
     async def _await_start(self) -> tw.Start | None:
+        """Up to `PRE_START_FRAMES` frames until a valid start; at most one log line per socket."""
         settings = self.settings
+        frames = 0
+        skipped = 0
+        first_problem = ""
         try:
             async with asyncio.timeout(settings.start_timeout_s):
                 while True:
                     message = await self._receive()
                     if message["type"] == "websocket.disconnect":
                         return None
+                    frames += 1
+                    if frames > PRE_START_FRAMES:
+                        self.runtime.metrics.calls_refused.labels("too many frames before start").inc()
+                        _abuse_refusals.log(
+                            "too_many_frames",
+                            logging.WARNING,
+                            "stream refused: too many frames before start: %d skipped, first %s",
+                            skipped,
+                            first_problem or "none",
+                        )
+                        await self._close_twilio(CLOSE_POLICY, "too many frames before start")
+                        return None
                     text = message.get("text")
                     if text is None:
-                        continue
-                    if len(text) > settings.max_twilio_message_bytes:
+                        problem = "binary frame"
+                    elif len(text) > settings.max_twilio_message_bytes:
                         await self._refuse(CLOSE_TOO_BIG, "oversized frame before start")
                         return None
-                    try:
-                        event = tw.parse(text)
-                    except tw.MalformedMessage as exc:
-                        self.log.warning("malformed frame before start skipped: %s", exc)
-                        continue
-                    if isinstance(event, tw.Start):
-                        return await self._admit(event)
+                    else:
+                        try:
+                            event = tw.parse(text)
+                        except tw.MalformedMessage as exc:
+                            problem = f"malformed ({clip(exc)})"
+                        else:
+                            if isinstance(event, tw.Start):
+                                if skipped:
+                                    self.log.warning(
+                                        "%d frames before start skipped (first: %s)", skipped, first_problem
+                                    )
+                                return await self._admit(event)
+                            continue  # connected (or an event this relay does not know)
+                    skipped += 1
+                    first_problem = first_problem or problem
         except TimeoutError:
             await self._refuse(CLOSE_POLICY, "no valid start message in time")
             return None
 
     async def _refuse(self, code: int, reason: str) -> None:
         self.runtime.metrics.calls_refused.labels(reason.split(":")[0][:40]).inc()
-        self.log.warning("stream refused: %s", reason)
+        self.log.warning("stream refused: %s", clip(reason, 200))
         await self._close_twilio(code, reason[:100])
 
     async def _admit(self, start: tw.Start) -> tw.Start | None:
@@ -266,6 +315,8 @@ class CallBridge:
         direct = self._direct
         if direct is not None:  # frames that need no waiting are handled as they arrive
             direct.on_text = self._on_text_now
+        repeats = self.repeats
+        repeats.logger = self.log  # the logger with the call's SIDs, set at admission
         try:
             while True:
                 self._loop_waiting = True
@@ -277,7 +328,7 @@ class CallBridge:
                     return
                 text = message.get("text")
                 if text is None:
-                    self.log.warning("binary frame from Twilio ignored")
+                    repeats.log("binary_frame", logging.WARNING, "binary frame from Twilio ignored")
                     continue
                 if len(text) > max_bytes:
                     self.log.warning("oversized Twilio frame (%d bytes); closing stream", len(text))
@@ -319,9 +370,9 @@ class CallBridge:
                     self._mark_ending("caller_hung_up")
                     return
                 elif isinstance(event, tw.Start):
-                    self.log.warning("second start message on one stream ignored")
+                    repeats.log("second_start", logging.WARNING, "second start message on one stream ignored")
                 elif isinstance(event, tw.Unknown):
-                    self.log.debug("unknown Twilio event %s ignored", event.event)
+                    repeats.log("unknown_event", logging.DEBUG, "unknown Twilio event %s ignored", clip(event.event))
         finally:
             self._loop_waiting = False
             if direct is not None:
@@ -428,13 +479,9 @@ class CallBridge:
         )
 
     def _malformed_frame(self, reason: str) -> None:
-        """Log the first few one by one, then a running count: junk must not flood the logs."""
+        """Logged the first few times, then as a running count: junk must not flood the logs."""
         self.malformed_frames += 1
-        count = self.malformed_frames
-        if count <= MALFORMED_LOGGED_EACH:
-            self.log.warning("malformed Twilio frame skipped: %s", reason)
-        elif count % MALFORMED_LOG_EVERY == 0:
-            self.log.warning("malformed Twilio frame skipped: %d so far on this call (latest: %s)", count, reason)
+        self.repeats.log("malformed_frame", logging.WARNING, "malformed Twilio frame skipped: %s", clip(reason))
 
     def _dtmf_allowed(self) -> bool | None:
         """True: pass the digit on; False: drop it (over the per-second cap); None: a flood, close."""
@@ -924,6 +971,7 @@ class CallBridge:
                 "frames_in": call.frames_in,
                 "frames_out": call.frames_out,
                 "malformed_frames": self.malformed_frames,
+                "ignored_from_twilio": self.repeats.counts | call.repeats.counts,
                 "audio_dropped_frames": self.audio_dropped_frames,
             },
         )

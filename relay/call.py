@@ -25,6 +25,7 @@ import orjson
 
 from relay.config import AgentSettings
 from relay.endpointing import Endpointer, SpeechStart
+from relay.logbound import RepeatLimiter, clip
 from relay.realtime import client
 from relay.realtime import events as ev
 from relay.realtime.dialect import Dialect
@@ -152,6 +153,7 @@ class Call:
         self.summary_keep_turns = summary_keep_turns
         self.clock = clock
         self.log = logger or logging.getLogger("relay.call")
+        self.repeats = RepeatLimiter(self.log)  # what the caller's side sends again and again
         self.out = Outbound(stream_sid)
 
         self.to_twilio: list[str] = []
@@ -356,7 +358,7 @@ class Call:
             return
         if not any(entry[0] == name for entry in self._pending_marks):
             self.stale_marks += 1
-            self.log.debug("mark %s is not pending; ignored", name)
+            self.repeats.log("unknown_mark", logging.DEBUG, "mark %s is not pending; ignored", clip(name))
             return
         self._last_ack_at = self.clock()
         while self._pending_marks:

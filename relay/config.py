@@ -330,6 +330,7 @@ class Settings:
     stream_secret: bytes = b""
     stream_token_ttl_s: int = 60
     start_timeout_s: float = 5.0
+    max_pending_streams: int = 64  # Media Stream sockets waiting for `start`; see README
     session_update_timeout_s: float = 10.0
     log_level: str = "INFO"
     agent: AgentSettings = field(default_factory=AgentSettings)
@@ -356,6 +357,9 @@ class Settings:
     max_twilio_message_bytes: int = 64 * 1024
     max_upstream_message_bytes: int = 8 * 1024 * 1024
     max_webhook_body_bytes: int = 64 * 1024
+    max_http_header_bytes: int = 32 * 1024  # request line and headers of one HTTP request
+    max_url_bytes: int = 8 * 1024
+    http_idle_timeout_s: float = 10.0  # a connection's next request head must arrive within this
     max_dtmf_per_second: float = 10.0
     ws_ping_interval_s: float = 20.0  # Realtime socket keepalive
     ws_ping_timeout_s: float = 20.0
@@ -482,6 +486,7 @@ class Settings:
             stream_secret=stream_secret,
             stream_token_ttl_s=_int(env, "RELAY_STREAM_TOKEN_TTL", 60, 5),
             start_timeout_s=_float(env, "RELAY_START_TIMEOUT", 5.0, 0.1),
+            max_pending_streams=_int(env, "RELAY_MAX_PENDING_STREAMS", 64, 1),
             session_update_timeout_s=_float(env, "RELAY_SESSION_UPDATE_TIMEOUT", 10.0, 0.1),
             log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper(),
             agent=agent,
@@ -508,6 +513,9 @@ class Settings:
             max_twilio_message_bytes=_int(env, "RELAY_MAX_TWILIO_MESSAGE", 64 * 1024, 1024),
             max_upstream_message_bytes=_int(env, "RELAY_MAX_UPSTREAM_MESSAGE", 8 * 1024 * 1024, 64 * 1024),
             max_webhook_body_bytes=_int(env, "RELAY_MAX_WEBHOOK_BODY", 64 * 1024, 1024),
+            max_http_header_bytes=_int(env, "RELAY_MAX_HTTP_HEADER", 32 * 1024, 1024),
+            max_url_bytes=_int(env, "RELAY_MAX_URL", 8 * 1024, 256),
+            http_idle_timeout_s=_float(env, "RELAY_HTTP_IDLE_TIMEOUT", 10.0, 0.1),
             max_dtmf_per_second=_float(env, "RELAY_MAX_DTMF_PER_SECOND", 10.0, 0.1),
             ws_ping_interval_s=_float(env, "RELAY_WS_PING_INTERVAL", 20.0, 0.05),
             ws_ping_timeout_s=_float(env, "RELAY_WS_PING_TIMEOUT", 20.0, 0.05),

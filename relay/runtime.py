@@ -143,6 +143,7 @@ class Runtime:
             )
         self.twilio_control = twilio_control
         self.calls: dict[str, CallBridge] = {}
+        self.pending_streams = 0  # Media Stream sockets accepted and waiting for their start message
         self.draining = False
         self.started = False
         self._drain_task: asyncio.Task[None] | None = None

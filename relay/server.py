@@ -35,6 +35,8 @@ from relay import logs
 from relay.app import create_app
 from relay.asgi_direct import DIRECT_EXTENSION, DirectWebSocket
 from relay.config import Settings
+from relay.forwarded import ForwardedHeaders
+from relay.http_limits import BoundedHttpProtocol, HttpLimits, set_limits
 from relay.metrics import mark_worker_dead, multiprocess_dir, reset_multiprocess_dir
 from relay.runtime import Runtime
 
@@ -91,12 +93,20 @@ class DrainingServer(uvicorn.Server):
 
 def uvicorn_config(app: Any, settings: Settings, *, port: int | None = None, ws: Any = None) -> uvicorn.Config:
     """The production configuration; `ws` swaps the WebSocket protocol (tests of the plain ASGI path)."""
-    return uvicorn.Config(
+    forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+    if not isinstance(app, str):  # an import string only binds the socket (the multi-worker parent)
+        app = ForwardedHeaders(app, forwarded_allow_ips)
+    limits = HttpLimits(
+        max_header_bytes=settings.max_http_header_bytes,
+        max_url_bytes=settings.max_url_bytes,
+        idle_timeout_s=settings.http_idle_timeout_s,
+    )
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port if port is None else port,
         loop="uvloop",
-        http="httptools",
+        http=BoundedHttpProtocol,
         ws=RelayWebSocketProtocol if ws is None else ws,
         ws_max_size=settings.max_twilio_message_bytes,
         ws_per_message_deflate=False,
@@ -105,10 +115,13 @@ def uvicorn_config(app: Any, settings: Settings, *, port: int | None = None, ws:
         lifespan="on",
         log_config=None,
         access_log=False,
-        proxy_headers=True,
-        forwarded_allow_ips=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1"),
+        proxy_headers=False,  # applied by ForwardedHeaders, which also decides about X-Forwarded-Host
+        forwarded_allow_ips=forwarded_allow_ips,
+        timeout_keep_alive=settings.http_idle_timeout_s,  # type: ignore[arg-type]
         timeout_graceful_shutdown=2,  # calls are over by then (drained); see runtime.DRAIN_*
     )
+    set_limits(config, limits)
+    return config
 
 
 def secrets_of(settings: Settings) -> list[str | None]:
@@ -274,6 +287,11 @@ class _MessageQueue:
 
 READ_PAUSE_MESSAGES = 32
 """Messages waiting for the app before the socket stops being read (uvicorn pauses at 1)."""
+MESSAGES_AFTER_CLOSE = 64
+"""Messages a peer may still send after our close frame (in flight: ~1.3 s of audio); past that it
+is ignoring the close, so the socket is no longer read (uvicorn would read and discard for 10 s)
+and is dropped `IGNORED_CLOSE_GRACE_S` later, after the close frame has had time to arrive."""
+IGNORED_CLOSE_GRACE_S = 1.0
 
 
 class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -290,6 +308,7 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.queue = _MessageQueue(self.loop)  # type: ignore[assignment]
         self.direct: DirectWebSocket | None = None
+        self._after_close = 0
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
@@ -301,13 +320,20 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
     def send_receive_event_to_app(self) -> None:
         data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
         self.frames = []
-        if self.close_sent:
-            return  # past websocket.close: discard, as uvicorn does
+        if self.close_sent:  # past websocket.close: discard, as uvicorn does, but not for long
+            self._after_close += 1
+            if self._after_close == MESSAGES_AFTER_CLOSE and not self.transport.is_closing():
+                self.read_paused = True
+                self.transport.pause_reading()
+                if self.close_timer is not None:
+                    self.close_timer.cancel()
+                self.close_timer = self.loop.call_later(IGNORED_CLOSE_GRACE_S, self.transport.close)
+            return
         if self.curr_msg_data_type == "text":
             try:
                 text = data.decode()
-            except UnicodeDecodeError:
-                self.logger.exception("Invalid UTF-8 sequence received from client.")
+            except UnicodeDecodeError as exc:
+                self.logger.warning("invalid UTF-8 in a text frame (at byte %d); closing with 1007", exc.start)
                 self.conn.send_close(1007)
                 self.handle_parser_exception()
                 return
