@@ -68,6 +68,7 @@ class Runtime:
             state_ttl_s=settings.state_ttl_s,
             caller_memory_ttl_s=settings.caller_memory_ttl_s,
             queue_size=settings.store_queue_size,
+            caller_key_secret=settings.caller_key,
         )
         self.tools, self.profiles = check_configuration(settings, tools=tools, profiles=profiles)
         if twilio_control is None and settings.twilio_account_sid and settings.twilio_auth_token:
