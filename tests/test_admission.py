@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import AUTH_TOKEN, free_port, wait_for
+from conftest import AUTH_TOKEN, RedisProcess, free_port, make_caller, relay_settings, wait_for
 from ops_support import RelayProcess, caller_for
 
+from relay.bridge import LIVE_HEARTBEAT_S, LIVE_TTL_S
 from relay.config import Settings, derive_caller_key_secret
 from relay.security import (
     MAX_TOKEN_LENGTH,
@@ -34,6 +35,7 @@ from relay.security import (
 )
 from relay.sim import ulaw
 from relay.sim.caller import SimulatedCaller, TwimlStream
+from relay.sim.local import LocalRelay
 from relay.sim.realtime import RealtimeSimulator, SimConfig
 from relay.store import MemoryStore, RedisStore, Store, hash_number
 
@@ -495,3 +497,59 @@ async def test_caller_memory_is_keyed_by_the_secret_and_framed_as_data(
     )
     assert shared.count(NOTES_CLOSE) == 1
     assert NOTES_OPEN not in unshared and "order 10042" not in unshared
+
+
+async def test_a_live_stream_keeps_its_hold_past_the_ttl_and_ends_when_another_takes_the_call(
+    fast_sim: RealtimeSimulator, redis_url: str, store_prefix: str
+) -> None:
+    settings = relay_settings(fast_sim.url, redis_url=redis_url, redis_prefix=store_prefix)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        async with LocalRelay(settings) as relay:
+            ours = relay.runtime.instance_id.encode()
+            caller = make_caller(relay)
+            await caller.connect()
+            assert await _outcome(caller) == "admitted"
+            key = f"{store_prefix}live:{caller.call_sid}"
+            # the heartbeat renews the hold for as long as the stream lives, well past one TTL
+            lost = await wait_for(lambda: client.get(key) != ours, timeout=LIVE_TTL_S + 2 * LIVE_HEARTBEAT_S)
+            assert not lost and 0 < client.pttl(key) <= LIVE_TTL_S * 1000
+            duplicate = make_caller(relay, call_sid=caller.call_sid)
+            await duplicate.connect()
+            assert await _outcome(duplicate) == "1008"
+            assert fast_sim.connections == 1
+
+            # another instance holds the call now (this one's hold had run out): this stream gives way
+            client.set(key, b"another-instance", px=10_000)
+            assert await caller.wait_closed(timeout=LIVE_HEARTBEAT_S + 3) == 1000
+            assert await wait_for(lambda: not relay.runtime.calls)
+            assert client.get(key) == b"another-instance"  # not this instance's to release
+            assert await relay.runtime.store.flush(5)
+            record = await relay.runtime.store.get_call(caller.call_sid)
+    finally:
+        client.close()
+    assert record is not None and record.meta["end_reason"] == "superseded"
+
+
+async def test_a_call_outlives_a_redis_restart_and_its_hold_comes_back(
+    fast_sim: RealtimeSimulator, private_redis: RedisProcess
+) -> None:
+    settings = relay_settings(fast_sim.url, redis_url=private_redis.url)
+    async with LocalRelay(settings) as relay:
+        ours = relay.runtime.instance_id.encode()
+        caller = make_caller(relay)
+        await caller.connect()
+        assert await _outcome(caller) == "admitted"
+        key = f"relay:live:{caller.call_sid}"
+        private_redis.restart()  # an empty server: the hold is gone
+        client = redis.Redis.from_url(private_redis.url)
+        try:
+            assert await wait_for(lambda: client.get(key) == ours, timeout=2 * LIVE_HEARTBEAT_S + 2)
+        finally:
+            client.close()
+        heard = caller.played_bytes
+        caller.say(ulaw.synth_speech(400) + ulaw.silence(600))
+        assert await caller.wait_for_audio(heard // 8 + 200, timeout=10)  # the call went on throughout
+        assert caller.close_code is None
+        await caller.hangup()
+    assert fast_sim.connections == 1
