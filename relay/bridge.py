@@ -215,35 +215,42 @@ class CallBridge:
             return False
         owner = runtime.instance_id
         try:
-            claimed = await asyncio.wait_for(
-                runtime.store.claim_live(self.call_sid, owner, LIVE_TTL_S), timeout=LIVE_STORE_TIMEOUT_S
-            )
+            holder = await asyncio.wait_for(self._claim_live(), timeout=LIVE_STORE_TIMEOUT_S)
         except Exception as exc:  # admission must not stop with the store; this instance's registry still holds
             self.log.warning(
                 "could not check other instances for a live stream of this call (%s); "
                 "admitted on this instance's registry alone",
                 type(exc).__name__,
             )
-            claimed = False
-            holder: str | None = owner
         else:
-            holder = owner if claimed else await self._live_holder()
-        if holder != owner:
-            runtime.unregister(self)
-            await self._refuse(
-                CLOSE_POLICY, f"call already live: another stream of it is on {holder or 'another instance'}"
-            )
-            return False
-        self._live_held = claimed
+            if holder != owner:
+                runtime.unregister(self)
+                await self._refuse(
+                    CLOSE_POLICY, f"call already live: another stream of it is on {holder or 'another instance'}"
+                )
+                return False
+            self._live_held = True
         self._heartbeat = self._spawn(self._live_heartbeat(), "live-heartbeat")
         return True
 
-    async def _live_holder(self) -> str | None:
-        """Who holds this call in the store; this instance's id when that cannot be told (the store is down)."""
-        try:
-            return await asyncio.wait_for(self.runtime.store.live_owner(self.call_sid), timeout=LIVE_STORE_TIMEOUT_S)
-        except Exception:
-            return self.runtime.instance_id
+    async def _claim_live(self) -> str | None:
+        """Hold the call in the store unless another instance does; returns who holds it now.
+
+        This instance's id also comes back when it held the call already (a stream of it that ended
+        here without reaching the store): the local registry has ruled out a second live stream here.
+        """
+        store = self.runtime.store
+        owner = self.runtime.instance_id
+        holder: str | None = None
+        for _ in range(2):  # a hold that expires between the two commands is taken on the second round
+            if await store.claim_live(self.call_sid, owner, LIVE_TTL_S):
+                return owner
+            holder = await store.live_owner(self.call_sid)
+            if holder is not None:
+                break
+        if holder == owner:
+            await store.refresh_live(self.call_sid, owner, LIVE_TTL_S)
+        return holder
 
     async def _live_heartbeat(self) -> None:
         """Keep holding the call while the stream lives; end the stream if another one took the call."""
@@ -254,10 +261,8 @@ class CallBridge:
             await asyncio.sleep(LIVE_HEARTBEAT_S)
             try:
                 async with asyncio.timeout(LIVE_STORE_TIMEOUT_S):
-                    held = self._live_held and await store.refresh_live(self.call_sid, owner, LIVE_TTL_S)
-                    if not held:
-                        held = await store.claim_live(self.call_sid, owner, LIVE_TTL_S)
-                    holder = owner if held else await store.live_owner(self.call_sid)
+                    renewed = self._live_held and await store.refresh_live(self.call_sid, owner, LIVE_TTL_S)
+                    holder = owner if renewed else await self._claim_live()
             except Exception as exc:
                 if not failing:
                     failing = True
@@ -274,30 +279,35 @@ class CallBridge:
                 self._live_held = True
                 continue
             self._live_held = False
+            if holder is None:  # taken and let go again between two commands: try again next beat
+                continue
             self.log.error("another stream of this call is live on %s; ending this one", holder)
             await self._end("superseded")
             return
 
     async def _release_call(self) -> None:
-        """The stream is over: stop renewing, leave this instance's registry, let go of the store's hold."""
+        """The stream is over: stop renewing, let go of the store's hold, then leave this instance's
+        registry (in that order: a new stream of the call here must not find the old hold and lose
+        its own to this release)."""
         task = self._heartbeat
         if task is not None and task is not asyncio.current_task():
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        if self._live_held:
+            try:
+                await asyncio.wait_for(
+                    self.runtime.store.release_live(self.call_sid, self.runtime.instance_id),
+                    timeout=LIVE_STORE_TIMEOUT_S,
+                )
+            except Exception as exc:
+                self.log.warning(
+                    "could not release this call's live-stream hold (%s); it expires within %.0f s",
+                    type(exc).__name__,
+                    LIVE_TTL_S,
+                )
+            self._live_held = False
         self.runtime.unregister(self)
-        try:
-            await asyncio.wait_for(
-                self.runtime.store.release_live(self.call_sid, self.runtime.instance_id),
-                timeout=LIVE_STORE_TIMEOUT_S,
-            )
-        except Exception as exc:
-            self.log.warning(
-                "could not release this call's live-stream hold (%s); it expires within %.0f s",
-                type(exc).__name__,
-                LIVE_TTL_S,
-            )
-        self._live_held = False
 
     # ---- the call ------------------------------------------------------------------------
 
