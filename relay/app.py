@@ -105,8 +105,11 @@ async def incoming_call(request: Request) -> Response:
             else twiml.say_and_hangup(settings.overflow_say)
         )
         return Response(body_xml, media_type=XML)
-    token = mint_stream_token(settings.stream_secret, call_sid, settings.stream_token_ttl_s)
-    parameters = {"token": token, "from": form.get("From", "")[:32], "to": form.get("To", "")[:32]}
+    caller, called = form.get("From", "")[:32], form.get("To", "")[:32]  # signed above: the token binds them
+    token = mint_stream_token(
+        settings.stream_secret, call_sid, settings.stream_token_ttl_s, caller=caller, called=called
+    )
+    parameters = {"token": token, "from": caller, "to": called}
     stream = twiml.stream_url(_public_base(runtime, request))
     log.info("call answered with a stream", extra={"call_sid": call_sid})
     return Response(twiml.connect_stream(stream, parameters), media_type=XML)

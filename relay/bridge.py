@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections import deque
@@ -31,7 +30,14 @@ from relay.realtime import client
 from relay.realtime import events as ev
 from relay.realtime.connection import RealtimeConnection
 from relay.realtime.endpoint import connect_target
-from relay.security import InvalidSignature, StreamTokenError, check_signature, verify_stream_token
+from relay.security import (
+    InvalidSignature,
+    StreamGrant,
+    StreamTokenError,
+    check_signature,
+    frame_caller_notes,
+    verify_stream_token,
+)
 from relay.tools import ToolContext
 from relay.twilio import messages as tw
 from relay.twilio import twiml
@@ -62,6 +68,11 @@ PRE_START_FRAMES = 4
 # reconnecting would otherwise buy one line per socket, so these lines are bounded process-wide.
 _abuse_refusals = RepeatLimiter(logging.getLogger("relay.bridge"), scope="since start-up")
 FINAL_SUMMARY_WAIT_S = 4.0
+# One live stream per call across instances: the instance serving it holds the call in the store
+# for LIVE_TTL_S and renews that every LIVE_HEARTBEAT_S, so a crashed instance lets go within seconds.
+LIVE_TTL_S = 5.0
+LIVE_HEARTBEAT_S = 1.5
+LIVE_STORE_TIMEOUT_S = 1.0
 
 
 class CallBridge:
@@ -116,6 +127,9 @@ class CallBridge:
         self._take = self._take_now
         self._call_timer: asyncio.Task[None] | None = None
         self._endpoint_flush: asyncio.Task[None] | None = None
+        self._grant: StreamGrant | None = None
+        self._live_held = False  # the store holds this call for this instance
+        self._heartbeat: asyncio.Task[None] | None = None
 
     # ---- admission -----------------------------------------------------------------------
 
@@ -204,12 +218,19 @@ class CallBridge:
         await self._close_twilio(code, reason[:100])
 
     async def _admit(self, start: tw.Start) -> tw.Start | None:
-        """The stream token (and the upgrade signature, when present) must match this call."""
+        """The stream token (and the upgrade signature, when present) must match this call and the
+        numbers Twilio signed for it; each token admits one stream."""
         self.log = logs.call_logger(start.call_sid, start.stream_sid, "relay.bridge")
         logs.bind_call(start.call_sid, start.stream_sid)  # library lines of this call carry the SIDs too
-        token = start.custom_parameters.get("token", "")
+        params = start.custom_parameters
         try:
-            expiry = verify_stream_token(self.settings.stream_secret, start.call_sid, token)
+            grant = verify_stream_token(
+                self.settings.stream_secret,
+                start.call_sid,
+                params.get("token", ""),
+                caller=params.get("from", ""),
+                called=params.get("to", ""),
+            )
         except StreamTokenError as exc:
             await self._refuse(CLOSE_POLICY, f"stream token rejected: {exc}")
             return None
@@ -225,10 +246,11 @@ class CallBridge:
             except InvalidSignature as exc:
                 await self._refuse(CLOSE_POLICY, f"upgrade signature rejected: {exc}")
                 return None
-        digest = hashlib.sha256(token.encode()).hexdigest()[:32]
         try:
             first_use = await asyncio.wait_for(
-                self.runtime.store.claim_once(f"stream-token:{digest}", max(60, int(expiry - time.time()) + 60)),
+                self.runtime.store.claim_once(
+                    f"stream-token:{grant.use_key}", max(60, int(grant.expiry - time.time()) + 60)
+                ),
                 timeout=1.0,
             )
         except Exception as exc:  # the store being down must not stop calls; the token still expires
@@ -237,33 +259,143 @@ class CallBridge:
         if not first_use:
             await self._refuse(CLOSE_POLICY, "stream token already used")
             return None
+        self._grant = grant
         return start
+
+    async def _take_call(self) -> bool:
+        """Make this the call's one live stream, on this instance and (through the store) on all."""
+        runtime = self.runtime
+        if not runtime.register(self):
+            await self._refuse(CLOSE_POLICY, "call already live: another stream of it is on this instance")
+            return False
+        owner = runtime.instance_id
+        try:
+            holder = await asyncio.wait_for(self._claim_live(), timeout=LIVE_STORE_TIMEOUT_S)
+        except Exception as exc:  # admission must not stop with the store; this instance's registry still holds
+            self.log.warning(
+                "could not check other instances for a live stream of this call (%s); "
+                "admitted on this instance's registry alone",
+                type(exc).__name__,
+            )
+        else:
+            if holder != owner:
+                runtime.unregister(self)
+                await self._refuse(
+                    CLOSE_POLICY, f"call already live: another stream of it is on {holder or 'another instance'}"
+                )
+                return False
+            self._live_held = True
+        self._heartbeat = self._spawn(self._live_heartbeat(), "live-heartbeat")
+        return True
+
+    async def _claim_live(self) -> str | None:
+        """Hold the call in the store unless another instance does; returns who holds it now.
+
+        This instance's id also comes back when it held the call already (a stream of it that ended
+        here without reaching the store): the local registry has ruled out a second live stream here.
+        """
+        store = self.runtime.store
+        owner = self.runtime.instance_id
+        holder: str | None = None
+        for _ in range(2):  # a hold that expires between the two commands is taken on the second round
+            if await store.claim_live(self.call_sid, owner, LIVE_TTL_S):
+                return owner
+            holder = await store.live_owner(self.call_sid)
+            if holder is not None:
+                break
+        if holder == owner:
+            await store.refresh_live(self.call_sid, owner, LIVE_TTL_S)
+        return holder
+
+    async def _live_heartbeat(self) -> None:
+        """Keep holding the call while the stream lives; end the stream if another one took the call."""
+        store = self.runtime.store
+        owner = self.runtime.instance_id
+        failing = False
+        while True:
+            await asyncio.sleep(LIVE_HEARTBEAT_S)
+            try:
+                async with asyncio.timeout(LIVE_STORE_TIMEOUT_S):
+                    renewed = self._live_held and await store.refresh_live(self.call_sid, owner, LIVE_TTL_S)
+                    holder = owner if renewed else await self._claim_live()
+            except Exception as exc:
+                if not failing:
+                    failing = True
+                    self.log.warning(
+                        "could not renew this call's live-stream hold (%s); another instance may admit "
+                        "a second stream of it once the hold expires",
+                        type(exc).__name__,
+                    )
+                continue
+            if failing:
+                failing = False
+                self.log.info("live-stream hold renewed again")
+            if holder == owner:
+                self._live_held = True
+                continue
+            self._live_held = False
+            if holder is None:  # taken and let go again between two commands: try again next beat
+                continue
+            self.log.error("another stream of this call is live on %s; ending this one", holder)
+            await self._end("superseded")
+            return
+
+    async def _release_call(self) -> None:
+        """The stream is over: stop renewing, let go of the store's hold, then leave this instance's
+        registry (in that order: a new stream of the call here must not find the old hold and lose
+        its own to this release)."""
+        task = self._heartbeat
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        if self._live_held:
+            try:
+                await asyncio.wait_for(
+                    self.runtime.store.release_live(self.call_sid, self.runtime.instance_id),
+                    timeout=LIVE_STORE_TIMEOUT_S,
+                )
+            except Exception as exc:
+                self.log.warning(
+                    "could not release this call's live-stream hold (%s); it expires within %.0f s",
+                    type(exc).__name__,
+                    LIVE_TTL_S,
+                )
+            self._live_held = False
+        self.runtime.unregister(self)
 
     # ---- the call ------------------------------------------------------------------------
 
     async def _serve(self, start: tw.Start) -> None:
         runtime = self.runtime
-        self.call_sid = start.call_sid
-        self.caller = start.custom_parameters.get("from", "")
-        self.called = start.custom_parameters.get("to", "")
-        self.agent = runtime.profile_for(self.called)
-        self.allowed_tools = self.agent.tools
-        memory = self.caller_memory = await self._caller_memory()
-        suffix = f"Notes from this caller's previous calls: {memory}" if memory else ""
-        self.call = Call(
-            call_sid=start.call_sid,
-            stream_sid=start.stream_sid,
-            dialect=runtime.dialect,
-            agent=self.agent,
-            model=self.settings.model_for(self.agent),
-            tools=runtime.tools.specs(self.allowed_tools, self.agent),
-            instructions_suffix=suffix,
-            summary_max_turns=self.settings.summary_max_turns,
-            summary_max_tokens=self.settings.summary_max_tokens,
-            summary_keep_turns=self.settings.summary_keep_turns,
-            logger=logs.call_logger(start.call_sid, start.stream_sid),
-        )
-        runtime.register(self)
+        grant = self._grant
+        assert grant is not None, "_admit() verified the token"
+        self.call_sid = grant.call_sid
+        self.caller = grant.caller  # the numbers the token was minted with, i.e. what Twilio signed
+        self.called = grant.called
+        if not await self._take_call():
+            return
+        try:
+            self.agent = runtime.profile_for(self.called)
+            self.allowed_tools = self.agent.tools
+            memory = self.caller_memory = await self._caller_memory()
+            self.call = Call(
+                call_sid=start.call_sid,
+                stream_sid=start.stream_sid,
+                dialect=runtime.dialect,
+                agent=self.agent,
+                model=self.settings.model_for(self.agent),
+                tools=runtime.tools.specs(self.allowed_tools, self.agent),
+                instructions_suffix=frame_caller_notes(memory) if memory else "",
+                summary_max_turns=self.settings.summary_max_turns,
+                summary_max_tokens=self.settings.summary_max_tokens,
+                summary_keep_turns=self.settings.summary_keep_turns,
+                logger=logs.call_logger(start.call_sid, start.stream_sid),
+            )
+        except BaseException:
+            await self._release_call()
+            raise
+        runtime.metrics.calls_started.inc()
         runtime.store.call_started(
             self.call_sid,
             {
@@ -962,7 +1094,7 @@ class CallBridge:
         self.runtime.metrics.call_ended(self.end_reason, duration)
         if self.settings.price_per_1k_tokens:
             self.runtime.metrics.call_cost.observe(self.cost_usd)
-        self.runtime.unregister(self)
+        await self._release_call()
         self.log.info(
             "call ended",
             extra={

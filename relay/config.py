@@ -307,6 +307,11 @@ class AgentSettings:
     model: str | None = None  # None: Settings.model (OPENAI_REALTIME_MODEL / AZURE_OPENAI_DEPLOYMENT)
 
 
+def derive_caller_key_secret(stream_secret: bytes) -> bytes:
+    """The caller-key secret when none is configured: the same on every instance sharing the stream secret."""
+    return hmac.new(stream_secret, b"relay-caller-key", hashlib.sha256).digest()
+
+
 @dataclass(frozen=True)
 class Settings:
     openai_api_key: str | None = None
@@ -329,6 +334,8 @@ class Settings:
     insecure_dev: bool = False
     stream_secret: bytes = b""
     stream_token_ttl_s: int = 60
+    # keys the hashes that name caller memory; empty: derived from stream_secret (Settings.caller_key)
+    caller_key_secret: bytes = b""
     start_timeout_s: float = 5.0
     max_pending_streams: int = 64  # Media Stream sockets waiting for `start`; see README
     session_update_timeout_s: float = 10.0
@@ -391,6 +398,11 @@ class Settings:
         """The Realtime model (on Azure: deployment) a call with this agent profile uses."""
         return agent.model or self.model
 
+    @property
+    def caller_key(self) -> bytes:
+        """The key of caller-memory hashes: caller_key_secret, or the one derived from stream_secret."""
+        return self.caller_key_secret or derive_caller_key_secret(self.stream_secret)
+
     def with_agent(self, agent: AgentSettings) -> Settings:
         return replace(self, agent=agent)
 
@@ -413,6 +425,8 @@ class Settings:
             stream_secret = hmac.new(auth_token.encode(), b"relay-stream-token", hashlib.sha256).digest()
         else:
             stream_secret = INSECURE_STREAM_SECRET
+        caller_key_raw = env.get("RELAY_CALLER_KEY_SECRET") or ""
+        caller_key_secret = caller_key_raw.encode() if caller_key_raw else derive_caller_key_secret(stream_secret)
         dialect = _choice(env, "OPENAI_REALTIME_DIALECT", "ga", ("ga", "beta"))
         upstream = _provider_settings(env, dialect)
         vad_type = _choice(env, "RELAY_VAD", "server_vad", ("server_vad", "semantic_vad", "none"))
@@ -484,6 +498,7 @@ class Settings:
             port=_port(env),
             insecure_dev=insecure,
             stream_secret=stream_secret,
+            caller_key_secret=caller_key_secret,
             stream_token_ttl_s=_int(env, "RELAY_STREAM_TOKEN_TTL", 60, 5),
             start_timeout_s=_float(env, "RELAY_START_TIMEOUT", 5.0, 0.1),
             max_pending_streams=_int(env, "RELAY_MAX_PENDING_STREAMS", 64, 1),

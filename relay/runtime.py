@@ -133,6 +133,7 @@ class Runtime:
             state_ttl_s=settings.state_ttl_s,
             caller_memory_ttl_s=settings.caller_memory_ttl_s,
             queue_size=settings.store_queue_size,
+            caller_key_secret=settings.caller_key,
         )
         self.tools, self.profiles = check_configuration(settings, tools=tools, profiles=profiles)
         for notice in [*interface_notices(settings), *model_notices(settings, self.profiles)]:
@@ -221,10 +222,15 @@ class Runtime:
     def profile_for(self, called: str) -> AgentSettings:
         return self.profiles.for_number(called) if called else self.profiles.default
 
-    def register(self, bridge: CallBridge) -> None:
+    def register(self, bridge: CallBridge) -> bool:
+        """Count the bridge's stream as live here; False (nothing changed) if another stream of its
+        call already is. `calls` is keyed by call SID, so it holds one stream per call."""
+        current = self.calls.get(bridge.call_sid)
+        if current is not None and current is not bridge:
+            return False
         self.calls[bridge.call_sid] = bridge
-        self.metrics.calls_started.inc()
         self.metrics.active_calls.set(len(self.calls))
+        return True
 
     def unregister(self, bridge: CallBridge) -> None:
         if self.calls.get(bridge.call_sid) is bridge:
@@ -233,6 +239,7 @@ class Runtime:
 
     @property
     def full(self) -> bool:
+        """MAX_CALLS reached: `calls` counts live streams (one per call, duplicates are refused)."""
         return len(self.calls) >= self.settings.max_calls
 
     async def readiness(self) -> dict[str, object]:

@@ -134,6 +134,8 @@ def secrets_of(settings: Settings) -> list[str | None]:
         settings.relay_api_token,
         settings.stream_secret.decode(errors="ignore") if settings.stream_secret else None,
         settings.stream_secret.hex() if settings.stream_secret else None,
+        settings.caller_key_secret.decode(errors="ignore") if settings.caller_key_secret else None,
+        settings.caller_key_secret.hex() if settings.caller_key_secret else None,
     ]
 
 

@@ -301,8 +301,9 @@ async def test_tampered_webhook_and_stream_are_refused_before_any_realtime_sessi
     stream = caller.parse_twiml(ok.text)
 
     # a stream token minted for another call, a forged one, an expired one, none at all
-    other = mint_stream_token(b"test-stream-secret-0123456789", "CA" + "9" * 32, 60)
-    expired = mint_stream_token(b"test-stream-secret-0123456789", caller.call_sid, -5)
+    numbers = {"caller": stream.parameters["from"], "called": stream.parameters["to"]}
+    other = mint_stream_token(b"test-stream-secret-0123456789", "CA" + "9" * 32, 60, **numbers)
+    expired = mint_stream_token(b"test-stream-secret-0123456789", caller.call_sid, -5, **numbers)
     forged = stream.parameters["token"][:-4] + "AAAA"
     for token in (other, expired, forged, ""):
         bad = make_caller(relay, call_sid=caller.call_sid)

@@ -22,6 +22,7 @@ from conftest import (
     wait_for,
 )
 
+from relay.config import derive_caller_key_secret
 from relay.sim import ulaw
 from relay.sim.caller import CallerConfig, SimulatedCaller
 from relay.sim.local import LocalRelay
@@ -162,7 +163,8 @@ async def test_caller_memory_reaches_the_next_call_on_another_instance_process(
         await talk(caller, 500)
         await caller.hangup()
         client = redis.Redis.from_url(redis_url)
-        memory_key = f"{store_prefix}caller:{hash_number('+15551230000')}"
+        key = derive_caller_key_secret(b"shared-secret-between-instances")
+        memory_key = f"{store_prefix}caller:{hash_number('+15551230000', key)}"
         assert await wait_for(lambda: client.get(memory_key) is not None, timeout=10)
         memory = client.get(memory_key).decode()
         assert client.ttl(memory_key) > 7 * 24 * 3600

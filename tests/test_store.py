@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
+import hmac
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -35,11 +36,13 @@ CALLER = "+1 (415) 555-0100"
 CALLER_E164 = "+14155550100"
 STATE_TTL = 1_000
 CALLER_TTL = 5_000
+CALLER_KEY = b"store-test-caller-key"
 
 
 def _redis_store(url: str, prefix: str, **kw: Any) -> RedisStore:
     kw.setdefault("state_ttl_s", STATE_TTL)
     kw.setdefault("caller_memory_ttl_s", CALLER_TTL)
+    kw.setdefault("caller_key_secret", CALLER_KEY)
     return RedisStore(url, prefix=prefix, **kw)
 
 
@@ -95,7 +98,7 @@ async def store(request: pytest.FixtureRequest, store_prefix: str) -> AsyncItera
     if request.param == "redis":
         s = _redis_store(request.getfixturevalue("redis_url"), store_prefix)
     else:
-        s = MemoryStore(state_ttl_s=STATE_TTL, caller_memory_ttl_s=CALLER_TTL)
+        s = MemoryStore(state_ttl_s=STATE_TTL, caller_memory_ttl_s=CALLER_TTL, caller_key_secret=CALLER_KEY)
     await s.start()
     yield s
     await s.close()
@@ -319,7 +322,7 @@ async def test_key_layout_ttls_and_no_raw_number(redis_url: str, store_prefix: s
     await store.close()
 
     p = store_prefix
-    caller_key = f"{p}caller:{hashlib.sha256(CALLER_E164.encode()).hexdigest()}"
+    caller_key = f"{p}caller:{hmac.new(CALLER_KEY, CALLER_E164.encode(), hashlib.sha256).hexdigest()}"
     call_keys = [f"{p}call:CA9:{s}" for s in ("applied", "entries", "meta", "summary", "usage")]
     keys = _keys(redis_url, p)
     assert keys == sorted([*call_keys, caller_key, f"{p}once:stream-token"])
@@ -504,7 +507,7 @@ async def test_close_while_redis_is_down_reports_lost_writes(
 
 async def test_memory_store_expiry() -> None:
     now = [0.0]
-    store = MemoryStore(state_ttl_s=100, caller_memory_ttl_s=1000, clock=lambda: now[0])
+    store = MemoryStore(state_ttl_s=100, caller_memory_ttl_s=1000, caller_key_secret=CALLER_KEY, clock=lambda: now[0])
     store.add_entry("CA1", {"kind": "caller", "t": 1.0})
     store.set_caller_memory(CALLER, "remember me")
     assert await store.claim_once("tok", 10) is True
@@ -521,23 +524,24 @@ async def test_memory_store_expiry() -> None:
     assert store.queue_depth == 0 and store.kind == "memory"
 
 
-def test_hash_number() -> None:
-    expected = hashlib.sha256(CALLER_E164.encode()).hexdigest()
-    assert hash_number(CALLER_E164) == expected
-    assert hash_number(" +1 (415) 555-0100 ") == expected
-    assert hash_number("+1.415.555.0100") == expected
-    salted = hash_number(CALLER_E164, salt="pepper")
-    assert salted != expected and len(salted) == 64
-    assert hash_number("+1 415 555 0100", salt="pepper") == salted
+def test_hash_number_is_keyed() -> None:
+    expected = hmac.new(b"pepper", CALLER_E164.encode(), hashlib.sha256).hexdigest()
+    assert hash_number(CALLER_E164, b"pepper") == expected
+    assert hash_number(" +1 (415) 555-0100 ", b"pepper") == expected
+    assert hash_number("+1.415.555.0100", b"pepper") == expected
+    assert hash_number(CALLER_E164, b"salt") != expected
+    assert expected != hashlib.sha256(CALLER_E164.encode()).hexdigest()
+    with pytest.raises(ValueError):
+        hash_number(CALLER_E164, b"")
 
 
 async def test_make_store(redis_url: str, store_prefix: str, caplog_store: pytest.LogCaptureFixture) -> None:
-    memory = make_store(None)
+    memory = make_store(None, caller_key_secret=CALLER_KEY)
     assert isinstance(memory, MemoryStore) and memory.kind == "memory"
     warnings = [r for r in caplog_store.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "single instance" in warnings[0].getMessage()
 
-    store = make_store(redis_url, prefix=store_prefix, queue_size=10)
+    store = make_store(redis_url, prefix=store_prefix, queue_size=10, caller_key_secret=CALLER_KEY)
     assert isinstance(store, RedisStore) and store.kind == "redis"
     assert len([r for r in caplog_store.records if r.levelno == logging.WARNING]) == 1
     await store.start()

@@ -31,8 +31,8 @@ def make_store(
     state_ttl_s: int = 7 * 24 * 3600,
     caller_memory_ttl_s: int = 30 * 24 * 3600,
     queue_size: int = 10_000,
+    caller_key_secret: bytes,
     logger: logging.Logger | None = None,
-    number_salt: str = "",
 ) -> Store:
     """Build the configured store without connecting (start-up must not wait on Redis).
 
@@ -47,7 +47,7 @@ def make_store(
         return MemoryStore(
             state_ttl_s=state_ttl_s,
             caller_memory_ttl_s=caller_memory_ttl_s,
-            number_salt=number_salt,
+            caller_key_secret=caller_key_secret,
             logger=log,
         )
     return RedisStore(
@@ -56,6 +56,6 @@ def make_store(
         state_ttl_s=state_ttl_s,
         caller_memory_ttl_s=caller_memory_ttl_s,
         queue_size=queue_size,
-        number_salt=number_salt,
+        caller_key_secret=caller_key_secret,
         logger=log,
     )

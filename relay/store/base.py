@@ -74,22 +74,20 @@ def normalize_number(number: str) -> str:
     return number.strip().translate(_NUMBER_NOISE)
 
 
-def hash_number(number: str, salt: str = "") -> str:
-    """Hex digest identifying a phone number without storing it.
+def hash_number(number: str, key: bytes) -> str:
+    """Hex digest identifying a phone number without storing it: HMAC-SHA256 keyed by `key`.
 
-    Without a salt this is sha256 of the normalized number (stable across deployments). With a
-    salt it is HMAC-SHA256 keyed by the salt, which makes brute-forcing the small space of phone
-    numbers from a leaked key list impractical.
+    Phone numbers are few enough to enumerate, so a plain hash of one is as good as the number;
+    without the key, a leaked key list says nothing. Every instance must use the same key.
     """
-    data = normalize_number(number).encode("utf-8")
-    if salt:
-        return hmac.new(salt.encode("utf-8"), data, hashlib.sha256).hexdigest()
-    return hashlib.sha256(data).hexdigest()
+    if not key:
+        raise ValueError("hash_number needs a non-empty key")
+    return hmac.new(key, normalize_number(number).encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 @runtime_checkable
 class Store(Protocol):
-    """Per-call state, caller memory and one-time claims; see the module docstring for rules."""
+    """Per-call state, caller memory, one-time claims and live-stream ownership; see the module docstring."""
 
     # lifecycle
     async def start(self) -> None:
@@ -140,6 +138,25 @@ class Store(Protocol):
 
     async def claim_once(self, key: str, ttl_s: int) -> bool:
         """True for the first claim of `key` within `ttl_s` across all instances, else False."""
+        ...
+
+    # live-stream ownership: at most one live stream per call across instances. The owner (an
+    # instance id) holds ``live:{call_sid}`` for `ttl_s` and keeps refreshing it while its stream
+    # lives; an owner that stops (crash, lost network) loses the call when the TTL runs out.
+    async def claim_live(self, call_sid: str, owner: str, ttl_s: float) -> bool:
+        """Take the call for `owner` unless someone holds it (set-if-absent with a TTL); True if taken."""
+        ...
+
+    async def refresh_live(self, call_sid: str, owner: str, ttl_s: float) -> bool:
+        """Extend `owner`'s hold to `ttl_s` from now; False (and nothing changed) if `owner` no longer holds it."""
+        ...
+
+    async def release_live(self, call_sid: str, owner: str) -> bool:
+        """Let go of the call if `owner` still holds it (compare-and-delete); True if it was released."""
+        ...
+
+    async def live_owner(self, call_sid: str) -> str | None:
+        """Who holds the call now, or None when no stream of it is live."""
         ...
 
     async def ping(self) -> bool:

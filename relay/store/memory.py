@@ -2,7 +2,8 @@
 
 It mirrors RedisStore's observable behaviour: entries round-trip through JSON (so callers see
 the same types either way), call state and caller memory expire after their TTLs (checked on
-read, plus an occasional sweep so an idle process does not grow forever), and claims expire.
+read, plus an occasional sweep so an idle process does not grow forever), and claims and live-stream
+holds expire.
 """
 
 from __future__ import annotations
@@ -50,18 +51,21 @@ class MemoryStore:
         *,
         state_ttl_s: int = 7 * 24 * 3600,
         caller_memory_ttl_s: int = 30 * 24 * 3600,
-        number_salt: str = "",
+        caller_key_secret: bytes,
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._state_ttl = float(state_ttl_s)
         self._caller_ttl = float(caller_memory_ttl_s)
-        self._salt = number_salt
+        if not caller_key_secret:
+            raise ValueError("caller_key_secret must not be empty")
+        self._caller_key = caller_key_secret
         self._log = logger or logging.getLogger("relay.store")
         self._clock = clock
         self._calls: dict[str, _Call] = {}
         self._callers: dict[str, tuple[str, float]] = {}
         self._claims: dict[str, float] = {}
+        self._live: dict[str, tuple[str, float]] = {}  # call SID -> (owner, expires at)
         self._writes = 0
         self._rejected = 0
         self._rejected_logged = False
@@ -108,7 +112,7 @@ class MemoryStore:
 
     def set_caller_memory(self, caller_number: str, summary: str) -> None:
         def apply() -> None:
-            key = hash_number(caller_number, self._salt)
+            key = hash_number(caller_number, self._caller_key)
             self._callers[key] = (str(summary), self._clock() + self._caller_ttl)
 
         self._apply(apply)
@@ -134,7 +138,7 @@ class MemoryStore:
         return [dict(e) for e in call.entries[-n:]]
 
     async def get_caller_memory(self, caller_number: str) -> str | None:
-        key = hash_number(caller_number, self._salt)
+        key = hash_number(caller_number, self._caller_key)
         item = self._callers.get(key)
         if item is None:
             return None
@@ -150,6 +154,36 @@ class MemoryStore:
             return False
         self._claims[key] = now + ttl_s
         return True
+
+    async def claim_live(self, call_sid: str, owner: str, ttl_s: float) -> bool:
+        if self._holder(call_sid) is not None:
+            return False
+        self._live[call_sid] = (owner, self._clock() + ttl_s)
+        return True
+
+    async def refresh_live(self, call_sid: str, owner: str, ttl_s: float) -> bool:
+        if self._holder(call_sid) != owner:
+            return False
+        self._live[call_sid] = (owner, self._clock() + ttl_s)
+        return True
+
+    async def release_live(self, call_sid: str, owner: str) -> bool:
+        if self._holder(call_sid) != owner:
+            return False
+        del self._live[call_sid]
+        return True
+
+    async def live_owner(self, call_sid: str) -> str | None:
+        return self._holder(call_sid)
+
+    def _holder(self, call_sid: str) -> str | None:
+        held = self._live.get(call_sid)
+        if held is None:
+            return None
+        if held[1] <= self._clock():
+            del self._live[call_sid]
+            return None
+        return held[0]
 
     async def ping(self) -> bool:
         return True
@@ -218,3 +252,5 @@ class MemoryStore:
             del self._callers[key]
         for key in [k for k, exp in self._claims.items() if exp <= now]:
             del self._claims[key]
+        for sid in [s for s, (_, exp) in self._live.items() if exp <= now]:
+            del self._live[sid]

@@ -9,9 +9,11 @@ Key layout (P is the prefix, default ``relay:``; every value is UTF-8)::
     P call:{sid}:summary   string  rolling conversation summary
     P call:{sid}:applied   hash    writer id -> last applied write sequence; makes a retried batch
                                    append entries / add usage exactly once
-    P caller:{hash}        string  caller memory; {hash} = sha256 hex of the normalized E.164
-                                   number (HMAC-SHA256 when a salt is set); TTL caller_memory_ttl_s
+    P caller:{hash}        string  caller memory; {hash} = HMAC-SHA256 hex of the normalized
+                                   E.164 number, keyed by the caller-key secret; TTL caller_memory_ttl_s
     P once:{key}           string  claim_once marker (SET NX EX ttl)
+    P live:{sid}           string  the instance id whose stream of this call is live (SET NX PX,
+                                   refreshed by that stream's heartbeat, compare-and-delete at its end)
 
 TTLs: a batch that creates a call key (the first write of its kind for that call) gives all five
 of the call's keys ``EXPIRE state_ttl_s``, so no key is ever left without one; so does the write
@@ -86,6 +88,16 @@ return 1
 """
 _APPLY_ONCE_SHA: Final = hashlib.sha1(_APPLY_ONCE).hexdigest()
 
+# Live-stream ownership: act only while ARGV[1] still holds KEYS[1]. ARGV: owner [, ttl ms].
+_REFRESH_LIVE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE_LIVE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # Failures worth retrying: the connection, the clock, or a server that is temporarily unable to
 # accept writes. Anything else returned for a command is a permanent refusal of that op.
 _TRANSIENT_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
@@ -123,6 +135,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _ms(seconds: float) -> int:
+    if seconds <= 0:
+        raise ValueError("ttl_s must be > 0")
+    return max(1, int(seconds * 1000))
+
+
 def _text(raw: Any) -> str:
     return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
@@ -158,7 +176,7 @@ class RedisStore:
         io_timeout_s: float = 1.0,
         backoff_base_s: float = 0.05,
         backoff_cap_s: float = 2.0,
-        number_salt: str = "",
+        caller_key_secret: bytes,
         logger: logging.Logger | None = None,
     ) -> None:
         if queue_size < 1 or batch_max < 1:
@@ -181,7 +199,9 @@ class RedisStore:
         self._io_timeout = io_timeout_s
         self._backoff_base = backoff_base_s
         self._backoff_cap = backoff_cap_s
-        self._salt = number_salt
+        if not caller_key_secret:
+            raise ValueError("caller_key_secret must not be empty")
+        self._caller_key = caller_key_secret
         self._log = logger or logging.getLogger("relay.store")
         # Our own writer does the retrying (with backoff and outage logging); the client only
         # retries once, immediately, on a connection error: a pooled connection the server closed.
@@ -199,6 +219,8 @@ class RedisStore:
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         self._redis: Redis = Redis.from_pool(pool)
+        self._refresh_live = self._redis.register_script(_REFRESH_LIVE)
+        self._release_live = self._redis.register_script(_RELEASE_LIVE)
         self._writer_id = uuid.uuid4().hex[:16]
         self._queue: deque[_Op] = deque()
         self._seq = 0
@@ -285,7 +307,7 @@ class RedisStore:
 
     def set_caller_memory(self, caller_number: str, summary: str) -> None:
         try:
-            hashed = hash_number(caller_number, self._salt)
+            hashed = hash_number(caller_number, self._caller_key)
             self._enqueue(_CALLER, hashed, value=str(summary).encode("utf-8"))
         except Exception as exc:
             self._reject(exc)
@@ -323,7 +345,7 @@ class RedisStore:
         return _decode_entries(await self._read("recent_entries", read))
 
     async def get_caller_memory(self, caller_number: str) -> str | None:
-        key = f"{self._prefix}caller:{hash_number(caller_number, self._salt)}"
+        key = f"{self._prefix}caller:{hash_number(caller_number, self._caller_key)}"
 
         async def read() -> Any:
             return await self._redis.get(key)
@@ -340,6 +362,39 @@ class RedisStore:
             return await self._redis.set(full_key, b"1", nx=True, ex=ttl_s)
 
         return bool(await self._read("claim_once", claim))
+
+    async def claim_live(self, call_sid: str, owner: str, ttl_s: float) -> bool:
+        key = self._live_key(call_sid)
+
+        async def claim() -> Any:
+            return await self._redis.set(key, owner.encode(), nx=True, px=_ms(ttl_s))
+
+        return bool(await self._read("claim_live", claim))
+
+    async def refresh_live(self, call_sid: str, owner: str, ttl_s: float) -> bool:
+        key = self._live_key(call_sid)
+
+        async def refresh() -> Any:
+            return await self._refresh_live(keys=[key], args=[owner.encode(), _ms(ttl_s)])
+
+        return bool(await self._read("refresh_live", refresh))
+
+    async def release_live(self, call_sid: str, owner: str) -> bool:
+        key = self._live_key(call_sid)
+
+        async def release() -> Any:
+            return await self._release_live(keys=[key], args=[owner.encode()])
+
+        return bool(await self._read("release_live", release))
+
+    async def live_owner(self, call_sid: str) -> str | None:
+        key = self._live_key(call_sid)
+
+        async def read() -> Any:
+            return await self._redis.get(key)
+
+        raw = await self._read("live_owner", read)
+        return None if raw is None else _text(raw)
 
     async def ping(self) -> bool:
         if self._closed:
@@ -633,6 +688,9 @@ class RedisStore:
 
     def _call_key(self, call_sid: str, suffix: str) -> str:
         return f"{self._prefix}call:{call_sid}:{suffix}"
+
+    def _live_key(self, call_sid: str) -> str:
+        return f"{self._prefix}live:{call_sid}"
 
     async def _read(self, what: str, fn: Callable[[], Awaitable[_T]]) -> _T:
         if self._closed:
