@@ -275,6 +275,7 @@ def test_worker_count_comes_from_web_concurrency_or_the_flag(monkeypatch: pytest
     monkeypatch.setattr(relay.server, "serve", lambda settings, workers=1: seen.append(workers))
     monkeypatch.setattr(relay.logs, "configure", lambda *args, **kwargs: None)  # pytest keeps its own handlers
     monkeypatch.setenv("RELAY_INSECURE_DEV", "1")
+    monkeypatch.setenv("OPENAI_REALTIME_URL", "ws://127.0.0.1:9/v1/realtime")  # a loopback simulator: no key needed
     monkeypatch.setenv("WEB_CONCURRENCY", "3")
     assert main(["serve"]) == 0
     assert main(["serve", "--workers", "2"]) == 0

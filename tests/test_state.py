@@ -163,7 +163,7 @@ async def test_caller_memory_reaches_the_next_call_on_another_instance_process(
         await talk(caller, 500)
         await caller.hangup()
         client = redis.Redis.from_url(redis_url)
-        key = derive_caller_key_secret(b"shared-secret-between-instances")
+        key = derive_caller_key_secret(b"shared-secret-between-instances-4d9e")
         memory_key = f"{store_prefix}caller:{hash_number('+15551230000', key)}"
         assert await wait_for(lambda: client.get(memory_key) is not None, timeout=10)
         memory = client.get(memory_key).decode()
