@@ -34,6 +34,8 @@ async def test_every_line_of_a_start_and_stop_is_json(workers: int) -> None:
     try:
         await relay.start()
         assert await wait_for(lambda: len(messages(relay, "relay worker starting")) == workers, timeout=10)
+        # each worker's signal handlers are installed once its application has started
+        assert await wait_for(lambda: len(messages(relay, "Application startup complete.")) == workers, timeout=10)
         relay.signal(signal.SIGTERM)
         assert await relay.wait(20) == 0
         lines = relay.lines  # raises on any line that is not one JSON object
