@@ -3,7 +3,7 @@
 The real relay runs under uvicorn on loopback, exactly as in production; the Realtime
 simulator plays the model and the simulated caller plays Twilio (signed webhook, TwiML,
 Media Stream paced at 20 ms, marks acknowledged after real-time playback). The caller
-listens to the greeting, asks something, interrupts the answer, presses a key, and hangs up.
+listens to the greeting, asks something, interrupts the answer, keys in an entry, and hangs up.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ async def run_demo(
             await caller.say_and_wait(ulaw.synth_speech(900, seed=2))
             await caller.wait_for_audio(caller.played_bytes // 8 + 500, timeout=10)
             await caller.wait_idle(timeout=10)
-            _print(t0, "caller presses 5 on the keypad")
-            await caller.press("5")
+            _print(t0, "caller keys in 5 # on the keypad")
+            await caller.enter("5#")
             await asyncio.sleep(0.3)
             await caller.wait_idle(timeout=10)
             remaining = seconds - (time.monotonic() - t0)

@@ -646,7 +646,7 @@ class SimulatedCaller:
         """Wait until the assistant has gone quiet: nothing left to play and no fresh audio."""
 
         def idle() -> bool:
-            if self._playback:
+            if self._playback or self._pending_marks:  # a pending mark: its last frame is still playing
                 return False
             return self._closed.is_set() or time.monotonic() - self._last_media_at >= IDLE_QUIET_S
 
