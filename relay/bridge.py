@@ -38,6 +38,7 @@ from relay.security import (
     frame_caller_notes,
     verify_stream_token,
 )
+from relay.store.base import LIVE_STORE_TIMEOUT_S, LIVE_TTL_S
 from relay.tools import ToolContext
 from relay.twilio import messages as tw
 from relay.twilio import twiml
@@ -68,11 +69,6 @@ PRE_START_FRAMES = 4
 # reconnecting would otherwise buy one line per socket, so these lines are bounded process-wide.
 _abuse_refusals = RepeatLimiter(logging.getLogger("relay.bridge"), scope="since start-up")
 FINAL_SUMMARY_WAIT_S = 4.0
-# One live stream per call across instances: the instance serving it holds the call in the store
-# for LIVE_TTL_S and renews that every LIVE_HEARTBEAT_S, so a crashed instance lets go within seconds.
-LIVE_TTL_S = 5.0
-LIVE_HEARTBEAT_S = 1.5
-LIVE_STORE_TIMEOUT_S = 1.0
 
 
 class CallBridge:
@@ -128,8 +124,9 @@ class CallBridge:
         self._call_timer: asyncio.Task[None] | None = None
         self._endpoint_flush: asyncio.Task[None] | None = None
         self._grant: StreamGrant | None = None
-        self._live_held = False  # the store holds this call for this instance
-        self._heartbeat: asyncio.Task[None] | None = None
+        self.live_held = False  # the store holds this call for this instance (renewed by the runtime)
+        self._live_renewal_failing = False
+        self._reclaim: asyncio.Task[None] | None = None
 
     # ---- admission -----------------------------------------------------------------------
 
@@ -284,8 +281,7 @@ class CallBridge:
                     CLOSE_POLICY, f"call already live: another stream of it is on {holder or 'another instance'}"
                 )
                 return False
-            self._live_held = True
-        self._heartbeat = self._spawn(self._live_heartbeat(), "live-heartbeat")
+            self.live_held = True
         return True
 
     async def _claim_live(self) -> str | None:
@@ -307,49 +303,61 @@ class CallBridge:
             await store.refresh_live(self.call_sid, owner, LIVE_TTL_S)
         return holder
 
-    async def _live_heartbeat(self) -> None:
-        """Keep holding the call while the stream lives; end the stream if another one took the call."""
-        store = self.runtime.store
-        owner = self.runtime.instance_id
-        failing = False
-        while True:
-            await asyncio.sleep(LIVE_HEARTBEAT_S)
-            try:
-                async with asyncio.timeout(LIVE_STORE_TIMEOUT_S):
-                    renewed = self._live_held and await store.refresh_live(self.call_sid, owner, LIVE_TTL_S)
-                    holder = owner if renewed else await self._claim_live()
-            except Exception as exc:
-                if not failing:
-                    failing = True
-                    self.log.warning(
-                        "could not renew this call's live-stream hold (%s); another instance may admit "
-                        "a second stream of it once the hold expires",
-                        type(exc).__name__,
-                    )
-                continue
-            if failing:
-                failing = False
-                self.log.info("live-stream hold renewed again")
-            if holder == owner:
-                self._live_held = True
-                continue
-            self._live_held = False
-            if holder is None:  # taken and let go again between two commands: try again next beat
-                continue
-            self.log.error("another stream of this call is live on %s; ending this one", holder)
-            await self._end("superseded")
+    def live_beat(self, renewed: bool, failure: Exception | None) -> None:
+        """The runtime's renewal of this instance's holds (every LIVE_HEARTBEAT_S) came back.
+
+        ``renewed``: the store extended this call's hold. Otherwise (not held, or the hold was lost)
+        the call tries to take it again, and ends if another stream of it took the call meanwhile.
+        """
+        if failure is not None:
+            if not self._live_renewal_failing:
+                self._live_renewal_failing = True
+                self.log.warning(
+                    "could not renew this call's live-stream hold (%s); another instance may admit "
+                    "a second stream of it once the hold expires",
+                    type(failure).__name__,
+                )
             return
+        if renewed:
+            self._renewal_back()
+            return
+        if self._reclaim is None or self._reclaim.done():
+            self._reclaim = self._spawn(self._take_back(), "live-reclaim")
+
+    def _renewal_back(self) -> None:
+        self.live_held = True
+        if self._live_renewal_failing:
+            self._live_renewal_failing = False
+            self.log.info("live-stream hold renewed again")
+
+    async def _take_back(self) -> None:
+        """Hold the call again after the store lost (or never had) this instance's hold."""
+        owner = self.runtime.instance_id
+        try:
+            async with asyncio.timeout(LIVE_STORE_TIMEOUT_S):
+                holder = await self._claim_live()
+        except Exception as exc:
+            self.live_beat(False, exc)
+            return
+        if holder == owner:
+            self._renewal_back()
+            return
+        self.live_held = False
+        if holder is None:  # taken and let go again between two commands: try again next beat
+            return
+        self.log.error("another stream of this call is live on %s; ending this one", holder)
+        await self._end("superseded")
 
     async def _release_call(self) -> None:
         """The stream is over: stop renewing, let go of the store's hold, then leave this instance's
         registry (in that order: a new stream of the call here must not find the old hold and lose
         its own to this release)."""
-        task = self._heartbeat
+        task = self._reclaim
         if task is not None and task is not asyncio.current_task():
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-        if self._live_held:
+        if self.live_held:
             try:
                 await asyncio.wait_for(
                     self.runtime.store.release_live(self.call_sid, self.runtime.instance_id),
@@ -361,7 +369,7 @@ class CallBridge:
                     type(exc).__name__,
                     LIVE_TTL_S,
                 )
-            self._live_held = False
+            self.live_held = False
         self.runtime.unregister(self)
 
     # ---- the call ------------------------------------------------------------------------

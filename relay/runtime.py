@@ -21,6 +21,7 @@ from relay.profiles import Profiles, load_profiles
 from relay.realtime.dialect import Dialect, get_dialect
 from relay.realtime.models import shutdown_notice
 from relay.store import Store, make_store
+from relay.store.base import LIVE_HEARTBEAT_S, LIVE_STORE_TIMEOUT_S, LIVE_TTL_S
 from relay.tools import ToolRegistry, whisper_text
 from relay.twilio.rest import TwilioControl
 
@@ -150,20 +151,22 @@ class Runtime:
         self._drain_task: asyncio.Task[None] | None = None
         self._metrics_task: asyncio.Task[None] | None = None
         self._store_watch_task: asyncio.Task[None] | None = None
+        self._live_task: asyncio.Task[None] | None = None
         self.insecure_warning_interval_s = INSECURE_WARNING_S
 
     async def start(self) -> None:
         await self.store.start()
         self.started = True
         self._metrics_task = asyncio.create_task(self._periodic(), name="runtime-periodic")
+        self._live_task = asyncio.create_task(self._renew_live_holds(), name="live-holds")
         if self.store.kind == "redis":
             self._store_watch_task = asyncio.create_task(self._watch_store(), name="store-watch")
 
     async def stop(self) -> None:
-        for task in (self._metrics_task, self._store_watch_task):
+        for task in (self._metrics_task, self._store_watch_task, self._live_task):
             if task is not None:
                 task.cancel()
-        self._metrics_task = self._store_watch_task = None
+        self._metrics_task = self._store_watch_task = self._live_task = None
         await self.store.close()
         self.metrics.sync_store(self.store.queue_depth, self.store.dropped_writes)
         self.started = False
@@ -181,6 +184,30 @@ class Runtime:
                 warned_at = time.monotonic()
                 log.warning(warning, extra={"insecure_dev": True})
             await asyncio.sleep(METRICS_SYNC_S)
+
+    async def _renew_live_holds(self) -> None:
+        """Every LIVE_HEARTBEAT_S, renew the store's hold on each of this instance's live calls.
+
+        One round trip for all of them (a command per call per beat would cost each call about 0.1 ms
+        of CPU per second of its length); each call then settles its own outcome (``live_beat``).
+        """
+        while True:
+            await asyncio.sleep(LIVE_HEARTBEAT_S)
+            bridges = list(self.calls.values())
+            held = [bridge for bridge in bridges if bridge.live_held]
+            failure: Exception | None = None
+            renewed: dict[str, bool] = {}
+            try:
+                async with asyncio.timeout(LIVE_STORE_TIMEOUT_S):
+                    results = await self.store.refresh_live_many(
+                        [bridge.call_sid for bridge in held], self.instance_id, LIVE_TTL_S
+                    )
+                renewed = {bridge.call_sid: ok for bridge, ok in zip(held, results, strict=True)}
+            except Exception as exc:  # each call logs it once; the audio never waits on this
+                failure = exc
+            for bridge in bridges:
+                if self.calls.get(bridge.call_sid) is bridge:  # not ended meanwhile
+                    bridge.live_beat(renewed.get(bridge.call_sid, False), failure)
 
     def insecure_warning(self) -> str | None:
         """What RELAY_INSECURE_DEV turns off in this configuration (None when it is not set)."""

@@ -21,7 +21,6 @@ import redis
 from conftest import AUTH_TOKEN, RedisProcess, free_port, make_caller, relay_settings, wait_for
 from ops_support import RelayProcess, caller_for
 
-from relay.bridge import LIVE_HEARTBEAT_S, LIVE_TTL_S
 from relay.config import Settings, derive_caller_key_secret
 from relay.security import (
     MAX_TOKEN_LENGTH,
@@ -38,6 +37,7 @@ from relay.sim.caller import SimulatedCaller, TwimlStream
 from relay.sim.local import LocalRelay
 from relay.sim.realtime import RealtimeSimulator, SimConfig
 from relay.store import MemoryStore, RedisStore, Store, hash_number
+from relay.store.base import LIVE_HEARTBEAT_S, LIVE_TTL_S
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -217,6 +217,18 @@ async def test_a_live_call_has_one_owner_until_released(store: Store) -> None:
     assert await store.release_live(SID, "instance-a") is False
     assert await store.claim_live(SID, "instance-b", 5) is True
     assert await store.live_owner(SID) == "instance-b"
+
+
+async def test_an_instance_renews_all_its_holds_at_once_and_only_its_own(store: Store) -> None:
+    ours, theirs, nobodys = SID, "CA" + "cd" * 16, "CA" + "01" * 16
+    assert await store.claim_live(ours, "instance-a", 1.0) is True
+    assert await store.claim_live(theirs, "instance-b", 1.0) is True
+    assert await store.refresh_live_many([], "instance-a", 5) == []
+    assert await store.refresh_live_many([ours, theirs, nobodys], "instance-a", 5) == [True, False, False]
+    await asyncio.sleep(1.3)  # past the first TTL: only the renewed hold is left
+    assert await store.live_owner(ours) == "instance-a"
+    assert await store.live_owner(theirs) is None
+    assert await store.live_owner(nobodys) is None
 
 
 async def test_a_hold_nobody_refreshes_expires_and_a_refresh_keeps_it(store: Store) -> None:

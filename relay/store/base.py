@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -17,6 +17,9 @@ import orjson
 
 __all__ = [
     "ENTRY_KINDS",
+    "LIVE_HEARTBEAT_S",
+    "LIVE_STORE_TIMEOUT_S",
+    "LIVE_TTL_S",
     "CallRecord",
     "Store",
     "StoreUnavailable",
@@ -24,6 +27,12 @@ __all__ = [
     "hash_number",
     "normalize_number",
 ]
+
+# One live stream per call across instances: the instance serving it holds the call in the store
+# for LIVE_TTL_S and renews that every LIVE_HEARTBEAT_S, so a crashed instance lets go within seconds.
+LIVE_TTL_S = 5.0
+LIVE_HEARTBEAT_S = 1.5
+LIVE_STORE_TIMEOUT_S = 1.0
 
 #: Conversation entry kinds callers are expected to use (not enforced: the store only orders them).
 ENTRY_KINDS = frozenset(
@@ -149,6 +158,10 @@ class Store(Protocol):
 
     async def refresh_live(self, call_sid: str, owner: str, ttl_s: float) -> bool:
         """Extend `owner`'s hold to `ttl_s` from now; False (and nothing changed) if `owner` no longer holds it."""
+        ...
+
+    async def refresh_live_many(self, call_sids: Sequence[str], owner: str, ttl_s: float) -> list[bool]:
+        """``refresh_live`` for each call, in one round trip: an instance renews all its calls at once."""
         ...
 
     async def release_live(self, call_sid: str, owner: str) -> bool:

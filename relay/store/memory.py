@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,6 +166,9 @@ class MemoryStore:
             return False
         self._live[call_sid] = (owner, self._clock() + ttl_s)
         return True
+
+    async def refresh_live_many(self, call_sids: Sequence[str], owner: str, ttl_s: float) -> list[bool]:
+        return [await self.refresh_live(call_sid, owner, ttl_s) for call_sid in call_sids]
 
     async def release_live(self, call_sid: str, owner: str) -> bool:
         if self._holder(call_sid) != owner:

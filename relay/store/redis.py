@@ -42,7 +42,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Final, TypeVar
@@ -378,6 +378,19 @@ class RedisStore:
             return await self._refresh_live(keys=[key], args=[owner.encode(), _ms(ttl_s)])
 
         return bool(await self._read("refresh_live", refresh))
+
+    async def refresh_live_many(self, call_sids: Sequence[str], owner: str, ttl_s: float) -> list[bool]:
+        if not call_sids:
+            return []
+        args: list[bytes | int] = [owner.encode(), _ms(ttl_s)]
+
+        async def refresh() -> Any:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for call_sid in call_sids:
+                    await self._refresh_live(keys=[self._live_key(call_sid)], args=args, client=pipe)
+                return await pipe.execute()
+
+        return [bool(renewed) for renewed in await self._read("refresh_live_many", refresh)]
 
     async def release_live(self, call_sid: str, owner: str) -> bool:
         key = self._live_key(call_sid)
