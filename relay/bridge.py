@@ -178,9 +178,11 @@ class CallBridge:
                         _abuse_refusals.log(
                             "too_many_frames",
                             logging.WARNING,
-                            "stream refused: too many frames before start: %d skipped, first %s",
+                            "stream refused: too many frames before start: %d without a start, %d of them "
+                            "unreadable (first: %s)",
+                            frames - 1,
                             skipped,
-                            first_problem or "none",
+                            first_problem or "-",
                         )
                         await self._close_twilio(CLOSE_POLICY, "too many frames before start")
                         return None

@@ -92,6 +92,30 @@ class CallContext(logging.Filter):
         return True
 
 
+# uvicorn (and the websockets protocol it hands its logger to) log every WebSocket handshake and
+# every connection's open and close at INFO. The relay logs what matters about each call itself, and
+# a client that keeps reconnecting must not buy log lines: these are debug lines here.
+_PER_CONNECTION = frozenset(
+    {
+        '%s - "WebSocket %s" [accepted]',
+        '%s - "WebSocket %s" 403',
+        '%s - "WebSocket %s" %d',
+        "connection open",
+        "connection closed",
+    }
+)
+
+
+class PerConnectionLines(logging.Filter):
+    """Demotes uvicorn's per-connection INFO lines to DEBUG (dropped unless LOG_LEVEL=debug)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or record.msg not in _PER_CONNECTION:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; with a redactor, the finished line itself is scrubbed."""
 
@@ -158,6 +182,10 @@ def configure(level: str = "INFO", secrets: Iterable[str | None] = (), stream: A
         lg.handlers.clear()
         lg.setLevel(logging.NOTSET)
         lg.propagate = True
+    connections = logging.getLogger("uvicorn.error")
+    for old_filter in [f for f in connections.filters if isinstance(f, PerConnectionLines)]:
+        connections.removeFilter(old_filter)
+    connections.addFilter(PerConnectionLines())
     for name, floor in _QUIET.items():
         logging.getLogger(name).setLevel(max(floor, numeric))
     logging.captureWarnings(True)
