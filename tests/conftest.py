@@ -254,6 +254,15 @@ async def sim() -> AsyncIterator[RealtimeSimulator]:
 
 
 @pytest.fixture
+async def fast_sim() -> AsyncIterator[RealtimeSimulator]:
+    """A simulator with short answers (400 ms greeting, 500 ms replies), for tests of whole calls."""
+    simulator = RealtimeSimulator(SimConfig(realtime_factor=8.0, greeting_reply_ms=400, reply_ms=500))
+    await simulator.start()
+    yield simulator
+    await simulator.stop()
+
+
+@pytest.fixture
 async def relay(sim: RealtimeSimulator) -> AsyncIterator[LocalRelay]:
     async with LocalRelay(relay_settings(sim.url)) as running:
         yield running

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from ops_support import RelayProcess, metric, parse_metrics
 from twilio.request_validator import RequestValidator
 
 from relay.sim.caller import CallerConfig, SimulatedCaller
-from relay.sim.realtime import RealtimeSimulator, SimConfig
+from relay.sim.realtime import RealtimeSimulator
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -36,14 +36,6 @@ INFRA = ROOT / "infra"
 NGINX_CONF = INFRA / "nginx.conf"
 COMPOSE = INFRA / "docker-compose.yml"
 WEBHOOK = "/incoming-call"
-
-
-@pytest.fixture
-async def fast_sim() -> AsyncIterator[RealtimeSimulator]:
-    simulator = RealtimeSimulator(SimConfig(realtime_factor=8.0, greeting_reply_ms=400, reply_ms=500))
-    await simulator.start()
-    yield simulator
-    await simulator.stop()
 
 
 def compose() -> dict[str, Any]:

@@ -10,7 +10,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +20,9 @@ from ops_support import API_TOKEN, RelayProcess, caller_for, metric, parse_metri
 from relay.runtime import DRAIN_GOODBYE
 from relay.sim import ulaw
 from relay.sim.caller import SimulatedCaller
-from relay.sim.realtime import RealtimeSimulator, SimConfig, SimSession
+from relay.sim.realtime import RealtimeSimulator, SimSession
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def fast_sim() -> AsyncIterator[RealtimeSimulator]:
-    simulator = RealtimeSimulator(SimConfig(realtime_factor=8.0, greeting_reply_ms=400, reply_ms=500))
-    await simulator.start()
-    yield simulator
-    await simulator.stop()
 
 
 def session_of(sim: RealtimeSimulator, caller: SimulatedCaller) -> SimSession:

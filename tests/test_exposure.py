@@ -13,7 +13,6 @@ import logging
 import os
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +28,14 @@ from twilio.request_validator import RequestValidator
 from relay.forwarded import TrustedProxies
 from relay.logbound import LOGGED_EACH, RepeatLimiter, clip, lines_for
 from relay.sim import ulaw
-from relay.sim.realtime import RealtimeSimulator, SimConfig
+from relay.sim.realtime import RealtimeSimulator
 
 pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture
-async def sim() -> AsyncIterator[RealtimeSimulator]:
-    simulator = RealtimeSimulator(SimConfig(realtime_factor=8.0, greeting_reply_ms=400, reply_ms=500))
-    await simulator.start()
-    yield simulator
-    await simulator.stop()
+def sim(fast_sim: RealtimeSimulator) -> RealtimeSimulator:
+    return fast_sim
 
 
 async def started(sim: RealtimeSimulator, **env: str) -> RelayProcess:

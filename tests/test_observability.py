@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from ops_support import RelayProcess, Samples, caller_for, metric, parse_metrics
 from prometheus_client import CollectorRegistry
 
 from relay.metrics import Metrics, package_version
-from relay.sim.realtime import RealtimeSimulator, SimConfig
+from relay.sim.realtime import RealtimeSimulator
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -33,14 +32,6 @@ ALERTS = MONITORING / "alerts.yml"
 ALERT_TESTS = MONITORING / "alerts.test.yml"
 # Series a Prometheus server makes itself, not the relay.
 PROMETHEUS_OWN = {"up"}
-
-
-@pytest.fixture
-async def fast_sim() -> AsyncIterator[RealtimeSimulator]:
-    simulator = RealtimeSimulator(SimConfig(realtime_factor=8.0, greeting_reply_ms=400, reply_ms=500))
-    await simulator.start()
-    yield simulator
-    await simulator.stop()
 
 
 async def scrape(relay: RelayProcess) -> Samples:
