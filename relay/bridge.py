@@ -127,30 +127,44 @@ class CallBridge:
         self.live_held = False  # the store holds this call for this instance (renewed by the runtime)
         self._live_renewal_failing = False
         self._reclaim: asyncio.Task[None] | None = None
+        self._pending_task: asyncio.Task[Any] | None = None  # run(), while it waits for the start message
+        self._evicted = False
 
     # ---- admission -----------------------------------------------------------------------
 
     async def run(self) -> None:
         """Serve one Media Stream from accept to the last task's end."""
         runtime = self.runtime
-        if runtime.pending_streams >= self.settings.max_pending_streams:
-            # Refused before accept (uvicorn answers the handshake with 403): no WebSocket state, no
-            # start timer, and the socket is gone at once.
+        pending = runtime.pending_streams
+        await self.ws.accept()
+        if len(pending) >= self.settings.max_pending_streams:
+            # Make room by closing the socket that has waited longest. Refusing the new one instead would
+            # let a few dozen idle sockets keep every real stream out; a real stream sends its start
+            # within milliseconds of connecting, so only sockets that never do are ever closed here.
+            oldest = next(iter(pending))
+            del pending[oldest]
+            oldest.evict()
             runtime.metrics.calls_refused.labels("pending_streams").inc()
             _abuse_refusals.log(
                 "pending_streams",
                 logging.WARNING,
-                "stream refused: %d sockets already wait for their start message",
-                runtime.pending_streams,
+                "stream refused: %d sockets wait for their start message; closing the one waiting longest",
+                len(pending) + 1,
             )
-            await self.ws.close(CLOSE_TRY_AGAIN)
-            return
-        runtime.pending_streams += 1
+        pending[self] = None
+        self._pending_task = asyncio.current_task()
         try:
-            await self.ws.accept()
             start = await self._await_start()
+        except asyncio.CancelledError:
+            if not self._evicted:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            await self._close_twilio(CLOSE_POLICY, "too many sockets waiting for start")
+            return
         finally:
-            runtime.pending_streams -= 1
+            pending.pop(self, None)
         if start is None:
             return
         if self.runtime.draining:  # checked once the start message names the call, for the log line
@@ -199,6 +213,7 @@ class CallBridge:
                             problem = f"malformed ({clip(exc)})"
                         else:
                             if isinstance(event, tw.Start):
+                                self.runtime.pending_streams.pop(self, None)  # no longer one to evict
                                 if skipped:
                                     self.log.warning(
                                         "%d frames before start skipped (first: %s)", skipped, first_problem
@@ -210,6 +225,12 @@ class CallBridge:
         except TimeoutError:
             await self._refuse(CLOSE_POLICY, "no valid start message in time")
             return None
+
+    def evict(self) -> None:
+        """Close this socket, still waiting for its start message, to make room for a new one."""
+        self._evicted = True
+        if self._pending_task is not None:
+            self._pending_task.cancel()
 
     async def _refuse(self, code: int, reason: str) -> None:
         self.runtime.metrics.calls_refused.labels(reason.split(":")[0][:40]).inc()

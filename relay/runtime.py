@@ -145,7 +145,8 @@ class Runtime:
             )
         self.twilio_control = twilio_control
         self.calls: dict[str, CallBridge] = {}
-        self.pending_streams = 0  # Media Stream sockets accepted and waiting for their start message
+        # Media Stream sockets accepted and waiting for their start message, the longest-waiting first
+        self.pending_streams: dict[CallBridge, None] = {}
         self.draining = False
         self.started = False
         self._drain_task: asyncio.Task[None] | None = None

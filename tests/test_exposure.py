@@ -175,23 +175,32 @@ async def test_a_client_that_ignores_the_close_is_not_read_for_long(sim: Realtim
         await relay.close()
 
 
-async def test_sockets_waiting_for_start_are_capped_and_refusals_counted(sim: RealtimeSimulator) -> None:
+async def test_sockets_waiting_for_start_are_capped_and_the_longest_waiting_makes_room(
+    sim: RealtimeSimulator,
+) -> None:
     relay = await started(sim, RELAY_START_TIMEOUT="30", RELAY_MAX_PENDING_STREAMS="3")
     silent = []
     try:
         for _ in range(3):
             silent.append(await websockets.connect(ws_url(relay), proxy=None, compression=None))
-        t0 = time.monotonic()
-        with pytest.raises(websockets.InvalidStatus) as refusal:
-            await websockets.connect(ws_url(relay), proxy=None, compression=None, open_timeout=5)
-        assert refusal.value.response.status_code == 403
-        assert time.monotonic() - t0 < 1.0
-        assert await refused(relay, "pending_streams") == 1
-        await silent.pop().close()  # a slot frees up as soon as a waiting socket goes away
+            await asyncio.sleep(0.05)  # their order of arrival decides which one waited longest
+        # with every slot taken by a socket that sends nothing, a real stream still gets in
         caller = caller_for(relay)
-        await eventually(lambda: relay.output().count("sockets already wait") == 1)
         await caller.connect()
         assert await caller.wait_for_audio(100, timeout=10)
+        oldest = silent[0]
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(oldest.recv(), timeout=5)
+        assert oldest.close_code == 1008
+        assert [ws.state for ws in silent[1:]] == [websockets.protocol.State.OPEN] * 2
+        assert await refused(relay, "pending_streams") == 1
+        assert relay.output().count("closing the one waiting longest") == 1
+        # an attacker opening more sockets only closes its own older ones: two wait, the first new one
+        # takes the free slot, each of the other four closes the oldest
+        for _ in range(5):
+            silent.append(await websockets.connect(ws_url(relay), proxy=None, compression=None))
+        assert await refused(relay, "pending_streams") == 5
+        assert caller.close_code is None  # the admitted call was never a candidate
         await caller.hangup()
     finally:
         for ws in silent:

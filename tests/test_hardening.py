@@ -351,11 +351,10 @@ async def test_two_hundred_unauthenticated_sockets_do_not_disturb_twenty_calls(s
             try:
                 async with websockets.connect(ws_url, open_timeout=10) as ws:
                     if i % 2:
-                        await ws.send(bad_start)  # a forged start
+                        with contextlib.suppress(websockets.ConnectionClosed):  # closed already: evicted
+                            await ws.send(bad_start)  # a forged start
                     await asyncio.wait_for(ws.wait_closed(), timeout=10)  # silence: the start timeout
                     return ws.close_code
-            except websockets.InvalidStatus as exc:  # over RELAY_MAX_PENDING_STREAMS: refused before accept
-                return exc.response.status_code
             except (OSError, websockets.WebSocketException, TimeoutError):
                 return None
 
@@ -369,8 +368,9 @@ async def test_two_hundred_unauthenticated_sockets_do_not_disturb_twenty_calls(s
 
         await asyncio.gather(*(converse(c, i) for i, c in enumerate(callers)))
         codes = await intruders
-    refused = relay.runtime.metrics.calls_refused.labels("pending_streams")._value.get()
-    assert codes.count(403) == refused and codes.count(1008) + codes.count(403) == 200
+    # each is closed 1008: for its forged start, for its silence, or (over RELAY_MAX_PENDING_STREAMS)
+    # to make room for a newer socket
+    assert codes.count(1008) == 200
     assert sim.connections == 20
     appended = sorted(tuple(s.appended) for s in sim.sessions)
     assert appended == sorted(tuple(c.sent_payloads) for c in callers)
