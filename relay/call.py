@@ -612,9 +612,13 @@ class Call:
             greeting = self.with_session_instructions(self.agent.greeting)
             self.request_response(self.dialect.response_create(instructions=greeting))
         self.greeted = True
+        typed_meanwhile = bool(self._unsent_items)
         for item in self._unsent_items:
             self._send_upstream(item)
         self._unsent_items.clear()
+        if typed_meanwhile and not any("response" not in queued for queued in self._queued_creates):
+            # their response.create was queued in a session that was lost before it was ready
+            self.request_response(self.dialect.response_create())
         if self._turn_unsent:
             self._end_relay_turn()
         self._flush_queued_create()
@@ -684,11 +688,12 @@ class Call:
         if refused is not None and self._create_in_flight is refused:
             self._create_in_flight = None
         if code == "conversation_already_has_active_response":
-            # A server-VAD response won the race; ours runs once that one is done.
+            # A response won the race (one the server started, or one this call does not count as
+            # active); ours goes out at the next response.done. Sending it again now could only draw
+            # the same error, again and again.
             if refused is not None and refused not in self._queued_creates:
                 self._queued_creates.appendleft(refused)
             self.log.info("response.create raced an active response; queued until it is done")
-            self._flush_queued_create()
             return
         if refused is not None:
             if refused.get("response", {}).get("conversation") == "none":

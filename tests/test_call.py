@@ -668,3 +668,38 @@ def test_keys_typed_when_the_caller_hangs_up_are_kept() -> None:
     _, upstream, effects = call.drain()
     assert upstream == []
     assert effects[0] == Entry("dtmf", {"digits": "12", "ended": "hangup"})
+
+
+def test_a_keypad_entry_typed_in_a_session_lost_before_it_was_ready_is_answered_by_the_next() -> None:
+    call, _ = make_call(greeting=None)  # the first session is open, still configuring
+    for key in "42#":
+        call.twilio_dtmf(key)
+    assert call.drain()[1] == []  # nothing goes to a session that is not configured
+    call.upstream_lost()  # it never became ready (dropped socket, session.update timeout)
+    call.upstream_opened()
+    call.drain()
+    sent = ready(call)
+    assert [m["type"] for m in sent] == ["conversation.item.create", "response.create"]
+    assert sent[0]["item"]["content"][0]["text"] == "The caller entered 4 2 #"
+
+
+def test_a_create_refused_for_an_active_response_waits_for_a_response_done() -> None:
+    call, _ = make_call(greeting=None)
+    ready(call)
+    assert call.request_summary()
+    call.drain()
+    call.upstream_event(ev.ResponseCreated("resp_oob", {"purpose": "summary", "final": "0"}, None))
+    for key in "1#":
+        call.twilio_dtmf(key)
+    (create,) = [orjson.loads(m) for m in call.drain()[1] if orjson.loads(m)["type"] == "response.create"]
+    refusal = "Conversation already has an active response in progress: resp_oob"
+    call.upstream_event(
+        ev.ServerError(
+            "invalid_request_error", "conversation_already_has_active_response", refusal, None, create["event_id"]
+        )
+    )
+    assert call.drain()[1] == []  # sending it again now would only draw the same error
+    call.upstream_event(ev.ResponseDone("resp_oob", "completed", None, (), {}, {"purpose": "summary"}, "A summary."))
+    again = [orjson.loads(m) for m in call.drain()[1]]
+    assert [m["type"] for m in again] == ["response.create"]
+    assert again[0]["event_id"] == create["event_id"]
