@@ -781,8 +781,14 @@ class CallBridge:
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=f"{name}-{self.call_sid}")
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """A side task of the call ended: an exception is a bug, logged with the call's SIDs at once."""
+        self.tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.log.error("task %s of this call failed", task.get_name(), exc_info=exc)
 
     # ---- upstream ----------------------------------------------------------------------------
 

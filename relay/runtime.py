@@ -208,7 +208,10 @@ class Runtime:
                 failure = exc
             for bridge in bridges:
                 if self.calls.get(bridge.call_sid) is bridge:  # not ended meanwhile
-                    bridge.live_beat(renewed.get(bridge.call_sid, False), failure)
+                    try:
+                        bridge.live_beat(renewed.get(bridge.call_sid, False), failure)
+                    except Exception:  # a bug in one call must not stop the renewals of all the others
+                        log.exception("live-stream hold renewal failed", extra={"call_sid": bridge.call_sid})
 
     def insecure_warning(self) -> str | None:
         """What RELAY_INSECURE_DEV turns off in this configuration (None when it is not set)."""

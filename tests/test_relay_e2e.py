@@ -459,3 +459,27 @@ def test_payload_string_is_never_decoded_on_the_way() -> None:
     from relay.realtime import client
 
     assert orjson.loads(client.append_audio(odd))["audio"] == odd
+
+
+async def test_a_failing_side_task_is_logged_with_the_call_at_once_and_the_call_goes_on(
+    sim: RealtimeSimulator, relay: LocalRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    caller = make_caller(relay)
+    await caller.connect()
+    assert await caller.wait_for_audio(300, timeout=10)
+    bridge = relay.runtime.calls[caller.call_sid]
+
+    async def broken() -> None:
+        raise RuntimeError("a bug in a side task")
+
+    with caplog.at_level(logging.ERROR, logger="relay.bridge"):
+        bridge._spawn(broken(), "broken")
+        assert await wait_for(lambda: any("task broken" in r.getMessage() for r in caplog.records), timeout=5)
+    (line,) = [r for r in caplog.records if "task broken" in r.getMessage()]
+    assert line.call_sid == caller.call_sid  # type: ignore[attr-defined]
+    assert line.exc_info is not None and str(line.exc_info[1]) == "a bug in a side task"
+    await caller.wait_idle(timeout=10)
+    await caller.say_and_wait(ulaw.synth_speech(400) + ulaw.silence(700))
+    heard = caller.played_bytes
+    assert await caller.wait_for_audio(heard // 8 + 300, timeout=10)  # still answered
+    await caller.hangup()
