@@ -38,7 +38,7 @@ from relay.security import (
     frame_caller_notes,
     verify_stream_token,
 )
-from relay.store.base import LIVE_STORE_TIMEOUT_S, LIVE_TTL_S
+from relay.store.base import LIVE_STORE_TIMEOUT_S, LIVE_TTL_S, caller_memory_refusal
 from relay.tools import ToolContext
 from relay.twilio import messages as tw
 from relay.twilio import twiml
@@ -86,6 +86,7 @@ class CallBridge:
         self.caller = ""
         self.called = ""
         self.caller_memory: str | None = None  # notes from earlier calls: never passed on to a transfer whisper
+        self.memory_on = False  # caller memory is read and written for this call (see _serve)
         self.upstream: ClientConnection | None = None
         self.ending = False
         self.end_reason = ""
@@ -406,6 +407,11 @@ class CallBridge:
         self.called = grant.called
         if not await self._take_call():
             return
+        if self.settings.caller_memory:
+            refusal = caller_memory_refusal(self.caller)
+            self.memory_on = refusal is None
+            if refusal is not None:
+                self.log.info("caller memory off for this call: %s", refusal)
         try:
             self.agent = runtime.profile_for(self.called)
             self.allowed_tools = self.agent.tools
@@ -455,7 +461,7 @@ class CallBridge:
             await self._teardown()
 
     async def _caller_memory(self) -> str | None:
-        if not (self.settings.caller_memory and self.caller):
+        if not self.memory_on:
             return None
         try:
             return await asyncio.wait_for(self.runtime.store.get_caller_memory(self.caller), timeout=0.5)
@@ -766,7 +772,7 @@ class CallBridge:
         elif isinstance(effect, SummaryReady):
             store.set_summary(self.call_sid, effect.text)
             if effect.final:
-                if self.settings.caller_memory and self.caller:
+                if self.memory_on:
                     store.set_caller_memory(self.caller, effect.text)
                 self._final_summary.set()
         elif isinstance(effect, UpstreamFailed):
@@ -1089,8 +1095,7 @@ class CallBridge:
             return
         self._mark_ending("stream_closed")
         if (
-            self.settings.caller_memory
-            and self.caller
+            self.memory_on
             and self.upstream is not None
             and call.session_ready
             and (call.turn_count > 0 or call.summary)

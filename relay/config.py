@@ -381,6 +381,15 @@ class Settings:
 
         return realtime_url(self, self.model)
 
+    def transcription_notice(self) -> str | None:
+        """The start-up INFO line for Azure without a transcription deployment, else None."""
+        if self.provider != "azure" or self.agent.transcription_model:
+            return None
+        return (
+            "input transcription is off: with RELAY_PROVIDER=azure, RELAY_TRANSCRIPTION_MODEL names a "
+            "deployment; set it to a transcription deployment to turn transcription on"
+        )
+
     def check_credentials(self) -> None:
         """``serve`` refuses to start without the provider's credential, unless the upstream is a
         simulator on a loopback address (ws://127.0.0.1, ws://localhost, ws://[::1])."""
@@ -456,6 +465,8 @@ class Settings:
             },
         )
         greeting = env.get("RELAY_GREETING", DEFAULT_GREETING)
+        # On Azure the name is a deployment, which no default can guess: off until one is named.
+        default_transcription = "" if upstream["provider"] == "azure" else models.DEFAULT_TRANSCRIPTION_MODEL
         voice = env.get("RELAY_VOICE") or models.DEFAULT_VOICE[dialect]
         speed = _float(env, "RELAY_VOICE_SPEED", 1.0, 0.25)
         check_voice(dialect, voice, speed, voice_key="RELAY_VOICE", speed_key="RELAY_VOICE_SPEED")
@@ -466,7 +477,7 @@ class Settings:
             speed=speed,
             vad=vad,
             dtmf=dtmf,
-            transcription_model=env.get("RELAY_TRANSCRIPTION_MODEL", models.DEFAULT_TRANSCRIPTION_MODEL) or None,
+            transcription_model=env.get("RELAY_TRANSCRIPTION_MODEL", default_transcription) or None,
             noise_reduction=(_choice(env, "RELAY_NOISE_REDUCTION", "near_field", ("near_field", "far_field", "off"))),
         )
         if agent.noise_reduction == "off":

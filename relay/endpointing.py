@@ -15,6 +15,12 @@ commit into the turn, so the committed audio holds everything before the onset (
 except right at the start of a session); the relay never holds caller audio back to trim it. A turn
 shorter than the API's 100 ms commit minimum is never ended.
 
+A fixed threshold cannot tell a loud line (hum, traffic, a television) from speech, so a turn also
+ends after ``MAX_TURN_MS`` however loud the line stays. The audio after such a forced end starts the
+next turn at once, but unannounced: no ``SpeechStart`` (which would cancel the answer being asked
+for) until the line has gone quiet once. If it stays loud, that turn too ends after ``MAX_TURN_MS``
+(a ``SpeechStart`` dated at the forced end, then its ``SpeechEnd``): one turn every ``MAX_TURN_MS``.
+
 Sans-I/O: fed bytes, it returns boundaries; no clock (time is the audio's own position).
 """
 
@@ -30,6 +36,9 @@ FRAME_BYTES = FRAME_MS * ULAW_BYTES_PER_MS
 SPEECH_ONSET_MS = 60
 RMS_AT_THRESHOLD_ONE = 1000.0
 INPUT_COMMIT_MIN_MS = 100  # the API refuses to commit less
+# A phone caller rarely speaks this long without a pause; past it the line is taken to be noisy and
+# the turn is ended anyway, so the model answers instead of the call hanging in "caller speaking".
+MAX_TURN_MS = 15_000
 
 
 def _expand(code: int) -> int:
@@ -69,6 +78,7 @@ class Endpointer:
         self._limit = rms * rms * FRAME_BYTES  # compared with the frame's square sum: no square root
         self._onset_frames = -(-SPEECH_ONSET_MS // FRAME_MS)
         self._silence_frames = max(1, -(-vad.silence_duration_ms // FRAME_MS))
+        self._max_turn_frames = MAX_TURN_MS // FRAME_MS
         self.reset()
 
     def reset(self) -> None:
@@ -76,6 +86,8 @@ class Endpointer:
         self._carry = b""
         self._loud = 0  # consecutive loud frames
         self._quiet = 0  # consecutive quiet frames while in speech
+        self._turn_frames = 0  # frames since the current turn began (announced or not)
+        self._held = False  # a turn was forced to end and the line has not been quiet since
         self.new_session()
 
     def new_session(self) -> None:
@@ -100,28 +112,48 @@ class Endpointer:
         for offset in range(0, whole, FRAME_BYTES):
             frame = data if whole == len(data) == FRAME_BYTES else data[offset : offset + FRAME_BYTES]
             self._position += FRAME_BYTES
-            boundary = self._step(frame_square_sum(frame) > self._limit)
-            if boundary is not None:
-                boundaries.append(boundary)
+            boundaries += self._step(frame_square_sum(frame) > self._limit)
         self._carry = data[whole:]
         return boundaries
 
-    def _step(self, loud: bool) -> Boundary | None:
+    def _step(self, loud: bool) -> tuple[Boundary, ...]:
         if loud:
             self._loud += 1
             self._quiet = 0
             self._last_loud_end = self._position
-            if not self.in_speech and self._loud >= self._onset_frames:
-                self.in_speech = True
-                return SpeechStart((self._position - self._loud * FRAME_BYTES) // ULAW_BYTES_PER_MS)
-            return None
-        self._loud = 0
-        if not self.in_speech:
-            return None
-        self._quiet += 1
+        else:
+            self._loud = 0
+            if self._held:  # quiet once after a forced end: speech is detected afresh
+                self._held = False
+                self._turn_frames = 0
+                return ()
         buffered_ms = (self._position - self._committed) // ULAW_BYTES_PER_MS
-        if self._quiet >= self._silence_frames and buffered_ms >= INPUT_COMMIT_MIN_MS:
+        if self._held:  # still loud since the forced end: the unannounced turn goes on
+            self._turn_frames += 1
+            if self._turn_frames < self._max_turn_frames or buffered_ms < INPUT_COMMIT_MIN_MS:
+                return ()
+            onset = max(0, self._position - self._turn_frames * FRAME_BYTES)
+            self._turn_frames = 0
+            return SpeechStart(onset // ULAW_BYTES_PER_MS), SpeechEnd(self._position // ULAW_BYTES_PER_MS)
+        if not self.in_speech:
+            if loud and self._loud >= self._onset_frames:
+                self.in_speech = True
+                self._turn_frames = self._loud
+                return (SpeechStart((self._position - self._loud * FRAME_BYTES) // ULAW_BYTES_PER_MS),)
+            return ()
+        self._turn_frames += 1
+        if not loud:
+            self._quiet += 1
+        if buffered_ms < INPUT_COMMIT_MIN_MS:
+            return ()
+        if self._turn_frames >= self._max_turn_frames:
             self.in_speech = False
             self._quiet = 0
-            return SpeechEnd(self._last_loud_end // ULAW_BYTES_PER_MS)
-        return None
+            self._turn_frames = 0
+            self._held = loud
+            return (SpeechEnd(self._last_loud_end // ULAW_BYTES_PER_MS),)
+        if not loud and self._quiet >= self._silence_frames:
+            self.in_speech = False
+            self._quiet = 0
+            return (SpeechEnd(self._last_loud_end // ULAW_BYTES_PER_MS),)
+        return ()

@@ -156,6 +156,9 @@ def _run_worker(settings_env: dict[str, str], sockets: list[socket.socket] | Non
             "metrics_multiprocess": runtime.metrics.multiprocess,
         },
     )
+    notice = settings.transcription_notice()
+    if notice:
+        log.info(notice)
     server.run(sockets=sockets)
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from relay.call import Call, Entry, Metric, Phase, RunTool, SummaryReady, UsageReport, b64_decoded_len
 from relay.config import AgentSettings, DtmfSettings, VadSettings
-from relay.endpointing import ULAW_TO_LINEAR, Endpointer, SpeechEnd, SpeechStart
+from relay.endpointing import MAX_TURN_MS, ULAW_TO_LINEAR, Endpointer, SpeechEnd, SpeechStart
 from relay.realtime import events as ev
 from relay.realtime.dialect import get_dialect
 
@@ -431,6 +431,39 @@ def test_endpointer_never_ends_a_turn_under_the_commit_minimum() -> None:
     assert endpointer.feed(SILENT) == [SpeechEnd(60)]
 
 
+def test_endpointer_ends_a_turn_on_a_line_that_stays_loud_every_max_turn() -> None:
+    assert MAX_TURN_MS == 15_000
+    endpointer = Endpointer(VadSettings(type="none", threshold=0.5, silence_duration_ms=500))
+    assert endpointer.feed(LOUD * 749) == [SpeechStart(0)]
+    assert endpointer.feed(LOUD) == [SpeechEnd(audio_end_ms=15_000)]  # the 750th frame: 15 s
+    assert not endpointer.in_speech
+    endpointer.committed()
+    # still loud: no new speech (it would cancel the answer) until another 15 s have passed
+    assert endpointer.feed(LOUD * 749) == []
+    assert endpointer.feed(LOUD) == [SpeechStart(15_000), SpeechEnd(30_000)]
+    endpointer.committed()
+    assert endpointer.feed(LOUD * 749) == []
+    assert endpointer.feed(LOUD) == [SpeechStart(30_000), SpeechEnd(45_000)]
+
+
+def test_endpointer_after_a_forced_end_detects_speech_afresh_once_the_line_was_quiet() -> None:
+    endpointer = Endpointer(VadSettings(type="none", threshold=0.5, silence_duration_ms=100))
+    assert endpointer.feed(LOUD * 750) == [SpeechStart(0), SpeechEnd(15_000)]
+    endpointer.committed()
+    assert endpointer.feed(LOUD * 100) == []  # held: the line has not been quiet yet
+    assert endpointer.feed(QUIET) == []  # quiet once at 17 000..17 020 ms
+    assert endpointer.feed(LOUD * 2) == []
+    assert endpointer.feed(LOUD) == [SpeechStart(17_020)]  # the usual 60 ms onset
+    assert endpointer.feed(QUIET * 5) == [SpeechEnd(17_080)]  # and the usual silence window
+
+
+def test_endpointer_a_long_turn_with_short_pauses_also_ends_at_the_max() -> None:
+    endpointer = Endpointer(VadSettings(type="none", threshold=0.5, silence_duration_ms=500))
+    speech = (LOUD * 40 + QUIET * 10) * 15  # 15 s of 800 ms phrases with 200 ms pauses
+    assert endpointer.feed(speech) == [SpeechStart(0), SpeechEnd(audio_end_ms=14_800)]
+    assert endpointer.feed(LOUD * 3) == [SpeechStart(15_000)]  # ended in a pause: nothing is held
+
+
 def no_vad_call(greeting: str | None = None, **vad: Any) -> tuple[Call, Clock]:
     agent = AgentSettings(vad=VadSettings(type="none", silence_duration_ms=200, **vad))
     return make_call(greeting=greeting, agent=agent)
@@ -482,6 +515,25 @@ def test_without_server_vad_speech_interrupts_and_cancels_and_the_answer_waits()
     assert [e["type"] for e in feed(call, frames(LOUD, 5) + frames(SILENT, 10))] == ["input_audio_buffer.commit"]
     call.upstream_event(ev.ResponseDone("resp_g", "cancelled", "client_cancelled", (), {}, None, ""))
     assert [orjson.loads(m)["type"] for m in call.drain()[1]] == ["response.create"]
+
+
+def test_without_server_vad_a_line_that_stays_loud_still_gets_an_answer_every_15_s() -> None:
+    call, _ = no_vad_call()
+    ready(call)
+    assert feed(call, frames(LOUD, 749)) == []
+    assert call.caller_speaking
+    sent = feed(call, frames(LOUD, 1))
+    assert [e["type"] for e in sent] == ["input_audio_buffer.commit", "response.create"]
+    assert not call.caller_speaking
+    assert call.caller_audio_committed_ms == 15_000
+    call.upstream_event(ev.InputCommitted("item_u1"))
+    start_response(call, "resp_1", "item_a")
+    assert feed(call, frames(LOUD, 100)) == []  # the answer is not cancelled by the same noise
+    call.upstream_event(ev.ResponseDone("resp_1", "completed", None, (), {}, None, ""))
+    call.drain()
+    assert feed(call, frames(LOUD, 649)) == []
+    assert [e["type"] for e in feed(call, frames(LOUD, 1))] == ["input_audio_buffer.commit", "response.create"]
+    assert call.caller_audio_committed_ms == 30_000
 
 
 def test_a_relay_side_turn_ending_between_sessions_is_committed_once_the_next_is_ready() -> None:

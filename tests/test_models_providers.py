@@ -268,6 +268,43 @@ def test_connection_targets_per_provider_and_dialect() -> None:
     assert connect_target(both, get_dialect("ga"), both.model)[1] == {"api-key": "k"}
 
 
+def test_azure_transcription_is_off_until_a_deployment_is_named() -> None:
+    azure = Settings.from_env(azure_env("https://res.openai.azure.com", AZURE_OPENAI_API_KEY="k"))
+    assert azure.agent.transcription_model is None  # "gpt-transcribe" would name a missing deployment
+    notice = azure.transcription_notice()
+    assert notice == (
+        "input transcription is off: with RELAY_PROVIDER=azure, RELAY_TRANSCRIPTION_MODEL names a "
+        "deployment; set it to a transcription deployment to turn transcription on"
+    )
+    named = Settings.from_env(
+        azure_env("https://res.openai.azure.com", AZURE_OPENAI_API_KEY="k", RELAY_TRANSCRIPTION_MODEL="stt")
+    )
+    assert named.agent.transcription_model == "stt" and named.transcription_notice() is None
+    openai = Settings.from_env({"RELAY_INSECURE_DEV": "1"})
+    assert openai.agent.transcription_model == models.DEFAULT_TRANSCRIPTION_MODEL == "gpt-transcribe"
+    assert openai.transcription_notice() is None
+    assert (
+        Settings.from_env({"RELAY_INSECURE_DEV": "1", "RELAY_TRANSCRIPTION_MODEL": ""}).agent.transcription_model
+        is None
+    )
+
+
+async def test_serve_on_azure_says_once_that_transcription_is_off() -> None:
+    proc = RelayProcess(
+        "",
+        RELAY_PROVIDER="azure",
+        AZURE_OPENAI_ENDPOINT="http://127.0.0.1:9",
+        AZURE_OPENAI_DEPLOYMENT="rt-prod",
+        LOG_LEVEL="info",
+    )
+    try:
+        await proc.start()
+        lines = [line for line in proc.lines if line["msg"].startswith("input transcription is off")]
+    finally:
+        await proc.close()
+    assert [line["level"] for line in lines] == ["info"]
+
+
 def test_a_deprecated_interface_is_named_at_start_up() -> None:
     assert interface_notices(env_settings()) == []
     assert interface_notices(env_settings(OPENAI_REALTIME_DIALECT="beta", OPENAI_REALTIME_URL="wss://rt.example")) == []

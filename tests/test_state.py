@@ -21,6 +21,8 @@ from conftest import (
     relay_settings,
     wait_for,
 )
+from ops_support import API_TOKEN as OPS_API_TOKEN
+from ops_support import RelayProcess
 
 from relay.config import derive_caller_key_secret
 from relay.sim import ulaw
@@ -187,6 +189,56 @@ async def test_caller_memory_reaches_the_next_call_on_another_instance_process(
     assert memory in update["session"]["instructions"]
     first_update = next(e for _, e in sim.sessions[0].received if e["type"] == "session.update")
     assert "previous calls" not in first_update["session"]["instructions"]
+
+
+async def test_callers_who_withhold_their_number_share_no_memory(
+    sim: RealtimeSimulator, redis_url: str, store_prefix: str
+) -> None:
+    sim.config.greeting_reply_ms = 300
+    sim.config.reply_ms = 300
+    relay = RelayProcess(
+        sim.url, REDIS_URL=redis_url, RELAY_REDIS_PREFIX=store_prefix, RELAY_CALLER_MEMORY="1", LOG_LEVEL="info"
+    )
+    await relay.start()
+    client = redis.Redis.from_url(redis_url)
+    headers = {"Authorization": f"Bearer {OPS_API_TOKEN}"}
+    try:
+        callers = []
+        async with httpx.AsyncClient() as http:
+
+            async def ended(call_sid: str) -> bool:
+                response = await http.get(f"{relay.base_url}/calls/{call_sid}", headers=headers)
+                return response.status_code == 200 and "ended" in response.json()["meta"]
+
+            for seed in (1, 2):
+                caller = SimulatedCaller(
+                    CallerConfig(base_url=relay.base_url, auth_token=AUTH_TOKEN, from_number="Anonymous")
+                )
+                await caller.connect()
+                await caller.wait_for_audio(300, timeout=10)
+                await caller.wait_idle(timeout=10)
+                await talk(caller, 500, seed=seed)  # a turn: a remembered caller would get a final summary
+                await caller.hangup()
+                deadline = time.monotonic() + 10
+                while not await ended(caller.call_sid):
+                    assert time.monotonic() < deadline, "the call was never recorded as ended"
+                    await asyncio.sleep(0.05)
+                callers.append(caller)
+            records = [
+                (await http.get(f"{relay.base_url}/calls/{c.call_sid}", headers=headers)).json() for c in callers
+            ]
+        assert list(client.scan_iter(match=f"{store_prefix}caller:*")) == []  # nothing remembered
+        assert [r["meta"]["caller_memory"] for r in records] == ["0", "0"]
+        for session in sim.sessions[:2]:
+            update = next(e for _, e in session.received if e["type"] == "session.update")
+            assert "previous calls" not in update["session"]["instructions"]
+        off = [line for line in relay.lines if line["msg"].startswith("caller memory off for this call")]
+        assert [(line["msg"], line["call_sid"]) for line in off] == [
+            ("caller memory off for this call: the caller number is not an E.164 number", c.call_sid) for c in callers
+        ]
+    finally:
+        client.close()
+        await relay.close()
 
 
 class relay_process:

@@ -22,6 +22,7 @@ from relay.store import (
     RedisStore,
     Store,
     StoreUnavailable,
+    caller_memory_refusal,
     hash_number,
     make_store,
 )
@@ -522,6 +523,35 @@ async def test_memory_store_expiry() -> None:
     now[0] = 1001.0
     assert await store.get_caller_memory(CALLER_E164) is None
     assert store.queue_depth == 0 and store.kind == "memory"
+
+
+@pytest.mark.parametrize(
+    ("number", "reason"),
+    [
+        ("", "no caller number"),
+        ("  ", "no caller number"),
+        ("Anonymous", "the caller number is not an E.164 number"),
+        ("Restricted", "the caller number is not an E.164 number"),
+        ("Unavailable", "the caller number is not an E.164 number"),
+        ("+266696687", "the caller withheld the number"),
+        ("+7378742833", "the caller withheld the number"),
+        ("+86282452253", "the caller withheld the number"),
+        ("+8656696", "the caller withheld the number"),
+        ("+2562533", "the caller withheld the number"),
+        ("14155550100", "the caller number is not an E.164 number"),  # no +
+        ("+04155550100", "the caller number is not an E.164 number"),  # no country code starts with 0
+        ("+123456", "the caller number is not an E.164 number"),  # too short
+        ("+1234567890123456", "the caller number is not an E.164 number"),  # 16 digits: too long
+        ("sip:alice@example.com", "the caller number is not an E.164 number"),
+        ("client:alice", "the caller number is not an E.164 number"),
+        (CALLER, None),
+        ("+14155550100", None),
+        ("+1234567", None),
+        ("+123456789012345", None),
+    ],
+)
+def test_caller_memory_only_for_a_plausible_e164_number(number: str, reason: str | None) -> None:
+    assert caller_memory_refusal(number) == reason
 
 
 def test_hash_number_is_keyed() -> None:

@@ -23,7 +23,8 @@ DEFAULT_MODEL_BETA = "gpt-4o-realtime-preview"
 # turn_detection null (no VAD), which a phone call relying on server VAD cannot use;
 # gpt-transcribe is the package's first option for transcription everywhere (also the
 # /audio/transcriptions endpoint), works with server and semantic VAD, and takes the
-# keywords/languages hints. So it is the default.
+# keywords/languages hints. So it is the default, except on Azure, where the setting names a
+# deployment and transcription stays off until one is named (relay/config.py).
 DEFAULT_TRANSCRIPTION_MODEL = "gpt-transcribe"
 
 GA_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from .base import CallRecord, Store, StoreUnavailable, hash_number, normalize_number
+from .base import CallRecord, Store, StoreUnavailable, caller_memory_refusal, hash_number, normalize_number
 from .memory import MemoryStore
 from .redis import RedisStore
 
@@ -18,6 +18,7 @@ __all__ = [
     "RedisStore",
     "Store",
     "StoreUnavailable",
+    "caller_memory_refusal",
     "hash_number",
     "make_store",
     "normalize_number",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -23,6 +24,7 @@ __all__ = [
     "CallRecord",
     "Store",
     "StoreUnavailable",
+    "caller_memory_refusal",
     "encode_entry",
     "hash_number",
     "normalize_number",
@@ -41,6 +43,12 @@ ENTRY_KINDS = frozenset(
 
 # Formatting characters people and carriers add to numbers; none of them is part of E.164.
 _NUMBER_NOISE = str.maketrans("", "", " -().\t\u00a0")
+
+# What Twilio sends as From when the caller withheld the number: besides words ("Anonymous",
+# "Restricted", ...) the words spelled on a phone keypad (ANONYMOUS, RESTRICTED, UNAVAILABLE,
+# UNKNOWN, BLOCKED), which look like E.164 numbers but are shared by every such caller.
+WITHHELD_NUMBERS = frozenset({"+266696687", "+7378742833", "+86282452253", "+8656696", "+2562533"})
+_E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 
 
 class StoreUnavailable(Exception):
@@ -81,6 +89,22 @@ def encode_entry(entry: Mapping[str, Any]) -> bytes:
 def normalize_number(number: str) -> str:
     """Strip formatting so "+1 (415) 555-0100" and "+14155550100" hash the same."""
     return number.strip().translate(_NUMBER_NOISE)
+
+
+def caller_memory_refusal(number: str) -> str | None:
+    """Why caller memory must not be keyed by this From, or None if it may be.
+
+    Memory is keyed by the number, so a value many callers share (a withheld number, a word, an
+    empty From) would hand one caller's notes to the next: only a plausible E.164 number qualifies.
+    """
+    normalized = normalize_number(number)
+    if not normalized:
+        return "no caller number"
+    if normalized in WITHHELD_NUMBERS:
+        return "the caller withheld the number"
+    if not _E164.fullmatch(normalized):
+        return "the caller number is not an E.164 number"
+    return None
 
 
 def hash_number(number: str, key: bytes) -> str:
