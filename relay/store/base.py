@@ -46,7 +46,8 @@ _NUMBER_NOISE = str.maketrans("", "", " -().\t\u00a0")
 
 # What Twilio sends as From when the caller withheld the number: besides words ("Anonymous",
 # "Restricted", ...) the words spelled on a phone keypad (ANONYMOUS, RESTRICTED, UNAVAILABLE,
-# UNKNOWN, BLOCKED), which look like E.164 numbers but are shared by every such caller.
+# UNKNOWN, BLOCKED), which look like E.164 numbers but are shared by every such caller (Twilio's
+# support article "Why am I getting calls from these strange numbers").
 WITHHELD_NUMBERS = frozenset({"+266696687", "+7378742833", "+86282452253", "+8656696", "+2562533"})
 _E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 
