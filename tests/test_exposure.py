@@ -25,7 +25,7 @@ from conftest import wait_for as eventually
 from ops_support import RelayProcess, caller_for, metric, parse_metrics
 from twilio.request_validator import RequestValidator
 
-from relay.forwarded import TrustedProxies
+from relay.forwarded import ForwardedHeaders, TrustedProxies
 from relay.logbound import LOGGED_EACH, RepeatLimiter, clip, lines_for
 from relay.sim import ulaw
 from relay.sim.realtime import RealtimeSimulator
@@ -107,6 +107,27 @@ def test_trusted_proxies_read_addresses_networks_star_and_literals() -> None:
     assert "10.0.0.2" not in proxies and "127.0.0.1" not in proxies and "evil" not in proxies
     assert None not in proxies and "" not in proxies
     assert "203.0.113.5" in TrustedProxies("*")
+
+
+def test_trusted_proxies_match_an_ipv4_mapped_ipv6_peer_as_its_ipv4_address() -> None:
+    proxies = TrustedProxies("127.0.0.0/8,10.0.0.1")
+    assert "::ffff:10.0.0.1" in proxies and "::ffff:127.0.0.1" in proxies
+    assert "::ffff:10.0.0.2" not in proxies and "::ffff:192.0.2.1" not in proxies
+
+
+async def test_a_trusted_ipv4_mapped_peer_has_its_forwarded_scheme_applied() -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope)
+
+    middleware = ForwardedHeaders(app, "10.0.0.1")
+    headers = [(b"host", b"relay.internal"), (b"x-forwarded-proto", b"https"), (b"x-forwarded-host", b"a.example")]
+    for peer in ("10.0.0.1", "::ffff:10.0.0.1", "::ffff:10.0.0.2"):
+        scope = {"type": "http", "scheme": "http", "client": (peer, 4000), "headers": headers}
+        await middleware(scope, None, None)  # type: ignore[arg-type]
+    assert [s["scheme"] for s in seen] == ["https", "https", "http"]
+    assert [any(name == b"x-forwarded-host" for name, _ in s["headers"]) for s in seen] == [True, True, False]
 
 
 # ---- before `start` -----------------------------------------------------------------------------------
