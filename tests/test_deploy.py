@@ -524,6 +524,21 @@ def test_deploy_md_describes_the_state_redis_really_holds() -> None:
         assert word not in store_code.lower()
 
 
+def test_deploy_md_describes_the_live_stream_registry_and_an_eviction_policy_that_keeps_it() -> None:
+    from relay.store.base import LIVE_HEARTBEAT_S, LIVE_TTL_S
+
+    text = (INFRA / "DEPLOY.md").read_text()
+    redis_section = " ".join(text.split("## Redis (managed)", 1)[1].split("\n## ", 1)[0].split())
+    assert "no registry" not in redis_section
+    assert "`{prefix}live:{call_sid}`" in redis_section
+    assert f"renews it every {LIVE_HEARTBEAT_S:g} s with a {LIVE_TTL_S:g} s TTL" in redis_section
+    # the shortest TTLs are the live holds and token markers: an evicting policy drops exactly those
+    assert "**Eviction policy: `noeviction`**" in redis_section
+    assert "relay_store_dropped_writes_total" in redis_section
+    command = compose()["services"]["redis"]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+
+
 # ---- DEPLOY.md agrees with the code and the manifests -----------------------------------------------
 
 
