@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import time
@@ -359,6 +360,65 @@ async def test_idle_and_half_sent_connections_are_closed_after_the_idle_timeout(
         for _, writer in connections:
             writer.close()
         assert (await relay.get("/healthz")).status_code == 200
+    finally:
+        await relay.close()
+
+
+WEBHOOK_HEAD = (
+    b"POST /incoming-call HTTP/1.1\r\nHost: relay\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+    b"Content-Length: 1000\r\n\r\n"
+)
+
+
+async def test_a_trickled_webhook_body_is_answered_408_within_the_idle_timeout(sim: RealtimeSimulator) -> None:
+    relay = await started(sim, RELAY_HTTP_IDLE_TIMEOUT="1", LOG_LEVEL="info")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        writer.write(WEBHOOK_HEAD)
+        await writer.drain()
+        t0 = time.monotonic()
+
+        async def trickle() -> None:  # one body byte every 0.2 s: never idle for a whole second
+            with contextlib.suppress(ConnectionError):
+                for _ in range(50):
+                    await asyncio.sleep(0.2)
+                    writer.write(b"a")
+                    await writer.drain()
+
+        trickling = asyncio.create_task(trickle())
+        answer = await asyncio.wait_for(reader.read(), timeout=8)
+        elapsed = time.monotonic() - t0
+        trickling.cancel()
+        writer.close()
+        print(f"slow body answered after {elapsed:.1f} s")
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert 0.8 < elapsed < 3
+        assert await eventually(lambda: any("408" in line for line in relay.stdout))
+        assert [m["msg"] for m in relay.lines if "408" in m["msg"]] == [
+            "webhook body not received within 1 s; answered 408"
+        ]
+        assert "Traceback" not in relay.output()
+    finally:
+        await relay.close()
+
+
+async def test_a_client_leaving_mid_body_costs_one_line_and_no_traceback(sim: RealtimeSimulator) -> None:
+    relay = await started(sim, LOG_LEVEL="info")
+    try:
+        for _ in range(3):
+            _, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+            writer.write(WEBHOOK_HEAD + b"CallSid=CA")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.close()
+        assert await eventually(lambda: sum("disconnected" in line for line in relay.stdout) == 3)
+        assert (await relay.get("/healthz")).status_code == 200
+        lines = relay.lines
+        assert [m["msg"] for m in lines if "disconnect" in m["msg"].lower()] == [
+            "webhook client disconnected before sending its whole body"
+        ] * 3
+        assert not any("ASGI" in m["msg"] for m in lines)
+        assert "Traceback" not in relay.output() and "ClientDisconnect" not in relay.output()
     finally:
         await relay.close()
 
