@@ -165,6 +165,51 @@ async def test_junk_before_start_is_closed_after_four_frames_with_one_log_line(s
         await relay.close()
 
 
+def bogus_start(i: int) -> str:
+    sid = "MZ" + "a" * 32
+    params = {"token": "v2.1.x.y"}
+    return orjson.dumps(
+        {
+            "event": "start",
+            "streamSid": sid,
+            "start": {"streamSid": sid, "callSid": f"CA{i:032d}", "customParameters": params},
+        }
+    ).decode()
+
+
+async def test_refusals_before_admission_are_logged_boundedly_per_process_and_all_counted(
+    sim: RealtimeSimulator,
+) -> None:
+    relay = await started(sim)
+    try:
+
+        async def one(i: int) -> int | None:
+            async with websockets.connect(ws_url(relay), proxy=None, compression=None) as ws:
+                if i == 0:  # two unreadable frames first: still this socket's one line
+                    await ws.send("{junk")
+                    await ws.send("{junk")
+                await ws.send(bogus_start(i))
+                with pytest.raises(websockets.ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), timeout=5)
+                return ws.close_code
+
+        codes = [await one(0)]
+        for batch in range(1, 200, 20):
+            codes += await asyncio.gather(*(one(i) for i in range(batch, min(batch + 20, 200))))
+        assert codes == [1008] * 200
+        assert await refused(relay, "stream token rejected") == 200
+        # each line is written before its socket's close; the pipe reader may lag behind
+        assert await eventually(lambda: relay.output().count("stream refused") == lines_for(200))
+        refusals = [m["msg"] for m in relay.lines if m["msg"].startswith("stream refused")]
+        assert len(refusals) == lines_for(200) == LOGGED_EACH + 2  # 1 to 5, then at 10 and 100
+        assert refusals[0].startswith("stream refused: stream token rejected: malformed token (2 frames before start")
+        assert "skipped, first: malformed (invalid JSON" in refusals[0]
+        assert refusals[-1].endswith("(100 so far since start-up)")
+        assert not any("frames before start skipped" in m["msg"] for m in relay.lines[1:] if m["msg"] not in refusals)
+    finally:
+        await relay.close()
+
+
 def masked_text_frame(payload: bytes) -> bytes:
     """One client-to-server text frame (RFC 6455 §5.2), short payloads only."""
     assert len(payload) < 126
