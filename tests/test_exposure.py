@@ -210,6 +210,30 @@ async def test_refusals_before_admission_are_logged_boundedly_per_process_and_al
         await relay.close()
 
 
+async def test_frames_skipped_before_an_admitted_start_are_told_on_the_call_started_line(
+    sim: RealtimeSimulator,
+) -> None:
+    relay = await started(sim)
+    try:
+        caller = caller_for(relay)
+        status, body = await caller.webhook()
+        assert status == 200, body
+        parameters = caller.parse_twiml(body).parameters
+        sid = "MZ" + "b" * 32
+        start = {"streamSid": sid, "callSid": caller.call_sid, "customParameters": parameters}
+        async with websockets.connect(ws_url(relay), proxy=None, compression=None) as ws:
+            await ws.send("{junk")
+            await ws.send(b"binary")
+            await ws.send(orjson.dumps({"event": "start", "streamSid": sid, "start": start}).decode())
+            assert await eventually(lambda: relay.output().count("call started") == 1)
+        lines = [m for m in relay.lines if "skipped" in m["msg"] or m["msg"].startswith("call started")]
+        assert len(lines) == 1, lines  # one line for the socket, at the level the skipped frames deserve
+        assert lines[0]["level"] == "warning"
+        assert lines[0]["msg"].startswith("call started (2 frames before start skipped, first: malformed (invalid JSON")
+    finally:
+        await relay.close()
+
+
 def masked_text_frame(payload: bytes) -> bytes:
     """One client-to-server text frame (RFC 6455 §5.2), short payloads only."""
     assert len(payload) < 126
