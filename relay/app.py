@@ -6,6 +6,7 @@ demo use ``create_app(settings)`` with their own settings.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -15,7 +16,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
@@ -59,7 +60,16 @@ async def incoming_call(request: Request) -> Response:
     """Twilio's voice webhook: verify the signature, answer with <Connect><Stream>."""
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
-    body = await _read_limited(request, settings.max_webhook_body_bytes)
+    try:
+        # The head had RELAY_HTTP_IDLE_TIMEOUT to arrive (relay/http_limits.py); so has the body.
+        async with asyncio.timeout(settings.http_idle_timeout_s):
+            body = await _read_limited(request, settings.max_webhook_body_bytes)
+    except TimeoutError:
+        log.warning("webhook body not received within %g s; answered 408", settings.http_idle_timeout_s)
+        return PlainTextResponse("request body timeout", status_code=408, headers={"Connection": "close"})
+    except ClientDisconnect:
+        log.info("webhook client disconnected before sending its whole body")
+        return Response(status_code=400)  # nobody is left to read it
     if body is None:
         runtime.metrics.calls_refused.labels("webhook_too_large").inc()
         log.warning("webhook body over %d bytes refused", settings.max_webhook_body_bytes)

@@ -130,6 +130,7 @@ class CallBridge:
         self._reclaim: asyncio.Task[None] | None = None
         self._pending_task: asyncio.Task[Any] | None = None  # run(), while it waits for the start message
         self._evicted = False
+        self._skipped_note = ""  # unreadable frames before the start, for the socket's one log line
 
     # ---- admission -----------------------------------------------------------------------
 
@@ -215,9 +216,9 @@ class CallBridge:
                         else:
                             if isinstance(event, tw.Start):
                                 self.runtime.pending_streams.pop(self, None)  # no longer one to evict
-                                if skipped:
-                                    self.log.warning(
-                                        "%d frames before start skipped (first: %s)", skipped, first_problem
+                                if skipped:  # told on the socket's one line: its refusal or "call started"
+                                    self._skipped_note = (
+                                        f" ({skipped} frames before start skipped, first: {first_problem})"
                                     )
                                 return await self._admit(event)
                             continue  # connected (or an event this relay does not know)
@@ -234,8 +235,11 @@ class CallBridge:
             self._pending_task.cancel()
 
     async def _refuse(self, code: int, reason: str) -> None:
-        self.runtime.metrics.calls_refused.labels(reason.split(":")[0][:40]).inc()
-        self.log.warning("stream refused: %s", clip(reason, 200))
+        """Refuse a stream before admission. Anyone can open sockets, so these lines are bounded
+        process-wide per kind of refusal (the reason up to its ':'), not per socket."""
+        kind = reason.split(":")[0][:40]
+        self.runtime.metrics.calls_refused.labels(kind).inc()
+        _abuse_refusals.log(kind, logging.WARNING, "stream refused: %s%s", clip(reason, 200), self._skipped_note)
         await self._close_twilio(code, reason[:100])
 
     async def _admit(self, start: tw.Start) -> tw.Start | None:
@@ -447,7 +451,12 @@ class CallBridge:
                 "caller_memory": "1" if memory else "0",
             },
         )
-        self.log.info("call started", extra={"caller_known": bool(memory), "profile": self.agent.name})
+        self.log.log(
+            logging.WARNING if self._skipped_note else logging.INFO,
+            "call started%s",
+            self._skipped_note,
+            extra={"caller_known": bool(memory), "profile": self.agent.name},
+        )
         self._upstream_task = asyncio.create_task(self._upstream_supervisor(), name=f"upstream-{self.call_sid}")
         # Its own task: each frame then resumes a 4-deep coroutine chain, not the ~20 frames of ASGI
         # middleware above this one (bench/RESULTS.md). Cancelling the ASGI task still cancels it.

@@ -47,7 +47,18 @@ class TrustedProxies:
             address = ipaddress.ip_address(peer)
         except ValueError:
             return False
-        return any(address in network for network in self.networks)
+        # A dual-stack socket reports an IPv4 peer as ::ffff:a.b.c.d: it is the same peer.
+        mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+        return any(address in network or (mapped is not None and mapped in network) for network in self.networks)
+
+
+def _ipv4_mapped(peer: str) -> str | None:
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return None
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return None if mapped is None else str(mapped)
 
 
 class ForwardedHeaders:
@@ -64,6 +75,9 @@ class ForwardedHeaders:
             return
         client = scope.get("client")
         if client and client[0] in self.trusted:
+            mapped = _ipv4_mapped(client[0])
+            if mapped is not None:  # uvicorn's own check knows only the IPv4 form
+                scope = {**scope, "client": (mapped, client[1])}
             await self.proxied(scope, receive, send)  # type: ignore[arg-type]
             return
         headers = scope["headers"]

@@ -27,7 +27,7 @@ REDACTED = "[redacted]"
 AUDIO_REDACTED = "[base64 redacted]"
 _SECRET_PATTERNS = [
     re.compile(r"sk-[A-Za-z0-9_\-]{8,}"),
-    re.compile(r"v\d\.\d{6,}\.[A-Za-z0-9_\-]{20,}"),  # stream tokens
+    re.compile(r"v\d\.\d{6,}(?:\.[A-Za-z0-9_\-]{16,})+"),  # stream tokens: v2.<expiry>.<nonce>.<mac>
     re.compile(r"(?i)((?:bearer|basic)\s+)[A-Za-z0-9._~+/=\-]{8,}"),
     re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?(?:[a-z]+\s+)?)[^'\",\s]{8,}"),
 ]

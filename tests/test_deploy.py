@@ -153,6 +153,20 @@ def effective(config: list[dict[str, Any]], location: list[dict[str, Any]], name
     return None
 
 
+def test_nginx_sets_forwarded_host_and_proto_itself_in_every_proxied_location() -> None:
+    config = crossplane_config()
+    proxied = [d["block"] for d in directives(server_block(config), "location") if directives(d["block"], "proxy_pass")]
+    assert len(proxied) == 2
+    for location in proxied:
+        # nginx inherits proxy_set_header only into a location that sets none of its own
+        own = directives(location, "proxy_set_header")
+        headers = {
+            d["args"][0].lower(): d["args"][1] for d in own or directives(server_block(config), "proxy_set_header")
+        }
+        assert headers["x-forwarded-host"] == "$host"
+        assert headers["x-forwarded-proto"] == "$scheme"
+
+
 def test_nginx_retries_the_webhook_on_the_other_relay_when_one_refuses_or_fails() -> None:
     config = crossplane_config()
     webhook = location_block(config, "=", WEBHOOK)
@@ -349,9 +363,10 @@ async def test_behind_nginx_a_new_call_reaches_the_idle_relay_while_the_other_dr
 async def test_a_signed_webhook_through_the_shipped_proxy_validates_without_public_url(
     fast_sim: RealtimeSimulator, nginx_binary: str, nginx_processes: list[NginxProcess], tmp_path: Path
 ) -> None:
-    """The proxy reaches the relays from an address other than 127.0.0.1 (as in compose or Kubernetes);
-    the TLS terminator in front of it sets X-Forwarded-Proto. The relay rebuilds the https URL Twilio signed
-    only if it trusts the proxy: the FORWARDED_ALLOW_IPS the compose file ships."""
+    """The proxy reaches the relays from an address other than 127.0.0.1 (as in compose or Kubernetes).
+    The relay rebuilds the URL Twilio signed from the scheme and host nginx saw, believed only because it
+    trusts the proxy (the FORWARDED_ALLOW_IPS the compose file ships); the client's own X-Forwarded-Host
+    and -Proto are overwritten by nginx, so they cannot choose the stream URL."""
     env = compose_relay_environment()
     allow = env["FORWARDED_ALLOW_IPS"]
     relay = RelayProcess(fast_sim.url, PUBLIC_URL="", FORWARDED_ALLOW_IPS=allow, LOG_LEVEL="warning")
@@ -360,15 +375,15 @@ async def test_a_signed_webhook_through_the_shipped_proxy_validates_without_publ
     nginx_processes.append(proxy)
     try:
         await proxy.start()
-        public = "https://relay.example.test"
+        public = "http://relay.example.test"
         response = await post_signed_webhook(
             proxy.base_url + WEBHOOK,
             public + WEBHOOK,
             "CA" + "3" * 32,
-            headers={"Host": "relay.example.test", "X-Forwarded-Proto": "https"},
+            headers={"Host": "relay.example.test", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example"},
         )
         assert response.status_code == 200, response.text
-        assert stream_url_of(response.text) == "wss://relay.example.test/media-stream"
+        assert stream_url_of(response.text) == "ws://relay.example.test/media-stream"
         samples = parse_metrics((await relay.get("/metrics")).text)[1]
         assert metric(samples, "relay_calls_refused_total", reason="bad_signature") == 0
     finally:
@@ -507,6 +522,21 @@ def test_deploy_md_describes_the_state_redis_really_holds() -> None:
     store_code = "\n".join(p.read_text() for p in (ROOT / "relay" / "store").glob("*.py"))
     for word in ("publish", "subscribe", "pubsub"):
         assert word not in store_code.lower()
+
+
+def test_deploy_md_describes_the_live_stream_registry_and_an_eviction_policy_that_keeps_it() -> None:
+    from relay.store.base import LIVE_HEARTBEAT_S, LIVE_TTL_S
+
+    text = (INFRA / "DEPLOY.md").read_text()
+    redis_section = " ".join(text.split("## Redis (managed)", 1)[1].split("\n## ", 1)[0].split())
+    assert "no registry" not in redis_section
+    assert "`{prefix}live:{call_sid}`" in redis_section
+    assert f"renews it every {LIVE_HEARTBEAT_S:g} s with a {LIVE_TTL_S:g} s TTL" in redis_section
+    # the shortest TTLs are the live holds and token markers: an evicting policy drops exactly those
+    assert "**Eviction policy: `noeviction`**" in redis_section
+    assert "relay_store_dropped_writes_total" in redis_section
+    command = compose()["services"]["redis"]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
 
 
 # ---- DEPLOY.md agrees with the code and the manifests -----------------------------------------------

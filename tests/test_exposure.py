@@ -25,7 +25,7 @@ from conftest import wait_for as eventually
 from ops_support import RelayProcess, caller_for, metric, parse_metrics
 from twilio.request_validator import RequestValidator
 
-from relay.forwarded import TrustedProxies
+from relay.forwarded import ForwardedHeaders, TrustedProxies
 from relay.logbound import LOGGED_EACH, RepeatLimiter, clip, lines_for
 from relay.sim import ulaw
 from relay.sim.realtime import RealtimeSimulator
@@ -109,6 +109,27 @@ def test_trusted_proxies_read_addresses_networks_star_and_literals() -> None:
     assert "203.0.113.5" in TrustedProxies("*")
 
 
+def test_trusted_proxies_match_an_ipv4_mapped_ipv6_peer_as_its_ipv4_address() -> None:
+    proxies = TrustedProxies("127.0.0.0/8,10.0.0.1")
+    assert "::ffff:10.0.0.1" in proxies and "::ffff:127.0.0.1" in proxies
+    assert "::ffff:10.0.0.2" not in proxies and "::ffff:192.0.2.1" not in proxies
+
+
+async def test_a_trusted_ipv4_mapped_peer_has_its_forwarded_scheme_applied() -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope)
+
+    middleware = ForwardedHeaders(app, "10.0.0.1")
+    headers = [(b"host", b"relay.internal"), (b"x-forwarded-proto", b"https"), (b"x-forwarded-host", b"a.example")]
+    for peer in ("10.0.0.1", "::ffff:10.0.0.1", "::ffff:10.0.0.2"):
+        scope = {"type": "http", "scheme": "http", "client": (peer, 4000), "headers": headers}
+        await middleware(scope, None, None)  # type: ignore[arg-type]
+    assert [s["scheme"] for s in seen] == ["https", "https", "http"]
+    assert [any(name == b"x-forwarded-host" for name, _ in s["headers"]) for s in seen] == [True, True, False]
+
+
 # ---- before `start` -----------------------------------------------------------------------------------
 
 
@@ -139,6 +160,75 @@ async def test_junk_before_start_is_closed_after_four_frames_with_one_log_line(s
             "stream refused: too many frames before start: 4 without a start, 4 of them unreadable (first: malformed"
         )
         assert await refused(relay, reason) == 1
+    finally:
+        await relay.close()
+
+
+def bogus_start(i: int) -> str:
+    sid = "MZ" + "a" * 32
+    params = {"token": "v2.1.x.y"}
+    return orjson.dumps(
+        {
+            "event": "start",
+            "streamSid": sid,
+            "start": {"streamSid": sid, "callSid": f"CA{i:032d}", "customParameters": params},
+        }
+    ).decode()
+
+
+async def test_refusals_before_admission_are_logged_boundedly_per_process_and_all_counted(
+    sim: RealtimeSimulator,
+) -> None:
+    relay = await started(sim)
+    try:
+
+        async def one(i: int) -> int | None:
+            async with websockets.connect(ws_url(relay), proxy=None, compression=None) as ws:
+                if i == 0:  # two unreadable frames first: still this socket's one line
+                    await ws.send("{junk")
+                    await ws.send("{junk")
+                await ws.send(bogus_start(i))
+                with pytest.raises(websockets.ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), timeout=5)
+                return ws.close_code
+
+        codes = [await one(0)]
+        for batch in range(1, 200, 20):
+            codes += await asyncio.gather(*(one(i) for i in range(batch, min(batch + 20, 200))))
+        assert codes == [1008] * 200
+        assert await refused(relay, "stream token rejected") == 200
+        # each line is written before its socket's close; the pipe reader may lag behind
+        assert await eventually(lambda: relay.output().count("stream refused") == lines_for(200))
+        refusals = [m["msg"] for m in relay.lines if m["msg"].startswith("stream refused")]
+        assert len(refusals) == lines_for(200) == LOGGED_EACH + 2  # 1 to 5, then at 10 and 100
+        assert refusals[0].startswith("stream refused: stream token rejected: malformed token (2 frames before start")
+        assert "skipped, first: malformed (invalid JSON" in refusals[0]
+        assert refusals[-1].endswith("(100 so far since start-up)")
+        assert not any("frames before start skipped" in m["msg"] for m in relay.lines[1:] if m["msg"] not in refusals)
+    finally:
+        await relay.close()
+
+
+async def test_frames_skipped_before_an_admitted_start_are_told_on_the_call_started_line(
+    sim: RealtimeSimulator,
+) -> None:
+    relay = await started(sim)
+    try:
+        caller = caller_for(relay)
+        status, body = await caller.webhook()
+        assert status == 200, body
+        parameters = caller.parse_twiml(body).parameters
+        sid = "MZ" + "b" * 32
+        start = {"streamSid": sid, "callSid": caller.call_sid, "customParameters": parameters}
+        async with websockets.connect(ws_url(relay), proxy=None, compression=None) as ws:
+            await ws.send("{junk")
+            await ws.send(b"binary")
+            await ws.send(orjson.dumps({"event": "start", "streamSid": sid, "start": start}).decode())
+            assert await eventually(lambda: relay.output().count("call started") == 1)
+        lines = [m for m in relay.lines if "skipped" in m["msg"] or m["msg"].startswith("call started")]
+        assert len(lines) == 1, lines  # one line for the socket, at the level the skipped frames deserve
+        assert lines[0]["level"] == "warning"
+        assert lines[0]["msg"].startswith("call started (2 frames before start skipped, first: malformed (invalid JSON")
     finally:
         await relay.close()
 
@@ -347,6 +437,67 @@ async def test_idle_and_half_sent_connections_are_closed_after_the_idle_timeout(
         for _, writer in connections:
             writer.close()
         assert (await relay.get("/healthz")).status_code == 200
+    finally:
+        await relay.close()
+
+
+WEBHOOK_HEAD = (
+    b"POST /incoming-call HTTP/1.1\r\nHost: relay\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+    b"Content-Length: 1000\r\n\r\n"
+)
+
+
+async def test_a_trickled_webhook_body_is_answered_408_within_the_idle_timeout(sim: RealtimeSimulator) -> None:
+    relay = await started(sim, RELAY_HTTP_IDLE_TIMEOUT="1", LOG_LEVEL="info")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        writer.write(WEBHOOK_HEAD)
+        await writer.drain()
+        t0 = time.monotonic()
+
+        async def trickle() -> None:
+            # a body byte every 0.3 s until shortly before the deadline: were each byte to reset the
+            # timer, the answer would come at 1.9 s. (Bytes still arriving when the server closes
+            # would turn its close into a reset that can discard the 408.)
+            for _ in range(3):
+                await asyncio.sleep(0.3)
+                writer.write(b"a")
+                await writer.drain()
+
+        trickling = asyncio.create_task(trickle())
+        answer = await asyncio.wait_for(reader.read(), timeout=8)
+        elapsed = time.monotonic() - t0
+        await trickling
+        writer.close()
+        print(f"slow body answered after {elapsed:.1f} s")
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert 0.8 < elapsed < 1.8
+        assert await eventually(lambda: any("408" in line for line in relay.stdout))
+        assert [m["msg"] for m in relay.lines if "408" in m["msg"]] == [
+            "webhook body not received within 1 s; answered 408"
+        ]
+        assert "Traceback" not in relay.output()
+    finally:
+        await relay.close()
+
+
+async def test_a_client_leaving_mid_body_costs_one_line_and_no_traceback(sim: RealtimeSimulator) -> None:
+    relay = await started(sim, LOG_LEVEL="info")
+    try:
+        for _ in range(3):
+            _, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+            writer.write(WEBHOOK_HEAD + b"CallSid=CA")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.close()
+        assert await eventually(lambda: sum("disconnected" in line for line in relay.stdout) == 3)
+        assert (await relay.get("/healthz")).status_code == 200
+        lines = relay.lines
+        assert [m["msg"] for m in lines if "disconnect" in m["msg"].lower()] == [
+            "webhook client disconnected before sending its whole body"
+        ] * 3
+        assert not any("ASGI" in m["msg"] for m in lines)
+        assert "Traceback" not in relay.output() and "ClientDisconnect" not in relay.output()
     finally:
         await relay.close()
 

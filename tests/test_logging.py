@@ -97,6 +97,9 @@ def test_secrets_never_reach_the_output(capture: tuple[logging.Logger, io.String
     text = stream.getvalue()
     for secret in (API_KEY, AUTH_TOKEN, API_TOKEN, token, other_key, "c29tZXRoaW5nLXNlY3JldA", 'quo\\"te\\\\secret'):
         assert secret not in text, secret
+    _, _, nonce, mac = token.split(".")
+    assert nonce not in text and mac not in text  # no part of the token, the MAC included
+    assert logs.Redactor([]).scrub(f"token={token}&x=1") == f"token={logs.REDACTED}&x=1"
     assert text.count(logs.REDACTED) >= 9
     assert len(lines_of(stream)) == 6
 
