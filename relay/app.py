@@ -65,14 +65,23 @@ async def incoming_call(request: Request) -> Response:
         async with asyncio.timeout(settings.http_idle_timeout_s):
             body = await _read_limited(request, settings.max_webhook_body_bytes)
     except TimeoutError:
-        log.warning("webhook body not received within %g s; answered 408", settings.http_idle_timeout_s)
+        runtime.request_refusals.log(
+            "slow_body",
+            logging.WARNING,
+            "webhook body not received within %g s; answered 408",
+            settings.http_idle_timeout_s,
+        )
         return PlainTextResponse("request body timeout", status_code=408, headers={"Connection": "close"})
     except ClientDisconnect:
-        log.info("webhook client disconnected before sending its whole body")
+        runtime.request_refusals.log(
+            "disconnected", logging.INFO, "webhook client disconnected before sending its whole body"
+        )
         return Response(status_code=400)  # nobody is left to read it
     if body is None:
         runtime.metrics.calls_refused.labels("webhook_too_large").inc()
-        log.warning("webhook body over %d bytes refused", settings.max_webhook_body_bytes)
+        runtime.request_refusals.log(
+            "too_large", logging.WARNING, "webhook body over %d bytes refused", settings.max_webhook_body_bytes
+        )
         return PlainTextResponse("request body too large", status_code=413)
     try:
         form = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False))
@@ -91,7 +100,7 @@ async def incoming_call(request: Request) -> Response:
         except InvalidSignature as exc:
             runtime.metrics.calls_refused.labels("bad_signature").inc()
             claimed = {"call_sid": clip(form.get("CallSid", ""), 64), "url": clip(url, 200)}
-            log.warning("webhook refused: %s", exc, extra=claimed)
+            runtime.request_refusals.log("bad_signature", logging.WARNING, "webhook refused: %s", exc, extra=claimed)
             return PlainTextResponse("invalid signature", status_code=403)
     call_sid = form.get("CallSid", "")
     if not _SID.fullmatch(call_sid):
@@ -137,7 +146,9 @@ async def transfer_whisper(request: Request) -> Response:
     expires = request.query_params.get("expires", "")
     sig = request.query_params.get("sig", "")
     if not text or not runtime.whisper_valid(text, expires, sig):
-        log.warning("transfer whisper refused: expired or not signed by this relay")
+        runtime.request_refusals.log(
+            "whisper", logging.WARNING, "transfer whisper refused: expired or not signed by this relay"
+        )
         return PlainTextResponse("forbidden", status_code=403)
     return Response(twiml.say_only(text), media_type=XML)
 

@@ -65,9 +65,6 @@ DTMF_FLOOD_FACTOR = 3
 # slack, and a socket that sends more without a valid start is closed. Whatever it sends, it costs at
 # most one log line.
 PRE_START_FRAMES = 4
-# Sockets refused for flooding before `start`, or because too many wait for it: a client that keeps
-# reconnecting would otherwise buy one line per socket, so these lines are bounded process-wide.
-_abuse_refusals = RepeatLimiter(logging.getLogger("relay.bridge"), scope="since start-up")
 FINAL_SUMMARY_WAIT_S = 4.0
 
 
@@ -147,7 +144,7 @@ class CallBridge:
             del pending[oldest]
             oldest.evict()
             runtime.metrics.calls_refused.labels("pending_streams").inc()
-            _abuse_refusals.log(
+            self.runtime.stream_refusals.log(
                 "pending_streams",
                 logging.WARNING,
                 "stream refused: %d sockets wait for their start message; closing the one waiting longest",
@@ -191,7 +188,7 @@ class CallBridge:
                     frames += 1
                     if frames > PRE_START_FRAMES:
                         self.runtime.metrics.calls_refused.labels("too many frames before start").inc()
-                        _abuse_refusals.log(
+                        self.runtime.stream_refusals.log(
                             "too_many_frames",
                             logging.WARNING,
                             "stream refused: too many frames before start: %d without a start, %d of them "
@@ -239,7 +236,9 @@ class CallBridge:
         process-wide per kind of refusal (the reason up to its ':'), not per socket."""
         kind = reason.split(":")[0][:40]
         self.runtime.metrics.calls_refused.labels(kind).inc()
-        _abuse_refusals.log(kind, logging.WARNING, "stream refused: %s%s", clip(reason, 200), self._skipped_note)
+        self.runtime.stream_refusals.log(
+            kind, logging.WARNING, "stream refused: %s%s", clip(reason, 200), self._skipped_note
+        )
         await self._close_twilio(code, reason[:100])
 
     async def _admit(self, start: tw.Start) -> tw.Start | None:

@@ -9,6 +9,7 @@ how bad it was. The totals per kind go into the "call ended" line.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
@@ -60,7 +61,7 @@ class RepeatLimiter:
         self.scope = scope
         self.counts: dict[str, int] = {}
 
-    def log(self, kind: str, level: int, msg: str, *args: Any) -> int:
+    def log(self, kind: str, level: int, msg: str, *args: Any, extra: Mapping[str, object] | None = None) -> int:
         """Count one occurrence of `kind` and log it if the policy says so; returns the count."""
         count = self.counts.get(kind, 0) + 1
         self.counts[kind] = count
@@ -68,5 +69,6 @@ class RepeatLimiter:
             if count > LOGGED_EACH:
                 msg += f" (%d so far {self.scope})"
                 args = (*args, count)
-            self.logger.log(level, msg, *args, stacklevel=2)  # the line names the caller, not this module
+            # the line names the caller, not this module
+            self.logger.log(level, msg, *args, stacklevel=2, extra=extra)
         return count

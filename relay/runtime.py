@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlencode, urlsplit
 
 from relay.config import INSECURE_STREAM_SECRET, AgentSettings, Settings
+from relay.logbound import RepeatLimiter
 from relay.metrics import Metrics
 from relay.profiles import Profiles, load_profiles
 from relay.realtime.dialect import Dialect, get_dialect
@@ -153,6 +154,11 @@ class Runtime:
         self._metrics_task: asyncio.Task[None] | None = None
         self._store_watch_task: asyncio.Task[None] | None = None
         self._live_task: asyncio.Task[None] | None = None
+        # Anyone can open sockets and POST to the public endpoints: what they are refused for before
+        # a call exists is logged the first few times per kind, then as a running count, so a client
+        # that keeps trying buys no log lines (relay/logbound.py).
+        self.stream_refusals = RepeatLimiter(logging.getLogger("relay.bridge"), scope="since start-up")
+        self.request_refusals = RepeatLimiter(logging.getLogger("relay.app"), scope="since start-up")
         self.insecure_warning_interval_s = INSECURE_WARNING_S
 
     async def start(self) -> None:

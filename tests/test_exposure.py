@@ -523,6 +523,28 @@ async def test_peer_text_in_log_lines_is_short_and_single_line(sim: RealtimeSimu
         await relay.close()
 
 
+async def test_a_flood_of_unsigned_webhooks_costs_a_bounded_number_of_lines_and_each_is_counted(
+    sim: RealtimeSimulator,
+) -> None:
+    relay = await started(sim)
+    try:
+        async with httpx.AsyncClient(trust_env=False, timeout=5) as http:
+            for i in range(20):
+                response = await http.post(
+                    relay.base_url + "/incoming-call",
+                    data={"CallSid": f"CA{i:032d}"},
+                    headers={"X-Twilio-Signature": "forged"},
+                )
+                assert response.status_code == 403
+        assert await refused(relay, "bad_signature") == 20
+        await asyncio.sleep(0.3)
+        lines = [line for line in relay.lines if line["msg"].startswith("webhook refused")]
+        assert len(lines) == lines_for(20)  # the first few, then at 10: not one line per request
+        assert lines[-1]["msg"].endswith("(10 so far since start-up)")
+    finally:
+        await relay.close()
+
+
 async def test_invalid_utf8_text_frame_closes_1007_without_a_traceback(sim: RealtimeSimulator) -> None:
     relay = await started(sim)
     try:
