@@ -15,6 +15,8 @@ from array import array
 from collections.abc import Iterable
 from pathlib import Path
 
+from relay.endpointing import ULAW_TO_LINEAR, frame_square_sum
+
 ULAW_BYTES_PER_MS = 8
 """8000 samples/s, one byte each."""
 SAMPLE_RATE_HZ = 8000
@@ -29,14 +31,6 @@ _CLIP = 32635
 _WAVE_FORMAT_PCM = 1
 _WAVE_FORMAT_MULAW = 7
 _WAVE_FORMAT_EXTENSIBLE = 0xFFFE
-
-
-def _decode_one(code: int) -> int:
-    inverted = ~code & 0xFF
-    exponent = (inverted >> 4) & 0x07
-    mantissa = inverted & 0x0F
-    magnitude = (((mantissa << 3) + _BIAS) << exponent) - _BIAS
-    return -magnitude if inverted & 0x80 else magnitude
 
 
 def _build_encode_table() -> bytes:
@@ -54,8 +48,7 @@ def _build_encode_table() -> bytes:
     return positive + negative
 
 
-_DECODE: tuple[int, ...] = tuple(_decode_one(code) for code in range(256))
-_SQUARES: tuple[int, ...] = tuple(value * value for value in _DECODE)
+_DECODE = ULAW_TO_LINEAR  # the relay's own G.711 expansion table (relay/endpointing.py)
 _ENCODE: bytes = _build_encode_table()
 
 
@@ -99,12 +92,12 @@ def rms(data: bytes) -> float:
     """Root mean square of the decoded signal; a table lookup per byte so VAD stays cheap."""
     if not data:
         return 0.0
-    return math.sqrt(sum(map(_SQUARES.__getitem__, data)) / len(data))
+    return math.sqrt(frame_square_sum(data) / len(data))
 
 
 def square_sum(data: bytes) -> int:
     """Sum of squared linear values: lets callers combine windows without re-reading bytes."""
-    return sum(map(_SQUARES.__getitem__, data))
+    return frame_square_sum(data)
 
 
 def ms_of(data: bytes) -> int:
