@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import logging
 import os
-import re
 import socket
 import time
 from datetime import date
@@ -21,6 +20,7 @@ from relay.metrics import Metrics
 from relay.profiles import Profiles, load_profiles
 from relay.realtime.dialect import Dialect, get_dialect
 from relay.realtime.models import shutdown_notice
+from relay.security import parse_expiry
 from relay.store import Store, make_store
 from relay.store.base import LIVE_HEARTBEAT_S, LIVE_STORE_TIMEOUT_S, LIVE_TTL_S
 from relay.tools import ToolRegistry, whisper_text
@@ -40,7 +40,6 @@ INSECURE_WARNING_S = 300.0  # RELAY_INSECURE_DEV is repeated in the log this oft
 STORE_PROBE_S = 2.0  # Redis unreachable at start-up: probed this often until it answers
 WHISPER_TTL_S = 300  # a transfer rings for at most a few minutes before the human answers
 WHISPER_CLOCK_SKEW_S = 30  # instances' clocks may differ this much
-_EXPIRY = re.compile(r"[1-9][0-9]{0,11}")
 
 
 def check_configuration(
@@ -319,9 +318,9 @@ class Runtime:
 
     def whisper_valid(self, text: str, expires: str, sig: str, *, now: float | None = None) -> bool:
         """A whisper URL this relay signed whose expiry has not passed (nor lies beyond any it mints)."""
-        if not _EXPIRY.fullmatch(expires):
-            return False  # ASCII digits only, no sign, no leading zero: one spelling per instant
-        deadline = int(expires)
+        deadline = parse_expiry(expires)
+        if deadline is None:
+            return False  # one spelling per instant, as for stream tokens
         if not hmac.compare_digest(self._whisper_sig(text, deadline).encode(), sig.encode()):
             return False
         current = time.time() if now is None else now

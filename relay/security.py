@@ -86,6 +86,11 @@ def _encode(mac: bytes) -> str:
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
 
+def parse_expiry(text: str) -> int | None:
+    """Epoch seconds in their one spelling (ASCII digits, no sign, space or leading zero), else None."""
+    return int(text) if _EXPIRY.fullmatch(text) else None
+
+
 def mint_stream_token(
     secret: bytes,
     call_sid: str,
@@ -117,9 +122,9 @@ def verify_stream_token(
     if len(parts) != 4 or parts[0] != TOKEN_VERSION:
         raise StreamTokenInvalid("malformed token")
     _, expiry_text, nonce, mac_text = parts
-    if not (_EXPIRY.fullmatch(expiry_text) and _NONCE.fullmatch(nonce) and _MAC.fullmatch(mac_text)):
+    expiry = parse_expiry(expiry_text)
+    if expiry is None or not (_NONCE.fullmatch(nonce) and _MAC.fullmatch(mac_text)):
         raise StreamTokenInvalid("malformed token")
-    expiry = int(expiry_text)
     expected = _mac(secret, call_sid, expiry, nonce, caller, called)
     if not hmac.compare_digest(_encode(expected).encode(), mac_text.encode()):
         raise StreamTokenInvalid("token does not match this call and its numbers")
