@@ -202,7 +202,6 @@ class Call:
         self.turn_count = 0
         self.summary: str | None = None
         self._summary_in_flight = False
-        self._summary_final_requested = False
         self._last_input_tokens = 0
 
         # turn taking: who asks for the answer to a caller's turn (PROTOCOLS §7)
@@ -343,13 +342,6 @@ class Call:
         self.effects.append(Entry("system", {"event": "call_ended", "reason": reason}))
 
     # ---- Twilio side ------------------------------------------------------------------
-
-    def twilio_media(self, payload: str) -> None:
-        """Caller audio: the base64 string goes upstream untouched (validated by the parser)."""
-        self.frames_in += 1
-        self.to_upstream.append(client.APPEND_PREFIX + payload + client.APPEND_SUFFIX)
-        if self.endpointer is not None:
-            self.caller_audio(payload)
 
     def twilio_mark(self, name: str) -> None:
         gen, _, _ = name.partition(".")
@@ -492,7 +484,6 @@ class Call:
         if self._summary_in_flight or not self.session_ready:
             return False
         self._summary_in_flight = True
-        self._summary_final_requested = final
         previous = f" Earlier summary: {self.summary}" if self.summary else ""
         # Out of band and never spoken: these instructions replace the persona on purpose.
         self.request_response(
@@ -857,7 +848,3 @@ class Call:
         del self._tool_batches[response_id]
         if self.session_ready and self.phase is not Phase.CLOSED:
             self.request_response(self.dialect.response_create())
-
-    @property
-    def tools_pending(self) -> int:
-        return sum(len(b.pending) for b in self._tool_batches.values())

@@ -375,12 +375,6 @@ class Settings:
     price_per_1k_tokens: Mapping[str, float] = field(default_factory=dict)
     metrics_enabled: bool = True
 
-    @property
-    def realtime_ws_url(self) -> str:
-        from relay.realtime.endpoint import realtime_url
-
-        return realtime_url(self, self.model)
-
     def transcription_notice(self) -> str | None:
         """The start-up INFO line for Azure without a transcription deployment, else None."""
         if self.provider != "azure" or self.agent.transcription_model:
@@ -411,9 +405,6 @@ class Settings:
     def caller_key(self) -> bytes:
         """The key of caller-memory hashes: caller_key_secret, or the one derived from stream_secret."""
         return self.caller_key_secret or derive_caller_key_secret(self.stream_secret)
-
-    def with_agent(self, agent: AgentSettings) -> Settings:
-        return replace(self, agent=agent)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

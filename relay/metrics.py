@@ -120,11 +120,6 @@ class _LabelGuard:
         return value
 
 
-def price_kind(kind: str) -> str:
-    """The RELAY_PRICE_<KIND>_PER_1K setting that prices a flattened usage kind."""
-    return "cached" if kind == "input_cached" else kind
-
-
 def usage_cost(usage: Mapping[str, int], prices: Mapping[str, float]) -> float:
     """USD for one response.done usage, from per-1000-token prices by kind.
 

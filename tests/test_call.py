@@ -472,7 +472,7 @@ def no_vad_call(greeting: str | None = None, **vad: Any) -> tuple[Call, Clock]:
 def feed(call: Call, payloads: list[str]) -> list[dict[str, Any]]:
     """Caller frames in; what the call sent upstream besides the appends themselves."""
     for payload in payloads:
-        call.twilio_media(payload)
+        call.caller_audio(payload)
     return [e for e in map(orjson.loads, call.drain()[1]) if e["type"] != "input_audio_buffer.append"]
 
 
@@ -503,7 +503,7 @@ def test_without_server_vad_speech_interrupts_and_cancels_and_the_answer_waits()
     assert feed(call, frames(LOUD, 2)) == []
     assert call.drain()[0] == []
     for payload in frames(LOUD, 1):  # the third loud frame: speech
-        call.twilio_media(payload)
+        call.caller_audio(payload)
     to_twilio, to_upstream, _ = call.drain()
     assert [orjson.loads(m)["event"] for m in to_twilio] == ["clear"]
     sent = [e for e in map(orjson.loads, to_upstream) if e["type"] != "input_audio_buffer.append"]

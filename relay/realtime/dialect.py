@@ -251,11 +251,9 @@ class Dialect:
     """Shapes of one Realtime API dialect. Instances are immutable and shared by all calls."""
 
     name: DialectName
-    audio_format_label: str
 
     def __init__(self, name: DialectName) -> None:
         self.name = name
-        self.audio_format_label = "audio/pcmu" if name == "ga" else "g711_ulaw"
         self._renames: Mapping[str, str] = _BETA_RENAMES if name == "beta" else {}
 
     def headers(self, auth: Mapping[str, str]) -> dict[str, str]:
@@ -326,7 +324,6 @@ class Dialect:
         out_of_band: bool = False,
         metadata: Mapping[str, str] | None = None,
         text_only: bool = False,
-        input_items: Sequence[Mapping[str, Any]] | None = None,
     ) -> dict[str, Any]:
         response: dict[str, Any] = {}
         if instructions:
@@ -337,8 +334,6 @@ class Dialect:
             response["metadata"] = dict(metadata)
         if text_only:
             response["output_modalities" if self.name == "ga" else "modalities"] = ["text"]
-        if input_items is not None:
-            response["input"] = [dict(i) for i in input_items]
         event: dict[str, Any] = {"type": "response.create"}
         if response:
             event["response"] = response

@@ -23,7 +23,6 @@ _MEDIA_FRAME = re.compile(
     r'"streamSid":"[A-Za-z0-9]{2,64}"\}'
 )
 _SID = re.compile(r"[A-Za-z0-9]{2,64}")
-_MARK_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
 
 
@@ -166,10 +165,6 @@ def parse_json(raw: str | bytes) -> TwilioEvent:
     return Unknown(event[:64])
 
 
-def valid_mark_name(name: str) -> bool:
-    return _MARK_NAME.fullmatch(name) is not None
-
-
 class Outbound:
     """Builds the messages we send on one stream; the streamSid is baked in once."""
 
@@ -188,7 +183,7 @@ class Outbound:
         return self._media_prefix + payload + '"}}'
 
     def mark(self, name: str) -> str:
-        """name must match valid_mark_name (the relay generates its own names)."""
+        """name is one of the relay's own mark names (``<generation>.<seq>``), never text from a peer."""
         return self._mark_prefix + name + '"}}'
 
     def clear(self) -> str:

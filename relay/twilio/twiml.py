@@ -15,7 +15,7 @@ def stream_url(public_base: str, path: str = "/media-stream") -> str:
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + path, "", ""))
 
 
-def connect_stream(url: str, parameters: Mapping[str, str], *, after_say: str | None = None) -> str:
+def connect_stream(url: str, parameters: Mapping[str, str]) -> str:
     """<Connect><Stream> with <Parameter>s; TwiML after </Connect> runs when our side ends the stream."""
     response = VoiceResponse()
     connect = Connect()
@@ -23,8 +23,6 @@ def connect_stream(url: str, parameters: Mapping[str, str], *, after_say: str | 
     for name, value in parameters.items():
         stream.parameter(name=name, value=value)
     response.append(connect)
-    if after_say:
-        response.say(after_say)
     return str(response.to_xml())
 
 
@@ -48,12 +46,6 @@ def dial(
     else:
         dial_verb.number(number)
     response.append(dial_verb)
-    return str(response.to_xml())
-
-
-def hangup() -> str:
-    response = VoiceResponse()
-    response.hangup()
     return str(response.to_xml())
 
 
