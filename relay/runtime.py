@@ -11,7 +11,7 @@ import os
 import socket
 import time
 from datetime import date
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import urlencode, urlsplit
 
 from relay.config import INSECURE_STREAM_SECRET, AgentSettings, Settings
@@ -26,9 +26,6 @@ from relay.store.base import LIVE_HEARTBEAT_S, LIVE_STORE_TIMEOUT_S, LIVE_TTL_S
 from relay.tools import ToolRegistry, whisper_text
 from relay.twilio.rest import TwilioControl
 
-if TYPE_CHECKING:
-    from relay.bridge import CallBridge
-
 log = logging.getLogger("relay.runtime")
 DRAIN_GOODBYE = "Sorry, we have to end this call for maintenance. Please call back. Goodbye."
 # After DRAIN_SECONDS: goodbye (generated and played) + teardown + uvicorn shutdown + store flush
@@ -40,6 +37,27 @@ INSECURE_WARNING_S = 300.0  # RELAY_INSECURE_DEV is repeated in the log this oft
 STORE_PROBE_S = 2.0  # Redis unreachable at start-up: probed this often until it answers
 WHISPER_TTL_S = 300  # a transfer rings for at most a few minutes before the human answers
 WHISPER_CLOCK_SKEW_S = 30  # instances' clocks may differ this much
+
+
+class LiveStream(Protocol):
+    """What the runtime needs of a call's live stream: its SID, its hold in the store, and a way to
+    end it with a spoken goodbye (drain)."""
+
+    @property
+    def call_sid(self) -> str: ...
+
+    @property
+    def live_held(self) -> bool: ...
+
+    def live_beat(self, renewed: bool, failure: Exception | None) -> None: ...
+
+    async def goodbye(self, text: str, timeout: float) -> None: ...
+
+
+class WaitingStream(Protocol):
+    """A socket still waiting for its start message; the runtime may close it to make room."""
+
+    def evict(self) -> None: ...
 
 
 def check_configuration(
@@ -144,9 +162,9 @@ class Runtime:
                 settings.twilio_account_sid, settings.twilio_auth_token, api_base=settings.twilio_api_base
             )
         self.twilio_control = twilio_control
-        self.calls: dict[str, CallBridge] = {}
+        self.calls: dict[str, LiveStream] = {}
         # Media Stream sockets accepted and waiting for their start message, the longest-waiting first
-        self.pending_streams: dict[CallBridge, None] = {}
+        self.pending_streams: dict[WaitingStream, None] = {}
         self.draining = False
         self.started = False
         self._drain_task: asyncio.Task[None] | None = None
@@ -258,7 +276,7 @@ class Runtime:
     def profile_for(self, called: str) -> AgentSettings:
         return self.profiles.for_number(called) if called else self.profiles.default
 
-    def register(self, bridge: CallBridge) -> bool:
+    def register(self, bridge: LiveStream) -> bool:
         """Count the bridge's stream as live here; False (nothing changed) if another stream of its
         call already is. `calls` is keyed by call SID, so it holds one stream per call."""
         current = self.calls.get(bridge.call_sid)
@@ -268,7 +286,7 @@ class Runtime:
         self.metrics.active_calls.set(len(self.calls))
         return True
 
-    def unregister(self, bridge: CallBridge) -> None:
+    def unregister(self, bridge: LiveStream) -> None:
         if self.calls.get(bridge.call_sid) is bridge:
             del self.calls[bridge.call_sid]
         self.metrics.active_calls.set(len(self.calls))
