@@ -748,7 +748,7 @@ class CallBridge:
         to the Realtime socket and before anything awaits, so no live frame can come in between.
         """
         assert self.call is not None
-        to_twilio, to_upstream, effects = self.call.drain()
+        to_twilio, to_upstream, effects = self.call.take_output()
         if replay:
             paused = False
             for text in to_upstream + replay:
@@ -843,7 +843,7 @@ class CallBridge:
                 continue
             if opened_once:
                 self.runtime.metrics.upstream_reconnects.labels("rollover" if self._rollover else "dropped").inc()
-                call.effects.append(Entry("system", {"event": "realtime_reconnected", "rollover": self._rollover}))
+                call.note_event("realtime_reconnected", rollover=self._rollover)
             opened_once = True
             self._rollover = False
             self._session_timeout = False
@@ -944,7 +944,7 @@ class CallBridge:
             call.upstream_event(event)
         except Exception:  # a bug must cost one event, not the call
             self.log.exception("error handling Realtime event %s; skipped", type(event).__name__)
-            call.drain()
+            call.take_output()
             return None
         return event
 
@@ -975,7 +975,7 @@ class CallBridge:
         if event is None:
             return True
         assert self.call is not None
-        to_twilio, to_upstream, effects = self.call.drain()
+        to_twilio, to_upstream, effects = self.call.take_output()
         for message in to_twilio:
             if self.twilio_closed:
                 break
@@ -1082,7 +1082,7 @@ class CallBridge:
         """Shutdown: a short spoken goodbye where the session allows, then close."""
         call = self.call
         if call is not None and call.session_ready and self.upstream is not None and not self.ending:
-            call.effects.append(Entry("system", {"event": "drain_goodbye"}))
+            call.note_event("drain_goodbye")
             call.say(f"Say exactly this and nothing else: {text}", interrupt=True)
             await self._flush()
             await asyncio.sleep(0.2)
@@ -1113,7 +1113,7 @@ class CallBridge:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._final_summary.wait(), FINAL_SUMMARY_WAIT_S)
         call.close(self.end_reason)
-        for effect in call.drain()[2]:
+        for effect in call.take_output()[2]:
             self._apply(effect)
         if self._upstream_task is not None and self._upstream_task is not asyncio.current_task():
             self._upstream_task.cancel()

@@ -237,11 +237,15 @@ class Call:
     def _send_upstream(self, event: Mapping[str, Any]) -> None:
         self.to_upstream.append(orjson.dumps(event).decode())
 
-    def drain(self) -> tuple[list[str], list[str], list[Effect]]:
-        """Everything produced since the last drain: (to_twilio, to_upstream, effects)."""
+    def take_output(self) -> tuple[list[str], list[str], list[Effect]]:
+        """Everything produced since the last take_output(): (to_twilio, to_upstream, effects)."""
         out = (self.to_twilio, self.to_upstream, self.effects)
         self.to_twilio, self.to_upstream, self.effects = [], [], []
         return out
+
+    def note_event(self, event: str, **data: Any) -> None:
+        """A system entry for the call's record, from the I/O side (reconnects, drain goodbye)."""
+        self.effects.append(Entry("system", {"event": event, **data}))
 
     @property
     def playback_idle(self) -> bool:

@@ -42,13 +42,13 @@ def make_call(
         **kw,
     )
     call.upstream_opened()
-    call.drain()
+    call.take_output()
     return call, clock
 
 
 def ready(call: Call) -> list[dict[str, Any]]:
     call.upstream_event(ev.SessionUpdated({}))
-    return [orjson.loads(m) for m in call.drain()[1]]
+    return [orjson.loads(m) for m in call.take_output()[1]]
 
 
 def audio(ms: int) -> str:
@@ -56,7 +56,7 @@ def audio(ms: int) -> str:
 
 
 def twilio_msgs(call: Call) -> list[dict[str, Any]]:
-    return [orjson.loads(m) for m in call.drain()[0]]
+    return [orjson.loads(m) for m in call.take_output()[0]]
 
 
 def start_response(call: Call, rid: str = "resp_1", item: str = "item_a") -> None:
@@ -77,7 +77,7 @@ def test_greeting_after_session_updated_only_once() -> None:
     # the session's instructions stay in force for the greeting (response.instructions replaces them)
     assert sent[0]["response"]["instructions"] == f"{call.agent.instructions}\n\nSay hello"
     call.upstream_event(ev.SessionUpdated({}))
-    assert call.drain()[1] == []
+    assert call.take_output()[1] == []
     assert call.phase is Phase.GREETING
 
 
@@ -89,7 +89,7 @@ def test_no_response_create_after_server_vad_turn() -> None:
     call.upstream_event(ev.SpeechStopped(2000, "item_u"))
     call.upstream_event(ev.ItemAdded("item_u", None, {"type": "message"}))
     call.upstream_event(ev.InputTranscriptCompleted("item_u", "hello there"))
-    _, upstream, effects = call.drain()
+    _, upstream, effects = call.take_output()
     assert upstream == []
     assert Entry("caller", {"text": "hello there", "item_id": "item_u"}) in effects
 
@@ -117,7 +117,7 @@ def test_barge_in_truncates_at_played_audio_and_clears() -> None:
     call.twilio_mark(marks[0])
     call.twilio_mark(marks[1])  # 200 ms heard
     call.upstream_event(ev.SpeechStarted(5000, "item_u"))
-    to_twilio, to_upstream, effects = call.drain()
+    to_twilio, to_upstream, effects = call.take_output()
     assert [orjson.loads(m)["event"] for m in to_twilio] == ["clear"]
     sent = [orjson.loads(m) for m in to_upstream]
     assert sent[0] == {
@@ -135,7 +135,7 @@ def test_barge_in_truncates_at_played_audio_and_clears() -> None:
     assert call.played_bytes["item_a"] == 1600
     # late deltas of the cancelled response are dropped
     call.upstream_event(ev.AudioDelta("resp_1", "item_a", audio(100)))
-    assert call.drain()[0] == []
+    assert call.take_output()[0] == []
     assert call.dropped_deltas == 1
 
 
@@ -147,12 +147,12 @@ def test_truncate_counts_the_part_of_a_chunk_already_playing() -> None:
     call.upstream_event(ev.AudioDelta("resp_1", "item_a", audio(100)))
     first = twilio_msgs(call)[1]["mark"]["name"]
     call.upstream_event(ev.AudioDelta("resp_1", "item_a", audio(100)))
-    call.drain()
+    call.take_output()
     clock.now += 0.100
     call.twilio_mark(first)  # 100 ms heard, the second chunk starts now
     clock.now += 0.037
     call.upstream_event(ev.SpeechStarted(0, "u"))
-    truncate = orjson.loads(call.drain()[1][0])
+    truncate = orjson.loads(call.take_output()[1][0])
     assert truncate["audio_end_ms"] == 140  # 100 acknowledged + the 20 ms frame begun at 37 ms
 
 
@@ -162,9 +162,9 @@ def test_barge_in_after_response_done_does_not_cancel() -> None:
     start_response(call)
     call.upstream_event(ev.AudioDelta("resp_1", "item_a", audio(500)))
     call.upstream_event(ev.ResponseDone("resp_1", "completed", None, (), {}, None, ""))
-    call.drain()
+    call.take_output()
     call.upstream_event(ev.SpeechStarted(100, "item_u"))
-    sent = [orjson.loads(m)["type"] for m in call.drain()[1]]
+    sent = [orjson.loads(m)["type"] for m in call.take_output()[1]]
     assert sent == ["conversation.item.truncate"]
 
 
@@ -172,7 +172,7 @@ def test_speech_without_unplayed_audio_is_not_a_barge_in() -> None:
     call, _ = make_call(greeting=None)
     ready(call)
     call.upstream_event(ev.SpeechStarted(100, "item_u"))
-    to_twilio, to_upstream, effects = call.drain()
+    to_twilio, to_upstream, effects = call.take_output()
     assert to_twilio == [] and to_upstream == [] and Metric("barge_ins") not in effects
 
 
@@ -183,10 +183,10 @@ def test_truncate_is_clamped_to_received_audio() -> None:
     call.upstream_event(ev.AudioDelta("resp_1", "item_a", audio(60)))
     mark = twilio_msgs(call)[1]["mark"]["name"]
     call.upstream_event(ev.AudioDelta("resp_1", "item_a", audio(60)))
-    call.drain()
+    call.take_output()
     call.twilio_mark(mark)
     call.upstream_event(ev.SpeechStarted(1, "u"))
-    truncate = orjson.loads(call.drain()[1][0])
+    truncate = orjson.loads(call.take_output()[1][0])
     assert truncate["audio_end_ms"] == 60
 
 
@@ -198,10 +198,10 @@ def test_response_create_waits_for_active_response() -> None:
     call.twilio_dtmf("#")
     call.twilio_dtmf("2")
     call.twilio_dtmf("#")
-    sent = [orjson.loads(m)["type"] for m in call.drain()[1]]
+    sent = [orjson.loads(m)["type"] for m in call.take_output()[1]]
     assert sent == ["conversation.item.create", "conversation.item.create"]
     call.upstream_event(ev.ResponseDone("resp_1", "completed", None, (), {}, None, ""))
-    sent = [orjson.loads(m)["type"] for m in call.drain()[1]]
+    sent = [orjson.loads(m)["type"] for m in call.take_output()[1]]
     assert sent == ["response.create"]  # one response sees both entries
 
 
@@ -209,7 +209,7 @@ def test_active_response_error_requeues() -> None:
     call, _ = make_call(greeting=None)
     ready(call)
     call.twilio_dtmf("#")
-    create = [orjson.loads(m) for m in call.drain()[1]][1]
+    create = [orjson.loads(m) for m in call.take_output()[1]][1]
     call.upstream_event(
         ev.ServerError(
             "invalid_request_error", "conversation_already_has_active_response", "busy", None, create["event_id"]
@@ -217,7 +217,7 @@ def test_active_response_error_requeues() -> None:
     )
     call.upstream_event(ev.ResponseCreated("resp_vad", None, None))
     call.upstream_event(ev.ResponseDone("resp_vad", "completed", None, (), {}, None, ""))
-    assert [orjson.loads(m)["type"] for m in call.drain()[1]] == ["response.create"]
+    assert [orjson.loads(m)["type"] for m in call.take_output()[1]] == ["response.create"]
 
 
 def test_two_tool_calls_one_response_create() -> None:
@@ -226,15 +226,15 @@ def test_two_tool_calls_one_response_create() -> None:
     calls = (ev.FunctionCall("c1", "a", "{}", "i1"), ev.FunctionCall("c2", "b", "{}", "i2"))
     call.upstream_event(ev.ResponseCreated("r", None, None))
     call.upstream_event(ev.ResponseDone("r", "completed", None, calls, {}, None, ""))
-    effects = call.drain()[2]
+    effects = call.take_output()[2]
     assert [e.call_id for e in effects if isinstance(e, RunTool)] == ["c1", "c2"]
     assert call.phase is Phase.TOOL_RUNNING
     call.tool_result("c2", '{"x":1}')
-    sent = [orjson.loads(m) for m in call.drain()[1]]
+    sent = [orjson.loads(m) for m in call.take_output()[1]]
     assert [m["type"] for m in sent] == ["conversation.item.create"]
     assert sent[0]["item"] == {"type": "function_call_output", "call_id": "c2", "output": '{"x":1}'}
     call.tool_result("c1", "ok")
-    assert [orjson.loads(m)["type"] for m in call.drain()[1]] == ["conversation.item.create", "response.create"]
+    assert [orjson.loads(m)["type"] for m in call.take_output()[1]] == ["conversation.item.create", "response.create"]
 
 
 def test_usage_and_summary_trim_context() -> None:
@@ -242,7 +242,7 @@ def test_usage_and_summary_trim_context() -> None:
     ready(call)
     for i in range(5):
         call.upstream_event(ev.ItemAdded(f"it{i}", None, {}))
-    sent = [orjson.loads(m) for m in call.drain()[1]]
+    sent = [orjson.loads(m) for m in call.take_output()[1]]
     assert sent[-1]["type"] == "response.create"
     assert sent[-1]["response"]["conversation"] == "none"
     assert sent[-1]["response"]["metadata"]["purpose"] == "summary"
@@ -258,7 +258,7 @@ def test_usage_and_summary_trim_context() -> None:
             "They want a table.",
         )
     )
-    to_twilio, upstream, effects = call.drain()
+    to_twilio, upstream, effects = call.take_output()
     assert to_twilio == []
     sent = [orjson.loads(m) for m in upstream]
     assert [m["item_id"] for m in sent if m["type"] == "conversation.item.delete"] == ["it0", "it1", "it2"]
@@ -274,7 +274,7 @@ def test_out_of_band_audio_is_never_relayed() -> None:
     ready(call)
     call.upstream_event(ev.ResponseCreated("oob", {"purpose": "summary"}, None))
     call.upstream_event(ev.AudioDelta("oob", "x", audio(20)))
-    assert call.drain()[0] == []
+    assert call.take_output()[0] == []
 
 
 def test_stale_mark_generation_ignored_and_fatal_error_reported() -> None:
@@ -283,7 +283,7 @@ def test_stale_mark_generation_ignored_and_fatal_error_reported() -> None:
     call.twilio_mark("7.3")
     assert call.stale_marks == 1
     call.upstream_event(ev.ServerError("invalid_request_error", "invalid_api_key", "bad key", None, None))
-    effects = call.drain()[2]
+    effects = call.take_output()[2]
     assert any(getattr(e, "fatal", False) for e in effects)
 
 
@@ -295,7 +295,7 @@ def test_reconnected_session_gets_summary_and_turns_and_no_greeting() -> None:
     call.summary = "Caller wants a table for four."
     call.upstream_lost()
     call.upstream_opened()
-    update = orjson.loads(call.drain()[1][0])
+    update = orjson.loads(call.take_output()[1][0])
     instructions = update["session"]["instructions"]
     assert "Caller wants a table for four." in instructions
     assert "I need a table for four" in instructions and "For what time?" in instructions
@@ -336,7 +336,7 @@ def test_property_played_never_exceeds_received(sequence: list[tuple[str, int, i
             call.upstream_event(ev.ResponseCreated(f"r{a}", None, None))
         elif op == "done":
             call.upstream_event(ev.ResponseDone(f"r{a}", "completed", None, (), {}, None, ""))
-        to_twilio, to_upstream, _ = call.drain()
+        to_twilio, to_upstream, _ = call.take_output()
         for raw in to_twilio:
             msg = orjson.loads(raw)
             if msg["event"] == "mark":
@@ -360,7 +360,7 @@ def test_session_update_uses_ulaw_both_ways(dialect: str) -> None:
         call_sid="CA1", stream_sid=STREAM, dialect=get_dialect(dialect), agent=AgentSettings(), model="m", clock=clock
     )
     call.upstream_opened()
-    session = orjson.loads(call.drain()[1][0])["session"]
+    session = orjson.loads(call.take_output()[1][0])["session"]
     if dialect == "ga":
         assert session["audio"]["input"]["format"] == {"type": "audio/pcmu"}
         assert session["audio"]["output"]["format"] == {"type": "audio/pcmu"}
@@ -372,16 +372,16 @@ def test_summary_request_that_loses_a_race_to_a_vad_response_is_retried() -> Non
     call, _ = make_call(greeting=None)
     ready(call)
     assert call.request_summary()
-    summary = [orjson.loads(m) for m in call.drain()[1]][-1]
+    summary = [orjson.loads(m) for m in call.take_output()[1]][-1]
     call.upstream_event(ev.ResponseCreated("vad", None, None))  # the server started a reply meanwhile
     call.upstream_event(
         ev.ServerError(
             "invalid_request_error", "conversation_already_has_active_response", "busy", None, summary["event_id"]
         )
     )
-    assert call.drain()[1] == []
+    assert call.take_output()[1] == []
     call.upstream_event(ev.ResponseDone("vad", "completed", None, (), {}, None, ""))
-    retried = [orjson.loads(m) for m in call.drain()[1]]
+    retried = [orjson.loads(m) for m in call.take_output()[1]]
     assert [m["event_id"] for m in retried] == [summary["event_id"]]
 
 
@@ -473,7 +473,7 @@ def feed(call: Call, payloads: list[str]) -> list[dict[str, Any]]:
     """Caller frames in; what the call sent upstream besides the appends themselves."""
     for payload in payloads:
         call.caller_audio(payload)
-    return [e for e in map(orjson.loads, call.drain()[1]) if e["type"] != "input_audio_buffer.append"]
+    return [e for e in map(orjson.loads, call.take_output()[1]) if e["type"] != "input_audio_buffer.append"]
 
 
 def test_without_server_vad_the_relay_commits_the_turn_and_asks_for_one_answer() -> None:
@@ -487,7 +487,7 @@ def test_without_server_vad_the_relay_commits_the_turn_and_asks_for_one_answer()
     assert call.caller_audio_committed_ms == 900  # all input audio so far is in that turn
     # the server's committed event for our own commit asks for nothing more
     call.upstream_event(ev.InputCommitted("item_u1"))
-    assert call.drain()[1] == []
+    assert call.take_output()[1] == []
     assert feed(call, frames(SILENT, 50)) == []
 
 
@@ -501,10 +501,10 @@ def test_without_server_vad_speech_interrupts_and_cancels_and_the_answer_waits()
         marks.append(twilio_msgs(call)[1]["mark"]["name"])
     call.twilio_mark(marks[0])  # 100 ms heard
     assert feed(call, frames(LOUD, 2)) == []
-    assert call.drain()[0] == []
+    assert call.take_output()[0] == []
     for payload in frames(LOUD, 1):  # the third loud frame: speech
         call.caller_audio(payload)
-    to_twilio, to_upstream, _ = call.drain()
+    to_twilio, to_upstream, _ = call.take_output()
     assert [orjson.loads(m)["event"] for m in to_twilio] == ["clear"]
     sent = [e for e in map(orjson.loads, to_upstream) if e["type"] != "input_audio_buffer.append"]
     assert sent == [
@@ -514,7 +514,7 @@ def test_without_server_vad_speech_interrupts_and_cancels_and_the_answer_waits()
     # the turn ends before the cancelled response is done: the answer waits for response.done
     assert [e["type"] for e in feed(call, frames(LOUD, 5) + frames(SILENT, 10))] == ["input_audio_buffer.commit"]
     call.upstream_event(ev.ResponseDone("resp_g", "cancelled", "client_cancelled", (), {}, None, ""))
-    assert [orjson.loads(m)["type"] for m in call.drain()[1]] == ["response.create"]
+    assert [orjson.loads(m)["type"] for m in call.take_output()[1]] == ["response.create"]
 
 
 def test_without_server_vad_a_line_that_stays_loud_still_gets_an_answer_every_15_s() -> None:
@@ -530,7 +530,7 @@ def test_without_server_vad_a_line_that_stays_loud_still_gets_an_answer_every_15
     start_response(call, "resp_1", "item_a")
     assert feed(call, frames(LOUD, 100)) == []  # the answer is not cancelled by the same noise
     call.upstream_event(ev.ResponseDone("resp_1", "completed", None, (), {}, None, ""))
-    call.drain()
+    call.take_output()
     assert feed(call, frames(LOUD, 649)) == []
     assert [e["type"] for e in feed(call, frames(LOUD, 1))] == ["input_audio_buffer.commit", "response.create"]
     assert call.caller_audio_committed_ms == 30_000
@@ -542,7 +542,7 @@ def test_a_relay_side_turn_ending_between_sessions_is_committed_once_the_next_is
     feed(call, frames(LOUD, 10))
     call.upstream_lost()
     call.upstream_opened()
-    call.drain()
+    call.take_output()
     assert feed(call, frames(SILENT, 10)) == []  # nothing can take a commit now
     assert [e["type"] for e in ready(call)] == ["input_audio_buffer.commit", "response.create"]
 
@@ -553,7 +553,7 @@ def test_server_vad_default_needs_no_response_create_after_a_commit() -> None:
     call.upstream_event(ev.SpeechStarted(100, "item_u"))
     call.upstream_event(ev.SpeechStopped(900, "item_u"))
     call.upstream_event(ev.InputCommitted("item_u"))
-    assert call.drain()[1] == []
+    assert call.take_output()[1] == []
 
 
 def test_create_response_false_gets_one_response_create_per_committed_turn() -> None:
@@ -561,15 +561,15 @@ def test_create_response_false_gets_one_response_create_per_committed_turn() -> 
     ready(call)
     call.upstream_event(ev.SpeechStarted(100, "item_u1"))
     call.upstream_event(ev.SpeechStopped(900, "item_u1"))
-    assert call.drain()[1] == []  # not at speech_stopped: only once the turn is committed
+    assert call.take_output()[1] == []  # not at speech_stopped: only once the turn is committed
     call.upstream_event(ev.InputCommitted("item_u1"))
     call.upstream_event(ev.InputCommitted("item_u1"))  # the same turn again asks for nothing
-    assert [orjson.loads(m)["type"] for m in call.drain()[1]] == ["response.create"]
+    assert [orjson.loads(m)["type"] for m in call.take_output()[1]] == ["response.create"]
     start_response(call, "resp_1", "item_a")
     call.upstream_event(ev.InputCommitted("item_u2"))  # while a response is active: queued
-    assert call.drain()[1] == []
+    assert call.take_output()[1] == []
     call.upstream_event(ev.ResponseDone("resp_1", "completed", None, (), {}, None, ""))
-    assert [orjson.loads(m)["type"] for m in call.drain()[1]] == ["response.create"]
+    assert [orjson.loads(m)["type"] for m in call.take_output()[1]] == ["response.create"]
 
 
 def test_barge_in_cancels_only_when_the_server_will_not() -> None:
@@ -577,9 +577,9 @@ def test_barge_in_cancels_only_when_the_server_will_not() -> None:
     ready(call)
     start_response(call)
     call.upstream_event(ev.AudioDelta("resp_1", "item_a", audio(100)))
-    call.drain()
+    call.take_output()
     call.upstream_event(ev.SpeechStarted(500, "item_u"))
-    sent = [orjson.loads(m) for m in call.drain()[1]]
+    sent = [orjson.loads(m) for m in call.take_output()[1]]
     assert [e["type"] for e in sent] == ["conversation.item.truncate", "response.cancel"]
 
 
@@ -613,10 +613,10 @@ def test_greeting_and_goodbye_carry_the_session_instructions(dialect: str) -> No
     assert greeting["response"]["instructions"] == "You are ACME support.\n\nCaller is Ana.\n\nSay hello"
     call.upstream_event(ev.ResponseCreated("resp_g", None, None))
     call.say("Say goodbye", interrupt=True)
-    (cancel,) = (orjson.loads(m) for m in call.drain()[1])  # the goodbye waits for the cancel to be done
+    (cancel,) = (orjson.loads(m) for m in call.take_output()[1])  # the goodbye waits for the cancel to be done
     assert cancel == {"type": "response.cancel", "response_id": "resp_g"}
     call.upstream_event(ev.ResponseDone("resp_g", "cancelled", None, (), {}, None, ""))
-    (goodbye,) = (orjson.loads(m) for m in call.drain()[1])
+    (goodbye,) = (orjson.loads(m) for m in call.take_output()[1])
     assert goodbye["response"]["instructions"] == "You are ACME support.\n\nCaller is Ana.\n\nSay goodbye"
 
 
@@ -632,7 +632,7 @@ def keypad_call(**dtmf: Any) -> tuple[Call, Clock]:
 def press(call: Call, keys: str) -> tuple[list[dict[str, Any]], list[Any]]:
     for key in keys:
         call.twilio_dtmf(key)
-    _, upstream, effects = call.drain()
+    _, upstream, effects = call.take_output()
     return [orjson.loads(m) for m in upstream], [e for e in effects if isinstance(e, Entry)]
 
 
@@ -654,10 +654,10 @@ def test_an_entry_ends_after_the_pause_exactly_at_the_timeout() -> None:
     assert call.next_deadline() == clock.now + 2.0
     clock.now += 1.999
     call.tick()
-    assert call.drain()[1] == []
+    assert call.take_output()[1] == []
     clock.now += 0.001  # exactly 2000 ms after the last key
     call.tick()
-    _, upstream, effects = call.drain()
+    _, upstream, effects = call.take_output()
     assert [orjson.loads(m)["item"]["content"][0]["text"] for m in upstream[:1]] == ["The caller entered 4 5"]
     assert Entry("dtmf", {"digits": "45", "ended": "timeout"}) in effects
     assert call.next_deadline() is None
@@ -690,7 +690,7 @@ def test_a_key_press_interrupts_the_assistant_like_speech() -> None:
         marks.append(twilio_msgs(call)[1]["mark"]["name"])
     call.twilio_mark(marks[2])  # 300 ms heard
     call.twilio_dtmf("1")
-    to_twilio, to_upstream, effects = call.drain()
+    to_twilio, to_upstream, effects = call.take_output()
     assert [orjson.loads(m)["event"] for m in to_twilio] == ["clear"]
     assert [orjson.loads(m) for m in to_upstream] == [
         {"type": "conversation.item.truncate", "item_id": "item_a", "content_index": 0, "audio_end_ms": 300},
@@ -700,16 +700,16 @@ def test_a_key_press_interrupts_the_assistant_like_speech() -> None:
     # the entry's answer waits for the cancelled response to be done
     assert [e["type"] for e in press(call, "#")[0]] == ["conversation.item.create"]
     call.upstream_event(ev.ResponseDone("resp_1", "cancelled", None, (), {}, None, ""))
-    assert [orjson.loads(m)["type"] for m in call.drain()[1]] == ["response.create"]
+    assert [orjson.loads(m)["type"] for m in call.take_output()[1]] == ["response.create"]
 
 
 def test_a_profile_can_keep_key_presses_from_interrupting() -> None:
     call, _ = keypad_call(interrupt=False)
     start_response(call)
     call.upstream_event(ev.AudioDelta("resp_1", "item_a", audio(100)))
-    call.drain()
+    call.take_output()
     call.twilio_dtmf("1")
-    assert call.drain()[:2] == ([], [])
+    assert call.take_output()[:2] == ([], [])
     assert call.unplayed_bytes == 800
 
 
@@ -717,7 +717,7 @@ def test_keys_typed_when_the_caller_hangs_up_are_kept() -> None:
     call, _ = keypad_call()
     press(call, "12")
     call.close("caller_hung_up")
-    _, upstream, effects = call.drain()
+    _, upstream, effects = call.take_output()
     assert upstream == []
     assert effects[0] == Entry("dtmf", {"digits": "12", "ended": "hangup"})
 
@@ -726,10 +726,10 @@ def test_a_keypad_entry_typed_in_a_session_lost_before_it_was_ready_is_answered_
     call, _ = make_call(greeting=None)  # the first session is open, still configuring
     for key in "42#":
         call.twilio_dtmf(key)
-    assert call.drain()[1] == []  # nothing goes to a session that is not configured
+    assert call.take_output()[1] == []  # nothing goes to a session that is not configured
     call.upstream_lost()  # it never became ready (dropped socket, session.update timeout)
     call.upstream_opened()
-    call.drain()
+    call.take_output()
     sent = ready(call)
     assert [m["type"] for m in sent] == ["conversation.item.create", "response.create"]
     assert sent[0]["item"]["content"][0]["text"] == "The caller entered 4 2 #"
@@ -739,19 +739,19 @@ def test_a_create_refused_for_an_active_response_waits_for_a_response_done() -> 
     call, _ = make_call(greeting=None)
     ready(call)
     assert call.request_summary()
-    call.drain()
+    call.take_output()
     call.upstream_event(ev.ResponseCreated("resp_oob", {"purpose": "summary", "final": "0"}, None))
     for key in "1#":
         call.twilio_dtmf(key)
-    (create,) = [orjson.loads(m) for m in call.drain()[1] if orjson.loads(m)["type"] == "response.create"]
+    (create,) = [orjson.loads(m) for m in call.take_output()[1] if orjson.loads(m)["type"] == "response.create"]
     refusal = "Conversation already has an active response in progress: resp_oob"
     call.upstream_event(
         ev.ServerError(
             "invalid_request_error", "conversation_already_has_active_response", refusal, None, create["event_id"]
         )
     )
-    assert call.drain()[1] == []  # sending it again now would only draw the same error
+    assert call.take_output()[1] == []  # sending it again now would only draw the same error
     call.upstream_event(ev.ResponseDone("resp_oob", "completed", None, (), {}, {"purpose": "summary"}, "A summary."))
-    again = [orjson.loads(m) for m in call.drain()[1]]
+    again = [orjson.loads(m) for m in call.take_output()[1]]
     assert [m["type"] for m in again] == ["response.create"]
     assert again[0]["event_id"] == create["event_id"]

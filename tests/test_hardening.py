@@ -200,7 +200,7 @@ def test_realtime_parser_and_call_survive_any_server_events(dialect: str, raws: 
         except ev.MalformedEvent:
             continue
         call.upstream_event(event)  # must not raise
-        to_twilio, to_upstream, _ = call.drain()
+        to_twilio, to_upstream, _ = call.take_output()
         for text in to_twilio + to_upstream:
             orjson.loads(text)  # everything we would send is valid JSON
 

@@ -189,7 +189,7 @@ def test_call_object_output_validates(dialect: str) -> None:
         )
     )
     call.tool_result("c1", '{"status":"shipped"}')
-    sent.extend(call.drain()[1])
+    sent.extend(call.take_output()[1])
     kinds = {orjson.loads(m)["type"] for m in sent}
     assert {
         "session.update",
@@ -221,7 +221,7 @@ def test_relay_side_turns_validate(dialect: str) -> None:
     for payload in [loud] * 10 + [silent] * 10:
         call.caller_audio(payload)
     call.upstream_event(ev.ResponseDone("r1", "cancelled", None, (), {}, None, ""))
-    sent = call.drain()[1]
+    sent = call.take_output()[1]
     kinds = [orjson.loads(m)["type"] for m in sent]
     assert [k for k in kinds if k != "input_audio_buffer.append"] == [
         "session.update",

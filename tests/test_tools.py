@@ -587,21 +587,23 @@ def test_beta_arguments_done_without_a_name_uses_the_item_name() -> None:
     )
     call.upstream_opened()
     call.upstream_event(ev.SessionUpdated({}))
-    call.drain()
+    call.take_output()
     item = {"id": "item_1", "type": "function_call", "name": "lookup_order", "call_id": "call_1", "arguments": ""}
     call.upstream_event(ev.ResponseCreated("resp_1", None, None))
     call.upstream_event(ev.OutputItemAdded("resp_1", "item_1", "function_call", item))
     call.upstream_event(ev.FunctionCallArgumentsDone("resp_1", "item_1", "call_1", "", '{"order_id": "1"}'))
-    runs = [e for e in call.drain()[2] if isinstance(e, RunTool)]
+    runs = [e for e in call.take_output()[2] if isinstance(e, RunTool)]
     assert runs == [RunTool("resp_1", "call_1", "lookup_order", '{"order_id": "1"}')]
     # no item seen at all: the call starts from response.done, which carries the name
     call.upstream_event(ev.ResponseDone("resp_1", "completed", None, (), {}, None, ""))
     call.upstream_event(ev.ResponseCreated("resp_2", None, None))
     call.upstream_event(ev.FunctionCallArgumentsDone("resp_2", "item_2", "call_2", "", "{}"))
-    assert not [e for e in call.drain()[2] if isinstance(e, RunTool)]
+    assert not [e for e in call.take_output()[2] if isinstance(e, RunTool)]
     done_call = ev.FunctionCall("call_2", "end_call", "{}", "item_2")
     call.upstream_event(ev.ResponseDone("resp_2", "completed", None, (done_call,), {}, None, ""))
-    assert [e for e in call.drain()[2] if isinstance(e, RunTool)] == [RunTool("resp_2", "call_2", "end_call", "{}")]
+    assert [e for e in call.take_output()[2] if isinstance(e, RunTool)] == [
+        RunTool("resp_2", "call_2", "end_call", "{}")
+    ]
 
 
 async def test_a_broken_explicit_schema_is_the_tool_s_error_not_a_stuck_call() -> None:
