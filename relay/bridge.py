@@ -23,7 +23,8 @@ from websockets.protocol import State
 
 from relay import logs
 from relay.asgi_direct import DIRECT_EXTENSION, DirectWebSocket
-from relay.call import ULAW_BYTES_PER_MS, Call, Entry, Metric, RunTool, SummaryReady, UpstreamFailed, UsageReport
+from relay.audio import ULAW_BYTES_PER_MS, audio_bytes
+from relay.call import Call, Entry, Metric, RunTool, SummaryReady, UpstreamFailed, UsageReport
 from relay.logbound import RepeatLimiter, clip
 from relay.metrics import HOP_SAMPLE_EVERY
 from relay.realtime import client
@@ -590,7 +591,7 @@ class CallBridge:
             if upstream is not None and upstream.state is State.OPEN:
                 try:
                     _write_text(upstream, text)  # if that fills the buffer, the next frame goes to the loop
-                    self._session_audio_bytes += _audio_bytes(payload)
+                    self._session_audio_bytes += audio_bytes(payload)
                     self._recent_audio.append((self._session_audio_bytes, text))
                 except websockets.ConnectionClosed:
                     self._hold_audio(text)
@@ -702,7 +703,7 @@ class CallBridge:
                 self._hold_audio(text)
             return False
         if text.startswith(client.APPEND_PREFIX):
-            self._session_audio_bytes += _audio_bytes(text[len(client.APPEND_PREFIX) : -len(client.APPEND_SUFFIX)])
+            self._session_audio_bytes += audio_bytes(text[len(client.APPEND_PREFIX) : -len(client.APPEND_SUFFIX)])
             self._recent_audio.append((self._session_audio_bytes, text))
         return paused
 
@@ -1168,12 +1169,3 @@ def _write_text(upstream: ClientConnection, text: str) -> bool:
     upstream.protocol.send_text(text.encode())
     upstream.send_data()
     return upstream.paused
-
-
-def _audio_bytes(payload: str) -> int:
-    """Exact length of the audio in a base64 payload (a 20 ms frame is 160 bytes in 216 characters,
-    two of them padding: counting len * 3 / 4 would drift 2 bytes a frame, 0.75 s a minute)."""
-    n = len(payload) * 3 // 4
-    if payload[-1:] == "=":
-        n -= 2 if payload[-2:] == "==" else 1
-    return n

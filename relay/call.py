@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from relay.audio import FRAME_MS, ULAW_BYTES_PER_MS, audio_bytes
 from relay.config import AgentSettings
 from relay.endpointing import Endpointer, SpeechStart
 from relay.logbound import RepeatLimiter, clip
@@ -31,19 +32,8 @@ from relay.realtime import events as ev
 from relay.realtime.dialect import Dialect
 from relay.twilio.messages import Outbound, is_base64
 
-ULAW_BYTES_PER_MS = 8
-FRAME_MS = 20
 SUMMARY_PURPOSE = "summary"
 RECENT_TURNS_KEPT = 12
-
-
-def b64_decoded_len(payload: str) -> int:
-    """Bytes of audio in a base64 string, without decoding it."""
-    length = len(payload)
-    if length == 0:
-        return 0
-    padding = 2 if payload.endswith("==") else 1 if payload.endswith("=") else 0
-    return length * 3 // 4 - padding
 
 
 class Phase(enum.Enum):
@@ -709,7 +699,7 @@ class Call:
         if not payload or not is_base64(payload):
             self.log.warning("audio delta of %s is not base64; skipped", event.item_id)
             return
-        nbytes = b64_decoded_len(payload)
+        nbytes = audio_bytes(payload)
         item_id = event.item_id
         self.received_bytes[item_id] = self.received_bytes.get(item_id, 0) + nbytes
         self._item_response.setdefault(item_id, event.response_id)

@@ -28,11 +28,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from relay.audio import FRAME_BYTES, FRAME_MS, ULAW_BYTES_PER_MS
 from relay.config import VadSettings
 
-ULAW_BYTES_PER_MS = 8
-FRAME_MS = 20
-FRAME_BYTES = FRAME_MS * ULAW_BYTES_PER_MS
 SPEECH_ONSET_MS = 60
 RMS_AT_THRESHOLD_ONE = 1000.0
 INPUT_COMMIT_MIN_MS = 100  # the API refuses to commit less

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.call import Call, Entry, Metric, Phase, RunTool, SummaryReady, UsageReport, b64_decoded_len
+from relay.audio import audio_bytes
+from relay.call import Call, Entry, Metric, Phase, RunTool, SummaryReady, UsageReport
 from relay.config import AgentSettings, DtmfSettings, VadSettings
 from relay.endpointing import MAX_TURN_MS, ULAW_TO_LINEAR, Endpointer, SpeechEnd, SpeechStart
 from relay.realtime import events as ev
@@ -67,7 +68,7 @@ def start_response(call: Call, rid: str = "resp_1", item: str = "item_a") -> Non
 def test_b64_length_without_decoding() -> None:
     for n in range(0, 50):
         s = base64.b64encode(bytes(n)).decode()
-        assert b64_decoded_len(s) == n
+        assert audio_bytes(s) == n
 
 
 def test_greeting_after_session_updated_only_once() -> None:
