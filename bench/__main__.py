@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.options import RELAYS, Options
 from bench.procs import machine_busy
-from bench.runner import RELAYS, Options, run_point
+from bench.runner import run_point
 from bench.soak import soak, soak_md
 
 DEFAULT_CALLS = "10,50,100,200,300,400"

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+PY = sys.executable
+"""The interpreter every bench process runs with."""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _TCP_STATES = {
     "01": "ESTABLISHED",
@@ -244,6 +246,19 @@ def _unchunk(body: bytes) -> bytes:
         out += rest[:size]
         body = rest[size + 2 :]
     return bytes(out)
+
+
+async def wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
 
 
 async def wait_http(host: str, port: int, path: str, timeout: float) -> None:

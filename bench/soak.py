@@ -12,8 +12,10 @@ import asyncio
 import json
 from typing import Any
 
+from bench.options import Options
 from bench.procs import http_get
-from bench.runner import Options, RelayUnderTest, run_point
+from bench.relay_under_test import RelayUnderTest
+from bench.runner import run_point
 
 TOLERANCE = 0.10
 

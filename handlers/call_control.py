@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from relay.config import AgentSettings
+from relay.agent_settings import AgentSettings
 from relay.tools import ToolContext, ToolFailure, tool
 
 _E164 = re.compile(r"\+[1-9][0-9]{7,14}")

@@ -9,7 +9,8 @@ import re
 import sys
 
 from relay import logs
-from relay.config import SECRET_ENV, ConfigError, Settings
+from relay.config import Settings
+from relay.env import SECRET_ENV, ConfigError
 
 
 def _workers(flag: int) -> int:

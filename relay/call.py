@@ -23,8 +23,8 @@ from typing import Any
 
 import orjson
 
+from relay.agent_settings import AgentSettings
 from relay.audio import FRAME_MS, ULAW_BYTES_PER_MS, audio_bytes
-from relay.config import AgentSettings
 from relay.endpointing import Endpointer, SpeechStart
 from relay.logbound import RepeatLimiter, clip
 from relay.realtime import client

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from relay.agent_settings import VadSettings
 from relay.audio import FRAME_BYTES, FRAME_MS, ULAW_BYTES_PER_MS
-from relay.config import VadSettings
 
 SPEECH_ONSET_MS = 60
 RMS_AT_THRESHOLD_ONE = 1000.0

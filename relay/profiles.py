@@ -66,7 +66,8 @@ from typing import Any
 
 import yaml
 
-from relay.config import AgentSettings, ConfigError, check_dtmf, check_voice
+from relay.agent_settings import AgentSettings, check_dtmf, check_voice
+from relay.env import ConfigError
 
 _NUMBER = (int, float)
 _PROFILE_KEYS: dict[str, type | tuple[type, ...]] = {

@@ -14,7 +14,8 @@ from datetime import date
 from typing import Protocol
 from urllib.parse import urlencode, urlsplit
 
-from relay.config import INSECURE_STREAM_SECRET, AgentSettings, Settings
+from relay.agent_settings import AgentSettings
+from relay.config import INSECURE_STREAM_SECRET, Settings
 from relay.logbound import RepeatLimiter
 from relay.metrics import Metrics
 from relay.profiles import Profiles, load_profiles

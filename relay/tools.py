@@ -26,7 +26,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import orjson
 
-from relay.config import AgentSettings, ConfigError
+from relay.agent_settings import AgentSettings
+from relay.env import ConfigError
 
 ToolFunc = Callable[..., Awaitable[Any]]
 SchemaAdapter = Callable[[dict[str, Any], AgentSettings], dict[str, Any]]

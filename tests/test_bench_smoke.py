@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from bench.runner import Options, run_point
+from bench.options import Options
+from bench.runner import run_point
 from tests.conftest import BENCH_REDIS_DB_ENV, DEFAULT_BENCH_DB, redis_db_from_env, shared_redis_url
 
 CALLS = 3

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay.agent_settings import AgentSettings, DtmfSettings, VadSettings
 from relay.audio import audio_bytes
 from relay.call import Call, Entry, Metric, Phase, RunTool, SummaryReady, UsageReport
-from relay.config import AgentSettings, DtmfSettings, VadSettings
 from relay.endpointing import MAX_TURN_MS, ULAW_TO_LINEAR, Endpointer, SpeechEnd, SpeechStart
 from relay.realtime import events as ev
 from relay.realtime.dialect import get_dialect

@@ -29,7 +29,8 @@ from tools_support import (
 )
 from twilio.base.exceptions import TwilioRestException
 
-from relay.config import AgentSettings, Settings
+from relay.agent_settings import AgentSettings
+from relay.config import Settings
 from relay.runtime import WHISPER_TTL_S, Runtime
 from relay.sim import ulaw
 from relay.sim.caller import SimulatedCaller

@@ -17,9 +17,11 @@ from conftest import AUTH_TOKEN, assert_relayed_across_sessions, make_caller, re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relay.agent_settings import AgentSettings
 from relay.app import create_app
 from relay.call import Call
-from relay.config import AgentSettings, ConfigError, Settings
+from relay.config import Settings
+from relay.env import ConfigError
 from relay.logbound import lines_for
 from relay.profiles import parse_profiles
 from relay.realtime import events as ev

@@ -17,7 +17,8 @@ from openai.types.realtime import RealtimeClientEvent as GaClientEvent
 from ops_support import RelayProcess
 from pydantic import TypeAdapter
 
-from relay.config import ConfigError, Settings
+from relay.config import Settings
+from relay.env import ConfigError
 from relay.profiles import load_profiles, parse_profiles
 from relay.realtime import models
 from relay.realtime.dialect import get_dialect

@@ -16,7 +16,9 @@ from openai.types.realtime import RealtimeClientEvent
 from pydantic import TypeAdapter
 from tools_support import received
 
-from relay.config import AgentSettings, ConfigError, DtmfSettings, Settings, VadSettings
+from relay.agent_settings import AgentSettings, DtmfSettings, VadSettings
+from relay.config import Settings
+from relay.env import ConfigError
 from relay.profiles import load_profiles, parse_profiles
 from relay.runtime import Runtime
 from relay.sim.local import LocalRelay

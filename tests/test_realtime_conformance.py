@@ -15,8 +15,8 @@ from openai.types.realtime import RealtimeServerEvent as GaServerEvent
 from pydantic import BaseModel, TypeAdapter
 from websockets.asyncio.client import connect
 
+from relay.agent_settings import AgentSettings, VadSettings
 from relay.call import Call
-from relay.config import AgentSettings, VadSettings
 from relay.realtime import client
 from relay.realtime import events as ev
 from relay.realtime.dialect import get_dialect

@@ -18,7 +18,7 @@ from openai.types.realtime import RealtimeClientEvent as GaClientEvent
 from pydantic import TypeAdapter
 from twilio.request_validator import RequestValidator
 
-from relay.config import AgentSettings, DtmfSettings, VadSettings
+from relay.agent_settings import AgentSettings, DtmfSettings, VadSettings
 from relay.realtime.connection import RealtimeConnection
 from relay.security import mint_stream_token
 from relay.sim import ulaw

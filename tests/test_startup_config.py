@@ -14,7 +14,8 @@ import pytest
 import yaml
 from conftest import free_port
 
-from relay.config import SECRET_ENV, ConfigError, Settings
+from relay.config import Settings
+from relay.env import SECRET_ENV, ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD_SECRET = "9c1f4e7a2b8d5036c1e4f7a2b8d50369"  # 32 bytes

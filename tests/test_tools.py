@@ -29,7 +29,9 @@ from tools_support import (
     received,
 )
 
-from relay.config import AgentSettings, ConfigError, Settings
+from relay.agent_settings import AgentSettings
+from relay.config import Settings
+from relay.env import ConfigError
 from relay.runtime import Runtime
 from relay.sim import ulaw
 from relay.sim.local import LocalRelay

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import orjson
 
-from relay.config import AgentSettings, VadSettings
+from relay.agent_settings import AgentSettings, VadSettings
 from relay.realtime import events as ev
 from relay.realtime.models import CUSTOM_VOICE_PREFIX, DEFAULT_VOICE
 
