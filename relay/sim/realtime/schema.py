@@ -216,7 +216,7 @@ def check_fields(value: Any, shape: FieldShape, where: str) -> None:
 
 
 def check_ga_format(fmt: Any, where: str) -> None:
-    """GA formats are objects: ``audio/pcmu``, ``audio/pcma``, ``audio/pcm`` at 24 kHz (types: ``_check_fields``)."""
+    """GA formats are objects: ``audio/pcmu``, ``audio/pcma``, ``audio/pcm`` at 24 kHz (types: ``check_fields``)."""
     if fmt is None:
         return
     if not isinstance(fmt, dict):
