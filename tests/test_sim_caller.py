@@ -28,15 +28,8 @@ from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Connect, Start, VoiceResponse
 from websockets.exceptions import InvalidStatus
 
-from relay.sim.caller import (
-    MAX_BURST_FRAMES,
-    CallClosed,
-    CallerConfig,
-    CallRejected,
-    SimulatedCaller,
-    TwimlStream,
-    _Pacer,
-)
+from relay.sim.caller import CallClosed, CallerConfig, CallRejected, SimulatedCaller, TwimlStream
+from relay.sim.caller.clock import MAX_BURST_FRAMES, Pacer
 from relay.sim.ulaw import FRAME_BYTES, FRAME_MS, ULAW_BYTES_PER_MS, read_wav, synth_speech
 
 AUTH_TOKEN = "12345678901234567890123456789012"
@@ -501,7 +494,7 @@ async def test_relay_messages_for_another_stream_are_refused(relay: FakeRelay) -
 
 async def test_pacer_catches_up_without_a_long_burst_and_does_not_drift() -> None:
     epoch = time.monotonic()
-    pacer = _Pacer(epoch, TICK_S)
+    pacer = Pacer(epoch, TICK_S)
     for _ in range(5):
         assert await pacer.next_tick() == 0
     stall_until = time.monotonic() + 0.2  # block the loop for ten ticks, as a GC pause would

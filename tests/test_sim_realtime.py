@@ -35,16 +35,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
 
 from relay.sim import ulaw
-from relay.sim.realtime import (
-    BETA_AUDIO_FORMATS,
-    GA_AUDIO_FORMATS,
-    GA_PCM_RATES,
-    SESSION_FIELDS,
-    OneOf,
-    RealtimeSimulator,
-    SimConfig,
-    SimSession,
-)
+from relay.sim.realtime import RealtimeSimulator, SimConfig, SimSession
+from relay.sim.realtime.schema import BETA_AUDIO_FORMATS, GA_AUDIO_FORMATS, GA_PCM_RATES, SESSION_FIELDS, OneOf
 
 JSON = dict[str, Any]
 
