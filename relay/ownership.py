@@ -78,12 +78,22 @@ class Ownership:
     async def beat(self) -> None:
         """Renew this instance's heartbeat and every hold it has, in one round trip; never raises."""
         holds = list(self._holds.values())
-        held = [hold for hold in holds if hold.held]
+        held: list[CallHold] = []
+        records: list[LiveCallRecord] = []
+        for hold in holds:
+            if not hold.held:
+                continue
+            try:
+                records.append(hold.record())
+            except Exception:  # a bug in one call must not stop the renewals of all the others
+                log.exception("live-call record failed", extra={"call_sid": hold.call_sid})
+                continue
+            held.append(hold)
         failure: Exception | None = None
         renewed: dict[str, bool] = {}
         try:
             async with asyncio.timeout(LIVE_STORE_TIMEOUT_S):
-                results = await self.store.beat(self.instance_record(), [h.record() for h in held], LIVE_TTL_S)
+                results = await self.store.beat(self.instance_record(), records, LIVE_TTL_S)
             renewed = {hold.call_sid: ok for hold, ok in zip(held, results, strict=True)}
         except Exception as exc:  # each call logs it once; the audio never waits on this
             failure = exc

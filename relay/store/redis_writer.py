@@ -4,18 +4,10 @@ Writes only append to the queue, so the audio path never waits on Redis. One wri
 what is queued (up to `batch_max` ops) as one non-transactional pipeline, after letting writes
 collect for `linger_s` (a call's turn produces several at once; ``flush()``, ``close()`` and the
 write that ends a call cut the wait short). A batch stays at the head of the queue until Redis
-confirms it, so per-call order survives retries; when the queue is full the oldest ops are
-dropped and counted. Appends and increments go through a small Lua script guarded by the
-``applied`` sequence, because a batch that timed out may still have been executed by Redis (a
-stalled server runs what is in its socket buffer when it wakes up) and replaying it must not
-duplicate entries or token counts.
-
-TTLs: a batch that creates a call key (the first write of its kind for that call) gives all five
-of the call's keys ``EXPIRE state_ttl_s``, so no key is ever left without one; so does the write
-that ends the call (``ended`` in its metadata), so a finished call's keys expire together. In
-between, a call's TTLs are refreshed at most once per `ttl_refresh_s`, not with every write: each
-``EXPIRE`` is a command of its own, and five per write were most of the writer's work. What goes
-into one pipeline is relay/store/redis_batch.py's.
+confirms it, so per-call order survives retries (a replayed batch applies its appends and
+increments once: relay/store/redis_batch.py builds each pipeline and sets the TTLs); when the
+queue is full the oldest ops are dropped and counted. An outage is one warning and, when Redis
+answers again, one line with what was dropped meanwhile.
 """
 
 from __future__ import annotations
