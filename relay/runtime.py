@@ -18,12 +18,12 @@ from relay.agent_settings import AgentSettings
 from relay.config import INSECURE_STREAM_SECRET, Settings
 from relay.logbound import RepeatLimiter
 from relay.metrics import Metrics
+from relay.ownership import Ownership
 from relay.profiles import Profiles, load_profiles
 from relay.realtime.dialect import Dialect, get_dialect
 from relay.realtime.models import shutdown_notice
 from relay.security import parse_expiry
 from relay.store import Store, make_store
-from relay.store.base import LIVE_HEARTBEAT_S, LIVE_STORE_TIMEOUT_S, LIVE_TTL_S
 from relay.tools import ToolRegistry, whisper_text
 from relay.twilio.rest import TwilioControl
 
@@ -41,16 +41,11 @@ WHISPER_CLOCK_SKEW_S = 30  # instances' clocks may differ this much
 
 
 class LiveStream(Protocol):
-    """What the runtime needs of a call's live stream: its SID, its hold in the store, and a way to
-    end it with a spoken goodbye (drain)."""
+    """What the runtime needs of a call's live stream: its SID and a way to end it with a spoken
+    goodbye (drain). Its hold across instances is the stream's own (relay/ownership.py)."""
 
     @property
     def call_sid(self) -> str: ...
-
-    @property
-    def live_held(self) -> bool: ...
-
-    def live_beat(self, renewed: bool, failure: Exception | None) -> None: ...
 
     async def goodbye(self, text: str, timeout: float) -> None: ...
 
@@ -155,6 +150,8 @@ class Runtime:
             queue_size=settings.store_queue_size,
             caller_key_secret=settings.caller_key,
         )
+        # which instance holds which call: this instance's heartbeat and the holds of its calls
+        self.ownership = Ownership(self.store, self.instance_id, draining=lambda: self.draining)
         self.tools, self.profiles = check_configuration(settings, tools=tools, profiles=profiles)
         for notice in [*interface_notices(settings), *model_notices(settings, self.profiles)]:
             log.warning(notice)
@@ -171,7 +168,6 @@ class Runtime:
         self._drain_task: asyncio.Task[None] | None = None
         self._metrics_task: asyncio.Task[None] | None = None
         self._store_watch_task: asyncio.Task[None] | None = None
-        self._live_task: asyncio.Task[None] | None = None
         # Anyone can open sockets and POST to the public endpoints: what they are refused for before
         # a call exists is logged the first few times per kind, then as a running count, so a client
         # that keeps trying buys no log lines (relay/logbound.py).
@@ -183,15 +179,16 @@ class Runtime:
         await self.store.start()
         self.started = True
         self._metrics_task = asyncio.create_task(self._periodic(), name="runtime-periodic")
-        self._live_task = asyncio.create_task(self._renew_live_holds(), name="live-holds")
+        self.ownership.start()
         if self.store.kind == "redis":
             self._store_watch_task = asyncio.create_task(self._watch_store(), name="store-watch")
 
     async def stop(self) -> None:
-        for task in (self._metrics_task, self._store_watch_task, self._live_task):
+        for task in (self._metrics_task, self._store_watch_task):
             if task is not None:
                 task.cancel()
-        self._metrics_task = self._store_watch_task = self._live_task = None
+        self._metrics_task = self._store_watch_task = None
+        await self.ownership.stop()
         await self.store.close()
         self.metrics.sync_store(self.store.queue_depth, self.store.dropped_writes)
         self.started = False
@@ -209,33 +206,6 @@ class Runtime:
                 warned_at = time.monotonic()
                 log.warning(warning, extra={"insecure_dev": True})
             await asyncio.sleep(METRICS_SYNC_S)
-
-    async def _renew_live_holds(self) -> None:
-        """Every LIVE_HEARTBEAT_S, renew the store's hold on each of this instance's live calls.
-
-        One round trip for all of them (a command per call per beat would cost each call about 0.1 ms
-        of CPU per second of its length); each call then settles its own outcome (``live_beat``).
-        """
-        while True:
-            await asyncio.sleep(LIVE_HEARTBEAT_S)
-            bridges = list(self.calls.values())
-            held = [bridge for bridge in bridges if bridge.live_held]
-            failure: Exception | None = None
-            renewed: dict[str, bool] = {}
-            try:
-                async with asyncio.timeout(LIVE_STORE_TIMEOUT_S):
-                    results = await self.store.refresh_live_many(
-                        [bridge.call_sid for bridge in held], self.instance_id, LIVE_TTL_S
-                    )
-                renewed = {bridge.call_sid: ok for bridge, ok in zip(held, results, strict=True)}
-            except Exception as exc:  # each call logs it once; the audio never waits on this
-                failure = exc
-            for bridge in bridges:
-                if self.calls.get(bridge.call_sid) is bridge:  # not ended meanwhile
-                    try:
-                        bridge.live_beat(renewed.get(bridge.call_sid, False), failure)
-                    except Exception:  # a bug in one call must not stop the renewals of all the others
-                        log.exception("live-stream hold renewal failed", extra={"call_sid": bridge.call_sid})
 
     def insecure_warning(self) -> str | None:
         """What RELAY_INSECURE_DEV turns off in this configuration (None when it is not set)."""

@@ -37,7 +37,7 @@ from relay.sim.caller import SimulatedCaller, TwimlStream
 from relay.sim.local import LocalRelay
 from relay.sim.realtime import RealtimeSimulator, SimConfig
 from relay.store import MemoryStore, RedisStore, Store, hash_number
-from relay.store.base import LIVE_HEARTBEAT_S, LIVE_TTL_S
+from relay.store.base import LIVE_HEARTBEAT_S, LIVE_TTL_S, InstanceRecord, LiveCallRecord
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -223,8 +223,10 @@ async def test_an_instance_renews_all_its_holds_at_once_and_only_its_own(store: 
     ours, theirs, nobodys = SID, "CA" + "cd" * 16, "CA" + "01" * 16
     assert await store.claim_live(ours, "instance-a", 1.0) is True
     assert await store.claim_live(theirs, "instance-b", 1.0) is True
-    assert await store.refresh_live_many([], "instance-a", 5) == []
-    assert await store.refresh_live_many([ours, theirs, nobodys], "instance-a", 5) == [True, False, False]
+    instance = InstanceRecord("instance-a", "2026-01-01T00:00:00+00:00", "ready", 0.0)
+    records = [LiveCallRecord(sid, "instance-a", "", "inbound", "default", "live") for sid in (ours, theirs, nobodys)]
+    assert await store.beat(instance, [], 5) == []
+    assert await store.beat(instance, records, 5) == [True, False, False]
     await asyncio.sleep(1.3)  # past the first TTL: only the renewed hold is left
     assert await store.live_owner(ours) == "instance-a"
     assert await store.live_owner(theirs) is None

@@ -19,9 +19,13 @@ import orjson
 __all__ = [
     "ENTRY_KINDS",
     "LIVE_HEARTBEAT_S",
+    "LIVE_RECORD_TTL_S",
     "LIVE_STORE_TIMEOUT_S",
     "LIVE_TTL_S",
     "CallRecord",
+    "InstanceRecord",
+    "LiveCall",
+    "LiveCallRecord",
     "Store",
     "StoreUnavailable",
     "caller_memory_refusal",
@@ -35,6 +39,9 @@ __all__ = [
 LIVE_TTL_S = 5.0
 LIVE_HEARTBEAT_S = 1.5
 LIVE_STORE_TIMEOUT_S = 1.0
+# An instance's heartbeat lives LIVE_TTL_S like its holds; a live-call record outlives both by far, so
+# a call whose instance died is still listed (orphaned) until another takes it or the record expires.
+LIVE_RECORD_TTL_S = 60.0
 
 #: Conversation entry kinds callers are expected to use (not enforced: the store only orders them).
 ENTRY_KINDS = frozenset(
@@ -75,6 +82,65 @@ class CallRecord:
             "summary": self.summary,
             "usage": dict(self.usage),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """One instance's heartbeat, as every instance can read it."""
+
+    instance: str
+    started: str  # ISO 8601
+    state: str  # "ready" or "draining"
+    beat: float  # epoch seconds of the heartbeat
+
+    def fields(self) -> dict[str, str]:
+        return {"instance": self.instance, "started": self.started, "state": self.state, "beat": f"{self.beat:.3f}"}
+
+    @classmethod
+    def from_fields(cls, raw: Mapping[str, str]) -> InstanceRecord | None:
+        """The record stored as `raw`, or None for a missing or malformed one."""
+        try:
+            return cls(raw["instance"], raw["started"], raw["state"], float(raw["beat"]))
+        except (KeyError, ValueError):
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class LiveCallRecord:
+    """A live call as the instance holding it describes it, written with each renewal of its hold."""
+
+    call_sid: str
+    instance: str
+    started: str  # ISO 8601
+    direction: str  # "inbound" or "outbound"
+    profile: str
+    phase: str  # what the call is doing now, e.g. "connecting", "live", "ending", "handed_off"
+
+    def fields(self) -> dict[str, str]:
+        return {
+            "call_sid": self.call_sid,
+            "instance": self.instance,
+            "started": self.started,
+            "direction": self.direction,
+            "profile": self.profile,
+            "phase": self.phase,
+        }
+
+    @classmethod
+    def from_fields(cls, raw: Mapping[str, str]) -> LiveCallRecord | None:
+        """The record stored as `raw`, or None for a missing or malformed one."""
+        try:
+            return cls(raw["call_sid"], raw["instance"], raw["started"], raw["direction"], raw["profile"], raw["phase"])
+        except KeyError:
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class LiveCall:
+    """A live-call record as listed: `orphaned` when the instance it names no longer heart-beats."""
+
+    record: LiveCallRecord
+    orphaned: bool
 
 
 def encode_entry(entry: Mapping[str, Any]) -> bytes:
@@ -177,24 +243,46 @@ class Store(Protocol):
     # live-stream ownership: at most one live stream per call across instances. The owner (an
     # instance id) holds ``live:{call_sid}`` for `ttl_s` and keeps refreshing it while its stream
     # lives; an owner that stops (crash, lost network) loses the call when the TTL runs out.
-    async def claim_live(self, call_sid: str, owner: str, ttl_s: float) -> bool:
-        """Take the call for `owner` unless someone holds it (set-if-absent with a TTL); True if taken."""
+    # relay/ownership.py is the only user; these are its primitives.
+    async def claim_live(self, call_sid: str, owner: str, ttl_s: float, record: LiveCallRecord | None = None) -> bool:
+        """Take the call for `owner` unless someone holds it (set-if-absent with a TTL); True if taken.
+
+        With `record`, the call's live-call record is written in the same atomic step when taken."""
         ...
 
     async def refresh_live(self, call_sid: str, owner: str, ttl_s: float) -> bool:
         """Extend `owner`'s hold to `ttl_s` from now; False (and nothing changed) if `owner` no longer holds it."""
         ...
 
-    async def refresh_live_many(self, call_sids: Sequence[str], owner: str, ttl_s: float) -> list[bool]:
-        """``refresh_live`` for each call, in one round trip: an instance renews all its calls at once."""
+    async def beat(self, instance: InstanceRecord, calls: Sequence[LiveCallRecord], ttl_s: float) -> list[bool]:
+        """One instance's heartbeat, in one round trip: write its `instance` record (TTL `ttl_s`) and,
+        for each call whose hold it still has, extend the hold to `ttl_s` and rewrite the call's record
+        (TTL LIVE_RECORD_TTL_S). Per call, True if the hold was renewed (False: not held by it, and
+        nothing of that call was written)."""
         ...
 
     async def release_live(self, call_sid: str, owner: str) -> bool:
-        """Let go of the call if `owner` still holds it (compare-and-delete); True if it was released."""
+        """Let go of the call if `owner` still holds it (compare-and-delete); True if it was released.
+
+        The call's live-call record goes too while it names `owner`."""
+        ...
+
+    async def hand_off(self, call_sid: str, owner: str) -> bool:
+        """`owner` lets go of the call on purpose, so another instance may claim it at once; its record
+        stays, in phase "handed_off", until the new owner's replaces it. False if `owner` did not hold it."""
         ...
 
     async def live_owner(self, call_sid: str) -> str | None:
         """Who holds the call now, or None when no stream of it is live."""
+        ...
+
+    async def live_instances(self) -> list[InstanceRecord]:
+        """The instances whose heartbeat has not expired, by id."""
+        ...
+
+    async def live_calls(self) -> list[LiveCall]:
+        """Every live-call record across instances, by call SID, orphaned where its instance's
+        heartbeat has expired."""
         ...
 
     async def ping(self) -> bool:

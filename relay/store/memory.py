@@ -2,8 +2,8 @@
 
 It mirrors RedisStore's observable behaviour: entries round-trip through JSON (so callers see
 the same types either way), call state and caller memory expire after their TTLs (checked on
-read, plus an occasional sweep so an idle process does not grow forever), and claims and live-stream
-holds expire.
+read, plus an occasional sweep so an idle process does not grow forever), and claims, live-stream
+holds, live-call records and instance heartbeats expire.
 """
 
 from __future__ import annotations
@@ -11,12 +11,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
-from .base import CallRecord, encode_entry, hash_number
+from .base import (
+    LIVE_RECORD_TTL_S,
+    CallRecord,
+    InstanceRecord,
+    LiveCall,
+    LiveCallRecord,
+    encode_entry,
+    hash_number,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -66,6 +74,8 @@ class MemoryStore:
         self._callers: dict[str, tuple[str, float]] = {}
         self._claims: dict[str, float] = {}
         self._live: dict[str, tuple[str, float]] = {}  # call SID -> (owner, expires at)
+        self._live_calls: dict[str, tuple[LiveCallRecord, float]] = {}  # call SID -> (record, expires at)
+        self._instances: dict[str, tuple[InstanceRecord, float]] = {}  # instance id -> (heartbeat, expires at)
         self._writes = 0
         self._rejected = 0
         self._rejected_logged = False
@@ -155,10 +165,12 @@ class MemoryStore:
         self._claims[key] = now + ttl_s
         return True
 
-    async def claim_live(self, call_sid: str, owner: str, ttl_s: float) -> bool:
+    async def claim_live(self, call_sid: str, owner: str, ttl_s: float, record: LiveCallRecord | None = None) -> bool:
         if self._holder(call_sid) is not None:
             return False
         self._live[call_sid] = (owner, self._clock() + ttl_s)
+        if record is not None:
+            self._live_calls[call_sid] = (record, self._clock() + LIVE_RECORD_TTL_S)
         return True
 
     async def refresh_live(self, call_sid: str, owner: str, ttl_s: float) -> bool:
@@ -167,17 +179,53 @@ class MemoryStore:
         self._live[call_sid] = (owner, self._clock() + ttl_s)
         return True
 
-    async def refresh_live_many(self, call_sids: Sequence[str], owner: str, ttl_s: float) -> list[bool]:
-        return [await self.refresh_live(call_sid, owner, ttl_s) for call_sid in call_sids]
+    async def beat(self, instance: InstanceRecord, calls: Sequence[LiveCallRecord], ttl_s: float) -> list[bool]:
+        now = self._clock()
+        self._instances[instance.instance] = (instance, now + ttl_s)
+        renewed: list[bool] = []
+        for record in calls:
+            held = await self.refresh_live(record.call_sid, instance.instance, ttl_s)
+            if held:
+                self._live_calls[record.call_sid] = (record, now + LIVE_RECORD_TTL_S)
+            renewed.append(held)
+        return renewed
 
     async def release_live(self, call_sid: str, owner: str) -> bool:
+        record = self._live_call_record(call_sid)
+        if record is not None and record.instance == owner:
+            del self._live_calls[call_sid]
         if self._holder(call_sid) != owner:
             return False
         del self._live[call_sid]
         return True
 
+    async def hand_off(self, call_sid: str, owner: str) -> bool:
+        if self._holder(call_sid) != owner:
+            return False
+        del self._live[call_sid]
+        record = self._live_call_record(call_sid)
+        if record is not None and record.instance == owner:
+            self._live_calls[call_sid] = (replace(record, phase="handed_off"), self._live_calls[call_sid][1])
+        return True
+
     async def live_owner(self, call_sid: str) -> str | None:
         return self._holder(call_sid)
+
+    async def live_instances(self) -> list[InstanceRecord]:
+        now = self._clock()
+        return sorted((r for r, expires in self._instances.values() if expires > now), key=lambda r: r.instance)
+
+    async def live_calls(self) -> list[LiveCall]:
+        alive = {record.instance for record in await self.live_instances()}
+        now = self._clock()
+        records = sorted((r for r, expires in self._live_calls.values() if expires > now), key=lambda r: r.call_sid)
+        return [LiveCall(record, orphaned=record.instance not in alive) for record in records]
+
+    def _live_call_record(self, call_sid: str) -> LiveCallRecord | None:
+        held = self._live_calls.get(call_sid)
+        if held is None or held[1] <= self._clock():
+            return None
+        return held[0]
 
     def _holder(self, call_sid: str) -> str | None:
         held = self._live.get(call_sid)
@@ -257,3 +305,7 @@ class MemoryStore:
             del self._claims[key]
         for sid in [s for s, (_, exp) in self._live.items() if exp <= now]:
             del self._live[sid]
+        for sid in [s for s, (_, exp) in self._live_calls.items() if exp <= now]:
+            del self._live_calls[sid]
+        for name in [i for i, (_, exp) in self._instances.items() if exp <= now]:
+            del self._instances[name]

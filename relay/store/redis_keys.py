@@ -1,0 +1,87 @@
+"""Where the Redis store keeps what, in one place, so the writer, the reads and ownership agree.
+
+Key layout (P is the prefix, default ``relay:``; every value is UTF-8)::
+
+    P call:{sid}:meta      hash    call metadata: from, to, started (ISO 8601), instance, dialect,
+                                   model, stream_sid, ended, end_reason ... (HSET merges fields)
+    P call:{sid}:entries   list    conversation entries, one JSON object each, oldest first (RPUSH)
+    P call:{sid}:usage     hash    token counts by kind, summed (HINCRBY)
+    P call:{sid}:summary   string  rolling conversation summary
+    P call:{sid}:applied   hash    writer id -> last applied write sequence; makes a retried batch
+                                   append entries / add usage exactly once
+    P caller:{hash}        string  caller memory; {hash} = HMAC-SHA256 hex of the normalized
+                                   E.164 number, keyed by the caller-key secret; TTL caller_memory_ttl_s
+    P once:{key}           string  claim_once marker (SET NX EX ttl)
+    P live:{sid}           string  the instance id whose stream of this call is live (SET NX PX,
+                                   refreshed by that instance's heartbeat, compare-and-delete at its end)
+    P livecall:{sid}       hash    the live call as its owner describes it: call_sid, instance, started,
+                                   direction, profile, phase; written with the hold, TTL LIVE_RECORD_TTL_S,
+                                   deleted by its instance at the end
+    P livecalls            zset    call SIDs with a livecall record, scored by its last write (epoch ms)
+    P instance:{id}        hash    an instance's heartbeat: instance, started, state (ready/draining),
+                                   beat (epoch s); TTL LIVE_TTL_S, so a dead instance is gone within it
+    P instances            zset    instance ids with a heartbeat, scored by its last write (epoch ms)
+
+The two sorted sets are indexes so listing needs no SCAN; each has a LIVE_RECORD_TTL_S TTL renewed
+with every write, and its members outlive the keys they name by at most that (readers drop older ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+__all__ = ["CALL_KEY_SUFFIXES", "RedisKeys", "describe", "milliseconds", "text"]
+
+CALL_KEY_SUFFIXES: Final = ("meta", "entries", "usage", "summary", "applied")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisKeys:
+    """The key names under one prefix."""
+
+    prefix: str
+
+    def call(self, call_sid: str, suffix: str) -> str:
+        return f"{self.prefix}call:{call_sid}:{suffix}"
+
+    def caller(self, hashed_number: str) -> str:
+        return f"{self.prefix}caller:{hashed_number}"
+
+    def once(self, key: str) -> str:
+        return f"{self.prefix}once:{key}"
+
+    def live(self, call_sid: str) -> str:
+        return f"{self.prefix}live:{call_sid}"
+
+    def live_call(self, call_sid: str) -> str:
+        return f"{self.prefix}livecall:{call_sid}"
+
+    @property
+    def live_calls(self) -> str:
+        return f"{self.prefix}livecalls"
+
+    def instance(self, instance_id: str) -> str:
+        return f"{self.prefix}instance:{instance_id}"
+
+    @property
+    def instances(self) -> str:
+        return f"{self.prefix}instances"
+
+
+def describe(exc: BaseException) -> str:
+    """An exception for a log line: its type, and its text when it has one."""
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def milliseconds(seconds: float) -> int:
+    """A TTL in whole milliseconds (PX, PEXPIRE), at least 1."""
+    if seconds <= 0:
+        raise ValueError("ttl_s must be > 0")
+    return max(1, int(seconds * 1000))
+
+
+def text(raw: Any) -> str:
+    """A stored value as text (the client returns bytes)."""
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)

@@ -1,0 +1,152 @@
+"""Ownership on Redis: which instance holds which call, the live-call records and instance heartbeats.
+
+A hold is a string set if absent with a millisecond TTL; renewing, releasing and handing it off
+act only while the caller still holds it, so each is a small Lua script (a GET and a write in one
+atomic step). A call's live-call record is written by the same script that takes or renews its
+hold, so a record never names an instance that lost the call without knowing it. Heartbeats and
+records are also indexed in sorted sets scored by their last write, so listing needs no SCAN.
+See relay/store/redis_keys.py for the layout.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+from redis.asyncio import Redis
+
+from .base import LIVE_RECORD_TTL_S, InstanceRecord, LiveCall, LiveCallRecord
+from .redis_keys import RedisKeys, milliseconds, text
+
+__all__ = ["RedisOwnership"]
+
+# Written after a hold is taken or renewed, when the record's keys are given. KEYS: hold, record,
+# index. ARGV: owner, hold ttl ms, record ttl ms, now ms, call sid, field, value ...
+_WRITE_RECORD: Final = """
+if #KEYS == 3 then
+  redis.call('HSET', KEYS[2], unpack(ARGV, 6))
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
+end
+return 1
+"""
+_CLAIM: Final = "if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end" + _WRITE_RECORD
+_RENEW: Final = (
+    "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end\nredis.call('PEXPIRE', KEYS[1], ARGV[2])"
+    + _WRITE_RECORD
+)
+# Compare-and-delete of the hold, and of the record while it still names the owner.
+# KEYS: hold, record, index. ARGV: owner, call sid.
+_RELEASE: Final = """
+local released = 0
+if redis.call('GET', KEYS[1]) == ARGV[1] then released = redis.call('DEL', KEYS[1]) end
+if redis.call('HGET', KEYS[2], 'instance') == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[3], ARGV[2])
+end
+return released
+"""
+# The owner lets go on purpose: the hold goes at once, the record says so. KEYS: hold, record. ARGV: owner.
+_HAND_OFF: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if redis.call('HGET', KEYS[2], 'instance') == ARGV[1] then redis.call('HSET', KEYS[2], 'phase', 'handed_off') end
+return 1
+"""
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _decoded(raw: dict[Any, Any]) -> dict[str, str]:
+    return {text(k): text(v) for k, v in raw.items()}
+
+
+class RedisOwnership:
+    """The ownership commands of `RedisStore`; each method is one or two round trips, unbounded in
+    time (the store bounds them and turns failures into `StoreUnavailable`)."""
+
+    def __init__(self, redis: Redis, keys: RedisKeys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._claim = redis.register_script(_CLAIM)
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+        self._hand_off = redis.register_script(_HAND_OFF)
+
+    def _record_keys_args(self, record: LiveCallRecord) -> tuple[list[str], list[bytes | str | int]]:
+        keys = self._keys
+        flat: list[bytes | str | int] = [milliseconds(LIVE_RECORD_TTL_S), _now_ms(), record.call_sid]
+        for name, value in record.fields().items():
+            flat += [name, value]
+        return [keys.live(record.call_sid), keys.live_call(record.call_sid), keys.live_calls], flat
+
+    async def claim(self, call_sid: str, owner: str, ttl_s: float, record: LiveCallRecord | None) -> bool:
+        head: list[bytes | str | int] = [owner.encode(), milliseconds(ttl_s)]
+        if record is None:
+            return bool(await self._claim(keys=[self._keys.live(call_sid)], args=head))
+        keys, tail = self._record_keys_args(record)
+        return bool(await self._claim(keys=keys, args=head + tail))
+
+    async def refresh(self, call_sid: str, owner: str, ttl_s: float) -> bool:
+        args: list[bytes | str | int] = [owner.encode(), milliseconds(ttl_s)]
+        return bool(await self._renew(keys=[self._keys.live(call_sid)], args=args))
+
+    async def beat(self, instance: InstanceRecord, calls: Sequence[LiveCallRecord], ttl_s: float) -> list[bool]:
+        owner = instance.instance
+        head: list[bytes | str | int] = [owner.encode(), milliseconds(ttl_s)]
+        heartbeat = self._keys.instance(owner)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for record in calls:
+                keys, tail = self._record_keys_args(record)
+                await self._renew(keys=keys, args=head + tail, client=pipe)
+            fields: Mapping[Any, str] = instance.fields()  # redis-py's Mapping key type is invariant
+            pipe.hset(heartbeat, mapping=fields)
+            pipe.pexpire(heartbeat, milliseconds(ttl_s))
+            pipe.zadd(self._keys.instances, {owner: _now_ms()})
+            pipe.pexpire(self._keys.instances, milliseconds(LIVE_RECORD_TTL_S))
+            results = await pipe.execute()
+        return [bool(renewed) for renewed in results[: len(calls)]]
+
+    async def release(self, call_sid: str, owner: str) -> bool:
+        keys = [self._keys.live(call_sid), self._keys.live_call(call_sid), self._keys.live_calls]
+        return bool(await self._release(keys=keys, args=[owner.encode(), call_sid]))
+
+    async def hand_off(self, call_sid: str, owner: str) -> bool:
+        keys = [self._keys.live(call_sid), self._keys.live_call(call_sid)]
+        return bool(await self._hand_off(keys=keys, args=[owner.encode()]))
+
+    async def owner(self, call_sid: str) -> str | None:
+        raw = await self._redis.get(self._keys.live(call_sid))
+        return None if raw is None else text(raw)
+
+    async def instances(self) -> list[InstanceRecord]:
+        ids = await self._indexed(self._keys.instances)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for instance_id in ids:
+                pipe.hgetall(self._keys.instance(instance_id))
+            raw = await pipe.execute()
+        found = (InstanceRecord.from_fields(_decoded(fields)) for fields in raw)
+        return sorted((record for record in found if record is not None), key=lambda r: r.instance)
+
+    async def calls(self) -> list[LiveCall]:
+        alive = {record.instance for record in await self.instances()}
+        sids = await self._indexed(self._keys.live_calls)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for call_sid in sids:
+                pipe.hgetall(self._keys.live_call(call_sid))
+            raw = await pipe.execute()
+        found = (LiveCallRecord.from_fields(_decoded(fields)) for fields in raw)
+        records = sorted((record for record in found if record is not None), key=lambda r: r.call_sid)
+        return [LiveCall(record, orphaned=record.instance not in alive) for record in records]
+
+    async def _indexed(self, index: str) -> list[str]:
+        """The members of an index, after dropping those older than any key they could name."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(index, "-inf", _now_ms() - milliseconds(LIVE_RECORD_TTL_S))
+            pipe.zrange(index, 0, -1)
+            _, members = await pipe.execute()
+        return [text(member) for member in members]
