@@ -1,11 +1,20 @@
-"""The code stays lint-clean and type-checked (mypy --strict on relay/ and handlers/)."""
+"""The code stays lint-clean and type-checked (mypy --strict on relay/ and handlers/), free of import
+cycles, and uses uvicorn's and websockets' internals only where their pinned versions are documented."""
 
 from __future__ import annotations
 
 import ast
+import importlib.metadata
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+
+from packaging.requirements import Requirement
+
+import relay.uvicorn_internals
+import relay.websockets_internals
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,3 +77,101 @@ def test_relay_has_no_import_cycles() -> None:
         if name not in state:
             visit(name)
     assert cycles == []
+
+
+# ---- uvicorn's and websockets' internals, and the versions they are pinned to ----------------------
+
+INTERNALS = {"uvicorn": relay.uvicorn_internals, "websockets": relay.websockets_internals}
+INTERNALS_PATHS = (ROOT / "relay" / "uvicorn_internals", ROOT / "relay" / "websockets_internals.py")
+PUBLIC_WEBSOCKETS_MODULES = {
+    "websockets",
+    "websockets.asyncio.client",
+    "websockets.asyncio.server",
+    "websockets.datastructures",
+    "websockets.exceptions",
+    "websockets.http11",
+}
+# websockets documents State (``Connection.state``'s type) in websockets.protocol with the Sans-I/O API.
+PUBLIC_WEBSOCKETS_NAMES = {("websockets.protocol", "State")}
+# Undocumented methods and attributes of uvicorn's Server/Config and websockets' Connection.
+INTERNAL_ATTRIBUTES = {
+    "process_event",
+    "send_data",
+    "capture_signals",
+    "handle_exit",
+    "should_exit",
+    "force_exit",
+    "bind_socket",
+}
+
+
+def _project_requirements() -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [Requirement(text) for text in project["dependencies"] + project["optional-dependencies"]["test"]]
+
+
+def _pinned(name: str) -> str:
+    """The version range of `name` exactly as pyproject.toml spells it, e.g. ``>=0.53,<0.55``."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (text,) = [t for t in project["dependencies"] if Requirement(t).name == name]
+    return re.sub(r"^[A-Za-z0-9_.-]+(\[[^]]*\])?", "", text).strip()
+
+
+def test_uvicorn_and_websockets_are_bounded_and_installed_within_the_bounds() -> None:
+    for name in INTERNALS:
+        (requirement,) = [r for r in _project_requirements() if r.name == name]
+        assert any(spec.operator == "<" for spec in requirement.specifier), f"{name} needs an upper bound"
+        installed = importlib.metadata.version(name)
+        assert requirement.specifier.contains(installed), f"{name} {installed} is outside {requirement.specifier}"
+
+
+def test_internals_modules_document_the_pinned_range() -> None:
+    """Moving a bound in pyproject.toml means re-reading (and updating) what the module relies on."""
+    for name, module in INTERNALS.items():
+        assert f"``{_pinned(name)}``" in (module.__doc__ or ""), f"{module.__name__} does not name {_pinned(name)}"
+
+
+def _internal_uses(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    found: list[str] = []
+    for node in ast.walk(tree):
+        modules: list[tuple[str, list[str]]] = []
+        if isinstance(node, ast.Import):
+            modules = [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            modules = [(node.module, [alias.name for alias in node.names])]
+        elif isinstance(node, ast.Attribute) and node.attr in INTERNAL_ATTRIBUTES:
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: .{node.attr}")
+        elif (
+            isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "protocol"
+        ):
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: .protocol.{node.attr}")
+        for module, names in modules:
+            if module.startswith("uvicorn."):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {module}")
+            elif module.split(".")[0] == "websockets" and module not in PUBLIC_WEBSOCKETS_MODULES:
+                if not names or any((module, name) not in PUBLIC_WEBSOCKETS_NAMES for name in names):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {module}")
+    return found
+
+
+def test_uvicorn_and_websockets_internals_are_used_only_in_their_modules() -> None:
+    outside = [
+        path
+        for path in sorted((ROOT / "relay").rglob("*.py"))
+        if not any(path == place or place in path.parents for place in INTERNALS_PATHS)
+    ]
+    assert {ROOT / "relay" / "bridge.py", ROOT / "relay" / "server.py"} <= set(outside)
+    assert [use for path in outside for use in _internal_uses(path)] == []
+
+
+def test_the_internals_check_sees_what_it_forbids() -> None:
+    module = ROOT / "relay" / "websockets_internals.py"
+    uses = _internal_uses(module)
+    assert sorted(use.split(": ", 1)[1] for use in uses) == [
+        ".process_event",
+        ".protocol.send_text",
+        ".send_data",
+        "websockets.frames",
+        "websockets.protocol",
+    ]
