@@ -61,7 +61,7 @@ async def incoming_call(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
     try:
-        # The head had RELAY_HTTP_IDLE_TIMEOUT to arrive (relay/http_limits.py); so has the body.
+        # The head had RELAY_HTTP_IDLE_TIMEOUT to arrive (relay/uvicorn_internals/http_limits.py); so has the body.
         async with asyncio.timeout(settings.http_idle_timeout_s):
             body = await _read_limited(request, settings.max_webhook_body_bytes)
     except TimeoutError:

@@ -1,24 +1,20 @@
 """A direct path for the messages of an accepted WebSocket, offered by the relay's own server protocol.
 
 The ASGI app finds it in ``scope["extensions"]``; under any other server it is absent and the app
-uses plain ASGI ``receive``/``send``.
+uses plain ASGI ``receive``/``send``. This module is the contract the app relies on; the
+implementation, which needs uvicorn's protocol internals, is in relay/uvicorn_internals/.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-from websockets.exceptions import InvalidState
-
-if TYPE_CHECKING:
-    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 DIRECT_EXTENSION = "relay.websocket.direct"
-"""ASGI scope extension offered by `RelayWebSocketProtocol`; see `DirectWebSocket`."""
+"""ASGI scope extension offered by `relay.uvicorn_internals.websocket_protocol.RelayWebSocketProtocol`."""
 
 
-class DirectWebSocket:
+class DirectWebSocket(Protocol):
     """The per-message half of the ASGI WebSocket interface, without the layers above it.
 
     Offered to the app as ``scope["extensions"]["relay.websocket.direct"]``. A media stream
@@ -41,31 +37,12 @@ class DirectWebSocket:
     servers never see the extension and use ASGI; measured in bench/RESULTS.md.
     """
 
-    __slots__ = ("_protocol", "on_text", "receive", "writable")
-
-    def __init__(self, protocol: WebSocketsSansIOProtocol) -> None:
-        self._protocol = protocol
-        self.on_text: Callable[[str], bool] | None = None
-        self.receive = protocol.receive
-        self.writable = protocol.writable.wait
+    on_text: Callable[[str], bool] | None
+    receive: Callable[[], Awaitable[Any]]
+    writable: Callable[[], Awaitable[Any]]
 
     def can_write(self) -> bool:
         """True when ``send_text`` would write now: open, and the buffer under its high-water mark."""
-        protocol = self._protocol
-        return (
-            protocol.writable.is_set()
-            and protocol.handshake_complete
-            and not (protocol.disconnected or protocol.close_sent)
-        )
+        ...
 
-    def send_text(self, text: str) -> bool:
-        protocol = self._protocol
-        if protocol.disconnected or protocol.close_sent or not protocol.handshake_complete:
-            raise ConnectionError("websocket is closed")
-        conn = protocol.conn
-        try:
-            conn.send_text(text.encode())
-        except InvalidState as exc:
-            raise ConnectionError("websocket is closed") from exc
-        protocol.transport.write(b"".join(conn.data_to_send()))
-        return not protocol.writable.is_set()
+    def send_text(self, text: str) -> bool: ...

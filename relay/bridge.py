@@ -44,6 +44,7 @@ from relay.store.base import caller_memory_refusal
 from relay.tools import ToolContext
 from relay.twilio import messages as tw
 from relay.twilio import twiml
+from relay.websockets_internals import write_text as _write_text
 
 if TYPE_CHECKING:
     from relay.runtime import Runtime
@@ -1073,14 +1074,3 @@ class CallBridge:
                 "audio_dropped_frames": self.audio_dropped_frames,
             },
         )
-
-
-def _write_text(upstream: ClientConnection, text: str) -> bool:
-    """``upstream.send(text)`` minus its async context manager, for an OPEN socket: frame the message,
-    hand it to the transport, and return True when websockets' flow control says to wait (drain()).
-
-    This runs once per caller frame; what it saves is measured in bench/RESULTS.md.
-    """
-    upstream.protocol.send_text(text.encode())
-    upstream.send_data()
-    return upstream.paused

@@ -17,7 +17,8 @@ from __future__ import annotations
 import ipaddress
 
 from starlette.types import ASGIApp, Receive, Scope, Send
-from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+from relay.uvicorn_internals.proxy_headers import proxy_headers
 
 FORWARDED_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port"})
 
@@ -67,7 +68,7 @@ class ForwardedHeaders:
     def __init__(self, app: ASGIApp, trusted: str) -> None:
         self.app = app
         self.trusted = TrustedProxies(trusted)
-        self.proxied = ProxyHeadersMiddleware(app, trusted_hosts=trusted)  # type: ignore[arg-type]
+        self.proxied = proxy_headers(app, trusted)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -78,7 +79,7 @@ class ForwardedHeaders:
             mapped = _ipv4_mapped(client[0])
             if mapped is not None:  # uvicorn's own check knows only the IPv4 form
                 scope = {**scope, "client": (mapped, client[1])}
-            await self.proxied(scope, receive, send)  # type: ignore[arg-type]
+            await self.proxied(scope, receive, send)
             return
         headers = scope["headers"]
         if any(name in FORWARDED_HEADERS for name, _ in headers):

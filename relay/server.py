@@ -14,81 +14,31 @@ and exits once they have all stopped.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
 import signal
 import socket
 import time
-from collections import deque
 from multiprocessing.context import SpawnProcess
 from types import FrameType
 from typing import Any
 
 import uvicorn
-from uvicorn._subprocess import get_subprocess
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.http11 import Request
 
 from relay import logs
 from relay.app import create_app
-from relay.asgi_direct import DIRECT_EXTENSION, DirectWebSocket
 from relay.config import Settings
 from relay.forwarded import ForwardedHeaders
-from relay.http_limits import BoundedHttpProtocol, HttpLimits, set_limits
 from relay.metrics import mark_worker_dead, multiprocess_dir, reset_multiprocess_dir
 from relay.runtime import Runtime
+from relay.uvicorn_internals.http_limits import BoundedHttpProtocol, HttpLimits, set_limits
+from relay.uvicorn_internals.server import DrainingServer, listening_socket, worker_process
+from relay.uvicorn_internals.websocket_protocol import RelayWebSocketProtocol
 
 log = logging.getLogger("relay.server")
-# Signals this close together are one event delivered twice (a platform signalling the
-# whole process group while the parent also forwards), not an operator insisting.
-DUPLICATE_SIGNAL_S = 1.0
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 STABLE_WORKER_S = 30.0
-
-
-class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
-        super().__init__(config)
-        self.runtime = runtime
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain_requested = False
-        self._last_signal_at: float | None = None
-
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().serve(sockets=sockets)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        """Runs in the main thread between bytecodes: only flags and loop callbacks here."""
-        now = time.monotonic()
-        if self._last_signal_at is not None and now - self._last_signal_at < DUPLICATE_SIGNAL_S:
-            return
-        self._last_signal_at = now
-        loop = self._loop
-        if sig == signal.SIGTERM and not self._drain_requested and not self.should_exit and loop is not None:
-            self._drain_requested = True
-            loop.call_soon_threadsafe(self._begin_drain)
-            return
-        if self._drain_requested or self.should_exit:
-            self.force_exit = True
-            if loop is not None:
-                loop.call_soon_threadsafe(log.warning, "second signal (%s): stopping now", signal.Signals(sig).name)
-        super().handle_exit(sig, frame)
-
-    def _begin_drain(self) -> None:
-        log.info(
-            "SIGTERM: draining",
-            extra={"active_calls": len(self.runtime.calls), "drain_seconds": self.runtime.settings.drain_seconds},
-        )
-        task = self.runtime.start_drain()
-        task.add_done_callback(self._drained)
-
-    def _drained(self, task: Any) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("drain failed", exc_info=task.exception())
-        self.should_exit = True
 
 
 def uvicorn_config(app: Any, settings: Settings, *, port: int | None = None, ws: Any = None) -> uvicorn.Config:
@@ -179,7 +129,7 @@ class _Supervisor:
 
     def spawn(self) -> SpawnProcess:
         assert self.sock is not None
-        process = get_subprocess(self.config, target=functools.partial(_run_worker, self.env), sockets=[self.sock])
+        process = worker_process(self.config, functools.partial(_run_worker, self.env), [self.sock])
         process.start()
         if process.pid is not None:
             self.started_at[process.pid] = time.monotonic()
@@ -192,7 +142,7 @@ class _Supervisor:
                 os.kill(child.pid, sig)
 
     def run(self) -> int:
-        self.sock = self.config.bind_socket()
+        self.sock = listening_socket(self.config)
         signal.signal(signal.SIGTERM, self.forward)
         signal.signal(signal.SIGINT, self.forward)
         self.children = [self.spawn() for _ in range(self.workers)]
@@ -248,118 +198,3 @@ def serve(settings: Settings, workers: int = 1) -> None:
     code = _Supervisor(settings, workers, env).run()
     if code:
         raise SystemExit(code)
-
-
-# ---- the Media Stream's WebSocket protocol ---------------------------------------------------------
-
-
-class _MessageQueue:
-    """The part of asyncio.Queue uvicorn's WebSocket protocol uses, for its single consumer (the app's
-    receive()), without the task accounting and the Future per empty get of asyncio.Queue."""
-
-    __slots__ = ("_items", "_loop", "_waiter")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._items: deque[Any] = deque()
-        self._loop = loop
-        self._waiter: asyncio.Future[None] | None = None
-
-    def put_nowait(self, item: Any) -> None:
-        self._items.append(item)
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def get(self) -> Any:
-        items = self._items
-        while not items:
-            waiter = self._waiter = self._loop.create_future()
-            try:
-                await waiter
-            finally:
-                if self._waiter is waiter:
-                    self._waiter = None
-        return items.popleft()
-
-    def empty(self) -> bool:
-        return not self._items
-
-    def qsize(self) -> int:
-        return len(self._items)
-
-
-READ_PAUSE_MESSAGES = 32
-"""Messages waiting for the app before the socket stops being read (uvicorn pauses at 1)."""
-MESSAGES_AFTER_CLOSE = 64
-"""Messages a peer may still send after our close frame (in flight: ~1.3 s of audio); past that it
-is ignoring the close, so the socket is no longer read (uvicorn would read and discard for 10 s)
-and is dropped `IGNORED_CLOSE_GRACE_S` later, after the close frame has had time to arrive."""
-IGNORED_CLOSE_GRACE_S = 1.0
-
-
-class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's sans-I/O WebSocket protocol with flow control per 32 messages instead of per message.
-
-    uvicorn pauses reading after every message and resumes once the app has taken it: 50 times a
-    second per call, plus an asyncio.Queue round trip each time. Here the socket is paused only when
-    32 messages (0.6 s of audio) wait, which still bounds memory. It also offers the app the direct
-    path of relay/asgi_direct.py (receive, synchronous send, and text messages handed over as they
-    arrive). Measured in bench/RESULTS.md.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.queue = _MessageQueue(self.loop)  # type: ignore[assignment]
-        self.direct: DirectWebSocket | None = None
-        self._after_close = 0
-
-    def handle_connect(self, event: Request) -> None:
-        super().handle_connect(event)
-        scope = getattr(self, "scope", None)  # absent when the handshake was refused
-        if scope is not None:
-            self.direct = DirectWebSocket(self)
-            scope["extensions"][DIRECT_EXTENSION] = self.direct
-
-    def send_receive_event_to_app(self) -> None:
-        data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
-        self.frames = []
-        if self.close_sent:  # past websocket.close: discard, as uvicorn does, but not for long
-            self._after_close += 1
-            if self._after_close == MESSAGES_AFTER_CLOSE and not self.transport.is_closing():
-                self.read_paused = True
-                self.transport.pause_reading()
-                if self.close_timer is not None:
-                    self.close_timer.cancel()
-                self.close_timer = self.loop.call_later(IGNORED_CLOSE_GRACE_S, self.transport.close)
-            return
-        if self.curr_msg_data_type == "text":
-            try:
-                text = data.decode()
-            except UnicodeDecodeError as exc:
-                self.logger.warning("invalid UTF-8 in a text frame (at byte %d); closing with 1007", exc.start)
-                self.conn.send_close(1007)
-                self.handle_parser_exception()
-                return
-            on_text = self.direct.on_text if self.direct is not None else None
-            if on_text is not None and self.queue.empty():
-                try:
-                    if on_text(text):
-                        return
-                except Exception:
-                    self.logger.exception("error handling a WebSocket message as it arrived; message dropped")
-                    return
-            self.queue.put_nowait({"type": "websocket.receive", "text": text})
-        else:
-            self.queue.put_nowait({"type": "websocket.receive", "bytes": data})
-        if not self.read_paused and self.queue.qsize() >= READ_PAUSE_MESSAGES:
-            self.read_paused = True
-            self.transport.pause_reading()
-
-    async def receive(self) -> Any:
-        message = await self.queue.get()
-        if self.read_paused and self.queue.qsize() < READ_PAUSE_MESSAGES // 2:
-            self.read_paused = False
-            self.transport.resume_reading()
-        return message

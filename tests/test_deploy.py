@@ -461,10 +461,11 @@ def test_dockerignore_keeps_secrets_and_clutter_out_of_the_build_context(tmp_pat
     dockerignore = ROOT / ".dockerignore"
     assert dockerignore.is_file(), "the build context is the repository root: .dockerignore belongs there"
     sources = dockerfile_copy_sources()
-    assert sources == ["pyproject.toml", "README.md", "relay", "handlers"]
+    assert sources == ["pyproject.toml", "README.md", "requirements.lock", "relay", "handlers"]
     needed = [
         "pyproject.toml",
         "README.md",
+        "requirements.lock",
         "relay/app.py",
         "relay/store/redis.py",
         "relay/twilio/twiml.py",

@@ -1,4 +1,5 @@
-"""The direct message paths: relay/asgi_direct.py (the caller's socket) and relay/realtime/connection.py."""
+"""The direct message paths of both sockets: relay/uvicorn_internals/websocket_protocol.py (the caller's)
+and relay/websockets_internals.py (the Realtime session's)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from relay.asgi_direct import DIRECT_EXTENSION
 from relay.realtime.connection import RealtimeConnection
-from relay.server import RelayWebSocketProtocol
 from relay.sim.local import bind_loopback
+from relay.uvicorn_internals.websocket_protocol import RelayWebSocketProtocol
 
 
 async def test_realtime_connection_offers_each_text_message_before_recv(caplog: pytest.LogCaptureFixture) -> None:

@@ -6,17 +6,16 @@ Used by ``python -m relay demo``, the integration tests and the benchmark.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import socket
-from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
 from relay.app import create_app
 from relay.config import Settings
 from relay.runtime import Runtime
-from relay.server import DrainingServer, uvicorn_config
+from relay.server import uvicorn_config
+from relay.uvicorn_internals.server import InProcessServer
 
 
 def bind_loopback() -> socket.socket:
@@ -26,14 +25,6 @@ def bind_loopback() -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
-
-
-class _InProcessServer(DrainingServer):
-    """Leaves the host program's signal handlers alone (the demo, pytest, the benchmark)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 class LocalRelay:
@@ -48,15 +39,12 @@ class LocalRelay:
         self.settings = dataclasses.replace(settings, host="127.0.0.1", port=self.port)
         self.runtime = Runtime(self.settings, **runtime_kwargs)
         self.app = create_app(self.settings, self.runtime)
-        self.server = _InProcessServer(uvicorn_config(self.app, self.settings, ws=ws_protocol), self.runtime)
+        self.server = InProcessServer(uvicorn_config(self.app, self.settings, ws=ws_protocol), self.runtime)
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> LocalRelay:
         self._task = asyncio.create_task(self.server.serve(sockets=[self._sock]), name="local-relay")
-        while not self.server.started:
-            if self._task.done():
-                self._task.result()
-            await asyncio.sleep(0.01)
+        await self.server.wait_started(self._task)
         return self
 
     async def __aexit__(
@@ -65,11 +53,6 @@ class LocalRelay:
         await self.stop()
 
     async def stop(self) -> None:
-        self.server.should_exit = True
         if self._task is not None:
-            try:
-                await asyncio.wait_for(self._task, timeout=15)
-            except TimeoutError:
-                self.server.force_exit = True
-                await self._task
+            await self.server.stop(self._task, timeout_s=15)
         self._sock.close()

@@ -10,7 +10,7 @@ a request) for as long as it likes. `BoundedHttpProtocol` adds three limits:
 - idle time: a connection must complete each request head within ``idle_timeout_s`` of connecting
   or of the previous response, or it is closed (a slow trickle of header bytes does not reset it).
 
-Relies on uvicorn's HttpToolsProtocol internals (pinned in pyproject.toml).
+See the package docstring for what of uvicorn this relies on.
 """
 
 from __future__ import annotations
