@@ -47,11 +47,6 @@ FLOODED = -1
 """`CallerAudio.arrived`: the frame would put the stream over its audio budget."""
 
 
-def caller_frame(payload: str) -> CallerFrame:
-    """The append message for one frame's base64 payload, built once and moved as is."""
-    return CallerFrame(APPEND_PREFIX + payload + APPEND_SUFFIX)
-
-
 def frame_bytes(frame: CallerFrame) -> int:
     """Exact audio size of the frame an append message carries."""
     return audio_bytes(frame[len(APPEND_PREFIX) : -len(APPEND_SUFFIX)])

@@ -15,9 +15,9 @@ from relay.caller_audio import (
     CallerAudio,
     CallerFrame,
     KeyPress,
-    caller_frame,
     frame_bytes,
 )
+from relay.realtime.client import append_audio
 
 LOG = logging.getLogger("test.caller_audio")
 FRAME = base64.b64encode(b"\xff" * 160).decode()  # 20 ms: 216 characters, two of them padding
@@ -39,7 +39,7 @@ def make(max_dtmf_per_second: float = 5) -> tuple[CallerAudio, Clock]:
 def frames(count: int, start: int = 0) -> list[CallerFrame]:
     """Distinct 20 ms frames, so their order can be checked."""
     return [
-        caller_frame(base64.b64encode(n.to_bytes(2, "big") + b"\xff" * 158).decode())
+        CallerFrame(append_audio(base64.b64encode(n.to_bytes(2, "big") + b"\xff" * 158).decode()))
         for n in range(start, start + count)
     ]
 
@@ -56,7 +56,7 @@ def test_sizes_are_exact_not_three_quarters_of_the_text() -> None:
     audio, _ = make()
     assert len(FRAME) == 216 and len(FRAME) * 3 // 4 == 162
     assert audio.arrived(FRAME) == 160
-    assert frame_bytes(caller_frame(FRAME)) == 160
+    assert frame_bytes(CallerFrame(append_audio(FRAME))) == 160
 
 
 def test_flood_budget_is_the_burst_at_once_then_real_time() -> None:

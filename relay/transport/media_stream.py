@@ -1,11 +1,14 @@
 """The receive side of the caller's socket: each Twilio message to the call core or upstream.
 
-A media frame takes one path whichever way it comes in: `MediaStream.on_text_arrived` (the
-server protocol hands it over inside its data callback, while the receive loop is idle, so no
-task switch and no queue) or `MediaStream.receive_loop` (anything that has to wait) both call
-`Output.caller_frame` (relay/transport/output.py) with the frame's receive time when its hop
-latency is sampled; from there `CallerAudio.arrived` checks the budget and `_write_text` puts
-it in the Realtime socket. That is the whole trip: 3 files, 6 functions.
+A caller frame from the Twilio socket to the Realtime socket, in 3 files and 6 functions:
+
+1. `MediaStream.on_text_arrived` (here: inside the server protocol's data callback, while the
+   receive loop is idle, so no queue and no task switch) or 2. `MediaStream.receive_loop` (here:
+   anything that has to wait) both call, with the frame's receive time when its hop latency is
+   sampled, 3. `Output.caller_frame` (relay/transport/output.py), which asks 4. `CallerAudio.arrived`
+   (relay/caller_audio.py) for the budget and the frame's exact size, writes the frame with
+   5. `_write_text` (output.py) and records it in the replay window with 6. `CallerAudio.sent`
+   (or keeps it with `CallerAudio.hold` while no session is open).
 """
 
 from __future__ import annotations

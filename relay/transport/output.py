@@ -7,11 +7,7 @@ messages handled inside a socket's data callback and the awaiting path (`flush`,
 drains). Caller audio is a `CallerFrame` and never passes through the core's messages; the
 policy for it (budget, replay, backlog) is `relay.caller_audio`'s.
 
-A caller frame, Twilio socket to Realtime socket (3 files, 6 functions):
-``relay/transport/media_stream.py`` `MediaStream.on_text_arrived` (in the server protocol's data
-callback) or `MediaStream.receive_loop` -> ``relay/transport/output.py`` `Output.caller_frame`
--> ``relay/caller_audio.py`` `CallerAudio.arrived` (budget, size) -> `_write_text` (into the
-socket) -> `CallerAudio.sent` (replay window).
+The way of one caller frame through these modules is told in relay/transport/media_stream.py.
 """
 
 from __future__ import annotations
