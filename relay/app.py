@@ -22,12 +22,12 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from relay import logs
-from relay.bridge import CallBridge
 from relay.config import Settings
 from relay.logbound import clip
 from relay.metrics import CONTENT_TYPE
 from relay.runtime import Runtime
 from relay.security import InvalidSignature, check_signature, mint_stream_token, public_request_url
+from relay.transport.lifecycle import MediaStreamCall
 from relay.twilio import twiml
 
 log = logging.getLogger("relay.app")
@@ -136,7 +136,7 @@ async def incoming_call(request: Request) -> Response:
 
 async def media_stream(websocket: WebSocket) -> None:
     runtime: Runtime = websocket.app.state.runtime
-    await CallBridge(runtime, websocket).run()
+    await MediaStreamCall(runtime, websocket).run()
 
 
 async def transfer_whisper(request: Request) -> Response:

@@ -79,3 +79,9 @@ def write_text(upstream: ClientConnection, text: str) -> bool:
     upstream.protocol.send_text(text.encode())
     upstream.send_data()
     return upstream.paused
+
+
+def write_paused(upstream: ClientConnection) -> bool:
+    """True while websockets' flow control says to wait (``drain()``) before writing more: the
+    transport's buffer is over its high-water mark. ``Connection.paused`` is not documented."""
+    return upstream.paused

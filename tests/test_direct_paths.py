@@ -14,9 +14,9 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from relay.asgi_direct import DIRECT_EXTENSION
-from relay.realtime.connection import RealtimeConnection
 from relay.sim.local import bind_loopback
 from relay.uvicorn_internals.websocket_protocol import RelayWebSocketProtocol
+from relay.websockets_internals import RealtimeConnection
 
 
 async def test_realtime_connection_offers_each_text_message_before_recv(caplog: pytest.LogCaptureFixture) -> None:

@@ -19,11 +19,11 @@ from pydantic import TypeAdapter
 from twilio.request_validator import RequestValidator
 
 from relay.agent_settings import AgentSettings, DtmfSettings, VadSettings
-from relay.realtime.connection import RealtimeConnection
 from relay.security import mint_stream_token
 from relay.sim import ulaw
 from relay.sim.local import LocalRelay
 from relay.sim.realtime import RealtimeSimulator, SimConfig
+from relay.websockets_internals import RealtimeConnection
 
 CLIENT_TYPES = {"ga": TypeAdapter(GaClientEvent), "beta": TypeAdapter(BetaClientEvent)}
 

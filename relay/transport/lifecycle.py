@@ -1,0 +1,401 @@
+"""One phone call over a Media Stream, from admission to the last task's end.
+
+`MediaStreamCall` is what the route runs and what the runtime knows as a live stream. It wires
+the call core (relay.call) to the caller's socket (`media_stream`), the Realtime session
+(`realtime_session`) and the one output path (`output`), runs the core's effects (store, metrics,
+tools), and makes sure every task and socket of the call ends with it: hang-up, transfer, the
+drain goodbye and the teardown are here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from starlette.websockets import WebSocket
+from websockets.asyncio.client import ClientConnection
+
+from relay import logs
+from relay.asgi_direct import DirectWebSocket
+from relay.call import Call, Effect, Entry, Metric, RunTool, SummaryReady, UpstreamFailed, UsageReport
+from relay.caller_audio import CallerAudio
+from relay.ownership import CallHold
+from relay.security import frame_caller_notes
+from relay.store.base import caller_memory_refusal
+from relay.tools import ToolContext
+from relay.transport.admission import Admission, Admitted, refuse
+from relay.transport.ending import CallEnd
+from relay.transport.live_hold import LiveHold
+from relay.transport.media_stream import MediaStream
+from relay.transport.output import Output
+from relay.transport.realtime_session import RealtimeSession
+from relay.transport.twilio_socket import CLOSE_NORMAL, TwilioSocket
+from relay.twilio import twiml
+
+if TYPE_CHECKING:
+    from relay.runtime import Runtime
+
+FINAL_SUMMARY_WAIT_S = 4.0
+CALLER_MEMORY_TIMEOUT_S = 0.5
+PLAYBACK_POLL_S = 0.02
+GOODBYE_START_S = 0.2  # for the goodbye's first audio to be sent before playback is awaited
+
+
+class MediaStreamCall(LiveHold):
+    """A call's Media Stream; ``await MediaStreamCall(runtime, websocket).run()`` serves it."""
+
+    def __init__(self, runtime: Runtime, websocket: WebSocket) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.twilio = TwilioSocket(websocket)
+        self.log = logs.call_logger("", "")
+        self.call: Call | None = None
+        self.call_sid = ""
+        self.caller = ""
+        self.called = ""
+        self.caller_memory: str | None = None  # notes from earlier calls: never passed on to a transfer whisper
+        self.memory_on = False  # caller memory is read and written for this call (see _serve)
+        self.end = CallEnd()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._twilio_task: asyncio.Task[None] | None = None
+        self._upstream_task: asyncio.Task[None] | None = None
+        self._final_summary = asyncio.Event()
+        self._output: Output | None = None
+        self._session: RealtimeSession | None = None
+        self._caller_audio: CallerAudio | None = None
+        self.cost_usd = 0.0
+        self.started_at = time.monotonic()
+        self.agent = self.settings.agent
+        self.allowed_tools: tuple[str, ...] | None = None
+        self._skipped_note = ""
+        self._hold: CallHold | None = None  # the call's one live stream across instances (relay/ownership.py)
+
+    @property
+    def _direct(self) -> DirectWebSocket | None:
+        """The relay server's direct path for this socket's messages (None under plain ASGI)."""
+        return self.twilio.direct
+
+    @property
+    def upstream(self) -> ClientConnection | None:
+        """The open Realtime socket, if any."""
+        return self._output.upstream if self._output is not None else None
+
+    async def run(self) -> None:
+        """Serve one Media Stream from accept to the last task's end."""
+        admitted = await Admission(self.runtime, self.twilio).run()
+        if admitted is not None:
+            await self._serve(admitted)
+
+    async def _refuse(self, code: int, reason: str) -> None:
+        await refuse(self.runtime, self.twilio, code, reason, self._skipped_note)
+
+    async def _serve(self, admitted: Admitted) -> None:
+        runtime = self.runtime
+        start, grant = admitted.start, admitted.grant
+        self.log = admitted.log
+        self._skipped_note = admitted.skipped_note
+        self.call_sid = grant.call_sid
+        self.caller = grant.caller  # the numbers the token was minted with, i.e. what Twilio signed
+        self.called = grant.called
+        if not await self._take_call():
+            return
+        if self.settings.caller_memory:
+            refusal = caller_memory_refusal(self.caller)
+            self.memory_on = refusal is None
+            if refusal is not None:
+                self.log.info("caller memory off for this call: %s", refusal)
+        try:
+            self.agent = runtime.profile_for(self.called)
+            self.allowed_tools = self.agent.tools
+            memory = self.caller_memory = await self._caller_memory()
+            call = self.call = Call(
+                call_sid=start.call_sid,
+                stream_sid=start.stream_sid,
+                dialect=runtime.dialect,
+                agent=self.agent,
+                model=self.settings.model_for(self.agent),
+                tools=runtime.tools.specs(self.allowed_tools, self.agent),
+                instructions_suffix=frame_caller_notes(memory) if memory else "",
+                summary_max_turns=self.settings.summary_max_turns,
+                summary_max_tokens=self.settings.summary_max_tokens,
+                summary_keep_turns=self.settings.summary_keep_turns,
+                logger=logs.call_logger(start.call_sid, start.stream_sid),
+            )
+        except BaseException:
+            await self._release_call()
+            raise
+        audio = self._caller_audio = CallerAudio(
+            time.monotonic, self.log, max_dtmf_per_second=self.settings.max_dtmf_per_second
+        )
+        output = self._output = Output(call, self.twilio, audio, runtime.metrics, self._apply)
+        stream = MediaStream(
+            call,
+            self.twilio,
+            output,
+            audio,
+            self.end,
+            self.log,
+            max_frame_bytes=self.settings.max_twilio_message_bytes,
+            spawn=self._spawn,
+        )
+        session = self._session = RealtimeSession(
+            call,
+            output,
+            audio,
+            self.end,
+            self.log,
+            settings=self.settings,
+            dialect=runtime.dialect,
+            metrics=runtime.metrics,
+            finish=self._end,
+            spawn=self._spawn,
+        )
+        runtime.metrics.calls_started.inc()
+        runtime.store.call_started(
+            self.call_sid,
+            {
+                "from": self.caller,
+                "to": self.called,
+                "stream_sid": start.stream_sid,
+                "started": datetime.now(UTC).isoformat(),
+                "instance": runtime.instance_id,
+                "dialect": runtime.dialect.name,
+                "model": call.model,
+                "profile": self.agent.name,
+                "caller_memory": "1" if memory else "0",
+            },
+        )
+        self.log.log(
+            logging.WARNING if self._skipped_note else logging.INFO,
+            "call started%s",
+            self._skipped_note,
+            extra={"caller_known": bool(memory), "profile": self.agent.name},
+        )
+        self._upstream_task = asyncio.create_task(session.supervise(), name=f"upstream-{self.call_sid}")
+        # Its own task: each frame then resumes a 4-deep coroutine chain, not the ~20 frames of ASGI
+        # middleware above this one (bench/RESULTS.md). Cancelling the ASGI task still cancels it.
+        self._twilio_task = asyncio.create_task(stream.receive_loop(), name=f"twilio-{self.call_sid}")
+        try:
+            await self._twilio_task
+        except asyncio.CancelledError:
+            if not self.end.ending:
+                raise
+        finally:
+            await self._teardown()
+
+    async def _caller_memory(self) -> str | None:
+        if not self.memory_on:
+            return None
+        try:
+            return await asyncio.wait_for(
+                self.runtime.store.get_caller_memory(self.caller), timeout=CALLER_MEMORY_TIMEOUT_S
+            )
+        except Exception as exc:
+            self.log.warning("caller memory unavailable (%s); continuing without", type(exc).__name__)
+            return None
+
+    # ---- effects and tasks ---------------------------------------------------------------------
+
+    def _apply(self, effect: Effect) -> None:
+        store = self.runtime.store
+        metrics = self.runtime.metrics
+        if isinstance(effect, Metric):
+            metrics.observe(effect.name, effect.value, effect.label)
+        elif isinstance(effect, Entry):
+            store.add_entry(self.call_sid, {"kind": effect.kind, "t": time.time(), **effect.data})
+        elif isinstance(effect, UsageReport):
+            store.add_usage(self.call_sid, effect.usage)
+            self.cost_usd += metrics.record_usage(effect.usage, self.settings.price_per_1k_tokens)
+        elif isinstance(effect, RunTool):
+            self._spawn(self._run_tool(effect), f"tool-{effect.name}")
+        elif isinstance(effect, SummaryReady):
+            store.set_summary(self.call_sid, effect.text)
+            if effect.final:
+                if self.memory_on:
+                    store.set_caller_memory(self.caller, effect.text)
+                self._final_summary.set()
+        elif isinstance(effect, UpstreamFailed):
+            assert self._session is not None, "effects come from a call that has a session"
+            self._session.failed(effect)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"{name}-{self.call_sid}")
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """A side task of the call ended: an exception is a bug, logged with the call's SIDs at once."""
+        self.tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.log.error("task %s of this call failed", task.get_name(), exc_info=exc)
+
+    async def _flush(self) -> None:
+        assert self._output is not None
+        await self._output.flush()
+
+    # ---- tools ---------------------------------------------------------------------------------
+
+    def tool_context(self) -> ToolContext:
+        return ToolContext(
+            call_sid=self.call_sid,
+            caller=self.caller,
+            called=self.called,
+            profile=self.agent,
+            store=self.runtime.store,
+            log=logs.call_logger(self.call_sid, self.call.stream_sid if self.call else "", "relay.tools"),
+            end_call=self.end_call,
+            transfer_call=self.transfer_call,
+            summary=lambda: self.call.summary if self.call else None,
+        )
+
+    async def _run_tool(self, request: RunTool) -> None:
+        assert self.call is not None
+        result = await self.runtime.tools.run(
+            request.name, request.arguments, self.tool_context(), allowed=self.allowed_tools
+        )
+        self.runtime.metrics.tool_call(request.name, result.outcome, result.duration_s)
+        if self.end.ending or self.call.phase.value == "closed":
+            return  # the call ended (end_call, transfer, hang-up): no new response for a dead line
+        self.call.tool_result(request.call_id, result.output, ok=result.outcome == "ok")
+        await self._flush()
+
+    async def wait_playback_idle(self, timeout: float) -> bool:
+        """Until Twilio has acknowledged every mark of the audio sent (or the timeout)."""
+        assert self.call is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.call.playback_idle or not self.twilio.open:
+                return True
+            await asyncio.sleep(PLAYBACK_POLL_S)
+        return False
+
+    async def end_call(self, reason: str = "assistant_ended") -> None:
+        """Let the goodbye play out, then hang up through Twilio's REST API and close both sockets."""
+        played = await self.wait_playback_idle(self.settings.end_call_mark_timeout_s)
+        if not played:
+            self.log.info("goodbye not acknowledged within %.1f s; hanging up", self.settings.end_call_mark_timeout_s)
+        control = self.runtime.twilio_control
+        if control is not None:
+            try:
+                await control.hangup(self.call_sid)
+            except Exception as exc:
+                self.log.warning("REST hang-up failed (%s); closing the stream instead", type(exc).__name__)
+        await self._end(reason)
+
+    async def transfer_call(self, number: str, whisper: str | None = None) -> None:
+        """Hand the caller to a human: the live call's TwiML becomes <Dial>, which ends our stream."""
+        control = self.runtime.twilio_control
+        await self.wait_playback_idle(self.settings.end_call_mark_timeout_s)
+        if control is None:
+            raise RuntimeError("transfers need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
+        await control.redirect(
+            self.call_sid, twiml.dial(number, whisper_url=self.runtime.whisper_url(whisper, memory=self.caller_memory))
+        )
+        await self._end("transferred")
+
+    # ---- ending ------------------------------------------------------------------------------------
+
+    async def _end(self, reason: str) -> None:
+        """End the call from our side: stop the Twilio loop, which runs the teardown."""
+        self.end.begin(reason)
+        if reason == "realtime_unavailable" or reason.startswith("realtime_error"):
+            await self._redirect_to_fallback()
+        await self.twilio.close(CLOSE_NORMAL, reason[:100])
+        task = self._twilio_task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
+
+    async def _redirect_to_fallback(self) -> None:
+        number = self.settings.fallback_number
+        control = self.runtime.twilio_control
+        if not number or control is None:
+            return
+        try:
+            await control.redirect(self.call_sid, twiml.dial(number))
+            self.log.info("call redirected to the fallback number")
+        except Exception as exc:
+            self.log.warning("fallback redirect failed (%s)", type(exc).__name__)
+
+    async def goodbye(self, text: str, timeout: float) -> None:
+        """Shutdown: a short spoken goodbye where the session allows, then close."""
+        call = self.call
+        if call is not None and call.session_ready and self.upstream is not None and not self.end.ending:
+            call.note_event("drain_goodbye")
+            call.say(f"Say exactly this and nothing else: {text}", interrupt=True)
+            await self._flush()
+            await asyncio.sleep(GOODBYE_START_S)
+            await self.wait_playback_idle(timeout)
+        await self._end("shutdown")
+
+    async def _teardown(self) -> None:
+        call = self.call
+        if call is None:
+            return
+        reason = self.end.begin("stream_closed")
+        if (
+            self.memory_on
+            and self.upstream is not None
+            and call.session_ready
+            and (call.turn_count > 0 or call.summary)
+        ):
+            if call.request_summary(final=True):
+                await self._flush()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._final_summary.wait(), FINAL_SUMMARY_WAIT_S)
+        call.close(reason)
+        for effect in call.take_output()[2]:
+            self._apply(effect)
+        if self._upstream_task is not None and self._upstream_task is not asyncio.current_task():
+            self._upstream_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._upstream_task
+        for task in list(self.tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        if self.tasks:
+            await asyncio.gather(*[t for t in self.tasks if t is not asyncio.current_task()], return_exceptions=True)
+        upstream = self.upstream
+        if upstream is not None:
+            with contextlib.suppress(Exception):
+                await upstream.close()
+            assert self._output is not None
+            self._output.upstream = None
+        await self.twilio.close(CLOSE_NORMAL, "call ended")
+        ended = self._record_end(call, reason)
+        await self._release_call()
+        self.log.info("call ended", extra=ended)
+
+    def _record_end(self, call: Call, reason: str) -> dict[str, object]:
+        """The call's record and metrics at its end; returns the fields of its last log line."""
+        duration = time.monotonic() - self.started_at
+        self.runtime.store.call_updated(
+            self.call_sid,
+            {
+                "ended": datetime.now(UTC).isoformat(),
+                "end_reason": reason,
+                "duration_s": f"{duration:.1f}",
+                "frames_in": str(call.frames_in),
+                "frames_out": str(call.frames_out),
+                "cost_usd": f"{self.cost_usd:.4f}",
+            },
+        )
+        self.runtime.metrics.call_ended(reason, duration)
+        if self.settings.price_per_1k_tokens:
+            self.runtime.metrics.call_cost.observe(self.cost_usd)
+        audio = self._caller_audio
+        assert audio is not None, "a call has its caller audio"
+        return {
+            "reason": reason,
+            "duration_s": round(duration, 1),
+            "frames_in": call.frames_in,
+            "frames_out": call.frames_out,
+            "malformed_frames": audio.malformed_frames,
+            "ignored_from_twilio": audio.repeats.counts | call.repeats.counts,
+            "audio_dropped_frames": audio.dropped_frames,
+        }

@@ -1,0 +1,76 @@
+"""This call's hold on being the one live stream of its call: here and, through the store, everywhere.
+
+The hold itself (claim, renewal with every beat of the instance, take-back, release) is
+relay/ownership.py's; the transport's part is to take it on admission, refuse the stream when
+another instance holds the call, and release it last.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+from relay import logs
+from relay.ownership import CallHold
+from relay.transport.ending import CallEnd
+from relay.transport.twilio_socket import CLOSE_POLICY
+
+if TYPE_CHECKING:
+    from relay.call import Call
+    from relay.runtime import Runtime
+
+
+class LiveHold(ABC):
+    """The live-stream hold of a call's transport; the class using it provides the rest."""
+
+    runtime: Runtime
+    call_sid: str
+    called: str
+    call: Call | None
+    end: CallEnd
+    log: logs.CallLogger
+    _hold: CallHold | None
+
+    @abstractmethod
+    async def _refuse(self, code: int, reason: str) -> None: ...
+
+    @abstractmethod
+    async def _end(self, reason: str) -> None: ...
+
+    @abstractmethod
+    async def goodbye(self, text: str, timeout: float) -> None: ...
+
+    def _phase(self) -> str:
+        """What the live-call listing shows for this call (read with every beat)."""
+        if self.end.ending:
+            return "ending"
+        return self.call.phase.value if self.call is not None else "connecting"
+
+    async def _take_call(self) -> bool:
+        """Make this the call's one live stream, on this instance and (through the store) on all."""
+        runtime = self.runtime
+        if not runtime.register(self):
+            await self._refuse(CLOSE_POLICY, "call already live: another stream of it is on this instance")
+            return False
+        self._hold = runtime.ownership.hold(
+            self.call_sid,
+            profile=runtime.profile_for(self.called).name,
+            direction="inbound",
+            phase=self._phase,
+            on_superseded=lambda: self._end("superseded"),
+            log=self.log,
+        )
+        holder = await self._hold.take()
+        if holder is not None:
+            runtime.unregister(self)
+            await self._refuse(CLOSE_POLICY, f"call already live: another stream of it is on {holder}")
+            return False
+        return True
+
+    async def _release_call(self) -> None:
+        """The stream is over: stop renewing and let go of the store's hold, then leave this instance's
+        registry (in that order: a new stream of the call here must not find the old hold and lose
+        its own to this release)."""
+        if self._hold is not None:
+            await self._hold.release()
+        self.runtime.unregister(self)

@@ -1,0 +1,153 @@
+"""The one path by which anything reaches the caller's socket or the Realtime socket.
+
+Two things are written: a caller frame as it comes in (`Output.caller_frame`, 50 a second), and
+what the call core produced since the last time (`Output.write`: ``call.take_output()`` ->
+messages for Twilio, messages for Realtime, effects). `write` never waits, so it serves both the
+messages handled inside a socket's data callback and the awaiting path (`flush`, which then
+drains). Caller audio is a `CallerFrame` and never passes through the core's messages; the
+policy for it (budget, replay, backlog) is `relay.caller_audio`'s.
+
+The way of one caller frame through these modules is told in relay/transport/media_stream.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from enum import Enum
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.protocol import State
+
+from relay.call import Call, Effect
+from relay.caller_audio import FLOODED, CallerAudio, CallerFrame, frame_bytes
+from relay.metrics import Metrics
+from relay.realtime.client import APPEND_PREFIX, APPEND_SUFFIX
+from relay.transport.twilio_socket import TwilioSocket
+from relay.websockets_internals import write_paused, write_text
+
+
+class FrameOutcome(Enum):
+    """What became of one caller frame handed to `Output.caller_frame`."""
+
+    TAKEN = "taken"  # written upstream, or kept for the next session
+    WAIT = "wait"  # written; the Realtime socket's buffer is over its limit: drain before the next
+    FLOOD = "flood"  # over the stream's audio budget: nothing done, the stream is to be closed
+
+
+class Output:
+    """Writes to both sockets of one call; `upstream` is the current Realtime socket, or None."""
+
+    def __init__(
+        self,
+        call: Call,
+        twilio: TwilioSocket,
+        caller_audio: CallerAudio,
+        metrics: Metrics,
+        apply: Callable[[Effect], None],
+    ) -> None:
+        self.call = call
+        self.twilio = twilio
+        self.caller_audio = caller_audio
+        self.upstream: ClientConnection | None = None
+        self._apply = apply
+        # bound once per call: these run for every caller frame
+        self._arrived = caller_audio.arrived
+        self._sent = caller_audio.sent
+        self._hop_up = metrics.hop_latency.labels("caller_to_realtime")
+        self._audio_dropped = metrics.caller_audio_dropped
+
+    def caller_frame(self, payload: str, t0: float) -> FrameOutcome:
+        """Send one caller frame upstream, or keep it for the next session when none is open.
+
+        ``t0``: when the frame was received (``perf_counter``) if its hop latency is sampled, else 0.
+        """
+        size = self._arrived(payload)
+        if size == FLOODED:
+            return FrameOutcome.FLOOD
+        self.call.frames_in += 1
+        # a CallerFrame by construction; calling the NewType would cost a call per frame
+        frame: CallerFrame = APPEND_PREFIX + payload + APPEND_SUFFIX  # type: ignore[assignment]
+        outcome = FrameOutcome.TAKEN
+        upstream = self.upstream
+        if upstream is not None and upstream.state is State.OPEN:
+            try:
+                if write_text(upstream, frame):
+                    outcome = FrameOutcome.WAIT
+                self._sent(size, frame)
+            except websockets.ConnectionClosed:
+                self._hold(frame)
+        else:
+            # A closing socket makes send() wait for the close handshake; the caller must never wait.
+            self._hold(frame)
+        if t0:
+            self._hop_up.observe(time.perf_counter() - t0)
+        return outcome
+
+    def _hold(self, frame: CallerFrame) -> None:
+        if self.caller_audio.hold(frame):
+            self._audio_dropped.inc()
+
+    def write(self, replay: list[CallerFrame] | None = None) -> bool:
+        """Write what the call produced and perform its effects, without waiting.
+
+        ``replay`` (caller audio for a new session) goes right after the call's own messages to
+        the Realtime socket, so no live frame can come in between. True when a socket's buffer is
+        over its limit: await `drain` before writing more (inside a data callback, where nothing
+        can wait, the next message's check sees the full buffer instead).
+        """
+        to_twilio, to_upstream, effects = self.call.take_output()
+        twilio_full = False
+        for text in to_twilio:
+            twilio_full = self.twilio.write(text) or twilio_full
+        upstream_full = False
+        upstream = self.upstream
+        for text in to_upstream:
+            upstream_full = self._write_upstream(upstream, text) or upstream_full
+        if replay:
+            upstream_full = self._replay(upstream, replay) or upstream_full
+        for effect in effects:
+            self._apply(effect)
+        return twilio_full or upstream_full
+
+    @staticmethod
+    def _write_upstream(upstream: ClientConnection | None, text: str) -> bool:
+        if upstream is None or upstream.state is not State.OPEN:
+            return False  # the core's messages for a lost session: the next one is configured anew
+        try:
+            return write_text(upstream, text)
+        except websockets.ConnectionClosed:
+            return False
+
+    def _replay(self, upstream: ClientConnection | None, replay: list[CallerFrame]) -> bool:
+        """Caller audio again, for a new session: each frame counts in its replay window in turn."""
+        full = False
+        for frame in replay:
+            if upstream is None or upstream.state is not State.OPEN:
+                self._hold(frame)
+                continue
+            try:
+                full = write_text(upstream, frame) or full
+            except websockets.ConnectionClosed:
+                self._hold(frame)
+                continue
+            self.caller_audio.sent(frame_bytes(frame), frame)
+        return full
+
+    async def drain(self) -> None:
+        """Until both sockets have taken what was written (a closed one counts as done)."""
+        await self.twilio.drain()
+        await self.drain_upstream()
+
+    async def drain_upstream(self) -> None:
+        upstream = self.upstream
+        if upstream is not None and write_paused(upstream):
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await upstream.drain()  # on a close, the message dies in flight; a new session replays
+
+    async def flush(self, replay: list[CallerFrame] | None = None) -> None:
+        """`write`, then wait until it has gone out."""
+        if self.write(replay):
+            await self.drain()
