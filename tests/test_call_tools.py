@@ -2,56 +2,72 @@
 
 from __future__ import annotations
 
+import logging
+
 import orjson
 from call_support import make_call, ready
 
 from relay.call import Call, Effect, Entry, Phase, RunTool
-from relay.call.machines import Tools
+from relay.call.effects import Outbox
+from relay.call.machines import TOOLS_TABLE, Machine, Tools
 from relay.call.tool_batches import ToolBatches
+from relay.logbound import RepeatLimiter
 from relay.realtime import events as ev
 
 
+def batches() -> tuple[ToolBatches, Outbox]:
+    outbox = Outbox()
+    limiter = RepeatLimiter(logging.getLogger("relay.call"))
+    return ToolBatches(outbox, Machine("tools", TOOLS_TABLE, Tools.IDLE, limiter)), outbox
+
+
 def test_a_batch_is_complete_once_done_and_every_call_is_answered() -> None:
-    batches = ToolBatches()
-    batches.start("r", "c1")
-    batches.start("r", "c2")
-    assert batches.running and batches.started("c1")
-    assert batches.awaited("c1") and batches.answer("c1") == "r"
-    assert not batches.awaited("c1")  # answered once
-    batches.response_done("r", made_calls=True)
-    assert not batches.take_complete("r")  # c2 is still out
-    batches.answer("c2")
-    assert not batches.running
-    assert batches.take_complete("r")
-    assert not batches.take_complete("r")  # once
+    tools, outbox = batches()
+    tools.start("r", "c1", "lookup", "{}")
+    tools.start("r", "c2", "lookup", "{}")
+    assert tools.running and tools.machine.state is Tools.RUNNING
+    assert tools.result("c1", "1", ok=True, session_ready=True) == "r"
+    assert tools.result("c1", "1", ok=True, session_ready=True) is None  # answered once
+    tools.response_done("r", made_calls=True)
+    assert not tools.take_complete("r")  # c2 is still out
+    assert tools.result("c2", "x" * 5000, ok=False, session_ready=False) == "r"
+    assert not tools.running and tools.machine.state is Tools.IDLE
+    assert tools.take_complete("r")
+    assert not tools.take_complete("r")  # once
+    _, upstream, effects = outbox.take()
+    assert [orjson.loads(m)["item"]["call_id"] for m in upstream] == ["c1"]  # no session: c2 output is not sent
+    assert effects[-1] == Entry("tool_result", {"call_id": "c2", "output": "x" * 4000, "ok": False})
+    assert [type(e).__name__ for e in effects] == ["Entry", "RunTool", "Entry", "RunTool", "Entry", "Entry"]
 
 
 def test_a_batch_without_any_answer_is_never_complete() -> None:
-    batches = ToolBatches()
-    batches.response_done("r", made_calls=True)
-    assert not batches.take_complete("r")
+    tools, _ = batches()
+    tools.response_done("r", made_calls=True)
+    assert not tools.take_complete("r")
 
 
 def test_a_response_done_for_a_response_without_calls_makes_no_batch() -> None:
-    batches = ToolBatches()
-    batches.response_done("r", made_calls=False)
-    assert not batches.running and not batches.take_complete("r")
+    tools, _ = batches()
+    tools.response_done("r", made_calls=False)
+    assert not tools.running and not tools.take_complete("r")
 
 
 def test_a_lost_session_abandons_every_call_it_made() -> None:
-    batches = ToolBatches()
-    batches.start("r", "c1")
-    batches.abandon()
-    assert not batches.running and not batches.awaited("c1")
-    assert batches.response_of("c1") == "r"  # known, so a late result is not "never started"
+    tools, _ = batches()
+    tools.start("r", "c1", "lookup", "{}")
+    tools.abandon()
+    assert not tools.running and not tools.awaited("c1")
+    assert tools.machine.state is Tools.IDLE
+    assert tools.result("c1", "{}", ok=True, session_ready=True) is None
+    assert tools.machine.refused == 0  # it was started: a late result is no surprise
 
 
 def test_beta_arguments_done_takes_the_name_from_the_output_item() -> None:
-    batches = ToolBatches()
-    batches.note_name("item_1", "lookup_order")
-    assert batches.name_for("item_1", "") == "lookup_order"
-    assert batches.name_for("item_1", "") == ""  # used once
-    assert batches.name_for("item_2", "from_ga") == "from_ga"
+    tools, _ = batches()
+    tools.note_name("item_1", "lookup_order")
+    assert tools.name_for("item_1", "") == "lookup_order"
+    assert tools.name_for("item_1", "") == ""  # used once
+    assert tools.name_for("item_2", "from_ga") == "from_ga"
 
 
 def tool_call() -> tuple[Call, list[Effect]]:

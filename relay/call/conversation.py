@@ -17,6 +17,7 @@ from typing import Any
 from relay.call.effects import Entry, Metric, Outbox, SummaryReady
 from relay.config import AgentSettings
 from relay.realtime import client
+from relay.realtime import events as ev
 from relay.realtime.dialect import Dialect
 
 SUMMARY_PURPOSE = "summary"
@@ -148,6 +149,16 @@ class Conversation:
             metadata={"purpose": SUMMARY_PURPOSE, "final": "1" if final else "0"},
             text_only=True,
         )
+
+    def summary_done(self, event: ev.ResponseDone, *, session_ready: bool) -> None:
+        """response.done of an out-of-band response: if it was the summary, apply what it wrote."""
+        metadata = event.metadata or {}
+        if metadata.get("purpose") != SUMMARY_PURPOSE:
+            return
+        self.summary_in_flight = False
+        text = event.output_text.strip()
+        if event.status == "completed" and text:
+            self.apply_summary(text, final=metadata.get("final") == "1", session_ready=session_ready)
 
     def apply_summary(self, text: str, *, final: bool, session_ready: bool) -> None:
         """A summary arrived: keep it and, mid-call, trim the session's oldest items to it."""

@@ -14,6 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from relay.call.effects import Entry, Outbox, RunTool
+from relay.call.machines import Machine, Tools
+from relay.logbound import clip
+from relay.realtime import client
+
+TOOL_OUTPUT_CHARS_RECORDED = 4000
+"""A tool's output is recorded in the call's entries up to this many characters."""
+
 
 @dataclass(slots=True)
 class ToolBatch:
@@ -25,11 +33,13 @@ class ToolBatch:
 
 
 class ToolBatches:
-    """Every batch of the call, and which response each function call belongs to."""
+    """Every batch of the call, which response each function call belongs to, and the tools machine."""
 
-    __slots__ = ("_batches", "_call_response", "_function_names", "_started")
+    __slots__ = ("_batches", "_call_response", "_function_names", "_outbox", "_started", "machine")
 
-    def __init__(self) -> None:
+    def __init__(self, outbox: Outbox, machine: Machine[Tools]) -> None:
+        self._outbox = outbox
+        self.machine = machine
         self._batches: dict[str, ToolBatch] = {}
         self._call_response: dict[str, str] = {}
         self._started: set[str] = set()
@@ -48,15 +58,37 @@ class ToolBatches:
         """The function's name for ``arguments.done`` of `item_id` ("" if unknown so far)."""
         return self._function_names.pop(item_id, "") or announced
 
-    def started(self, call_id: str) -> bool:
-        """`call_id` was started before (a call runs once)."""
-        return call_id in self._started
-
-    def start(self, response_id: str, call_id: str) -> None:
-        """Record a call of `response_id`, now waiting for its result."""
+    def start(self, response_id: str, call_id: str, name: str, arguments: str) -> None:
+        """Run `call_id` of `response_id` (once, however often it is announced) and wait for its result."""
+        if call_id in self._started or not self.machine.fire("start"):
+            return
         self._started.add(call_id)
         self._batches.setdefault(response_id, ToolBatch()).pending.add(call_id)
         self._call_response[call_id] = response_id
+        effects = self._outbox.effects
+        effects.append(Entry("tool_call", {"call_id": call_id, "name": name, "arguments": arguments}))
+        effects.append(RunTool(response_id, call_id, name, arguments))
+
+    def result(self, call_id: str, output: str, *, ok: bool, session_ready: bool) -> str | None:
+        """A handler's result: recorded and given to the model. Returns the response that made the
+        call, or None when nobody waits for it (answered before, its session lost, never started)."""
+        if call_id not in self._call_response:
+            self.machine.refuse("result", f"call {clip(call_id)} was never started")
+            return None
+        if not self.awaited(call_id) or not self.machine.fire("result"):
+            return None
+        response_id = self._call_response[call_id]
+        batch = self._batches[response_id]
+        batch.pending.discard(call_id)
+        batch.answered += 1
+        self._outbox.effects.append(
+            Entry("tool_result", {"call_id": call_id, "output": output[:TOOL_OUTPUT_CHARS_RECORDED], "ok": ok})
+        )
+        if session_ready:
+            self._outbox.send_upstream(client.function_output(call_id, output))
+        if not self.running:
+            self.machine.fire("answered")
+        return response_id
 
     def response_of(self, call_id: str) -> str | None:
         """The response that made `call_id`, or None if no such call was ever started."""
@@ -67,14 +99,6 @@ class ToolBatches:
         response_id = self._call_response.get(call_id)
         batch = self._batches.get(response_id) if response_id is not None else None
         return batch is not None and call_id in batch.pending
-
-    def answer(self, call_id: str) -> str:
-        """`call_id`'s result is in (it must be `awaited`); returns the response that made it."""
-        response_id = self._call_response[call_id]
-        batch = self._batches[response_id]
-        batch.pending.discard(call_id)
-        batch.answered += 1
-        return response_id
 
     def response_done(self, response_id: str, *, made_calls: bool) -> None:
         """response.done of `response_id`; a batch is made for it if it made calls."""
@@ -94,3 +118,5 @@ class ToolBatches:
         """The session that made the calls is gone: their results are no longer awaited."""
         for batch in self._batches.values():
             batch.pending.clear()
+        if self.machine.state is Tools.RUNNING:
+            self.machine.fire("lost")
