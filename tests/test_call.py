@@ -305,7 +305,7 @@ def test_property_played_never_exceeds_received(sequence: list[tuple[str, int, i
         for item, played in call.played_bytes.items():
             assert played <= call.received_bytes[item]
         assert call.unplayed_bytes >= 0
-        assert call.unplayed_bytes == sum(n for _, _, n, _ in call.pending_marks)
+        assert call.unplayed_bytes == sum(n for _, _, n, _ in call.playback.pending_marks)
 
 
 @pytest.mark.parametrize("dialect", ["ga", "beta"])

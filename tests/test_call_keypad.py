@@ -8,36 +8,52 @@ import orjson
 from call_support import Clock, audio, make_call, ready, start_response, twilio_msgs
 
 from relay.call import Call, Entry
+from relay.call.effects import Outbox
 from relay.call.keypad import Keypad
 from relay.config import AgentSettings, DtmfSettings
 from relay.realtime import events as ev
 
 
 def test_keypad_ends_an_entry_at_the_terminator_and_keeps_it_in_the_digits() -> None:
-    keypad = Keypad(DtmfSettings(terminator="#", max_digits=10, timeout_ms=2000))
+    keypad = Keypad(Outbox(), DtmfSettings(terminator="#", max_digits=10, timeout_ms=2000))
     assert [keypad.press(key, 10.0) for key in "12"] == [None, None]
     assert keypad.open
     assert keypad.press("#", 10.5) == "terminator"
-    assert keypad.take() == "12#"
+    assert keypad.take("terminator") == "12#"
     assert not keypad.open
     assert keypad.deadline() is None
 
 
+def test_an_entry_is_recorded_and_told_to_the_model_now_or_once_a_session_is_ready() -> None:
+    outbox = Outbox()
+    keypad = Keypad(outbox, DtmfSettings())
+    keypad.press("7", 0.0)
+    assert keypad.take("timeout") == "7"
+    keypad.tell_model("7", session_ready=False)
+    assert outbox.take() == ([], [], [Entry("dtmf", {"digits": "7", "ended": "timeout"})])
+    assert keypad.send_unsent()
+    (item,) = [orjson.loads(m) for m in outbox.take()[1]]
+    assert item["item"]["content"] == [{"type": "input_text", "text": "The caller entered 7"}]
+    assert not keypad.send_unsent()
+    keypad.tell_model("8#", session_ready=True)
+    assert [orjson.loads(m)["item"]["content"][0]["text"] for m in outbox.take()[1]] == ["The caller entered 8 #"]
+
+
 def test_keypad_ends_an_entry_at_max_digits() -> None:
-    keypad = Keypad(DtmfSettings(terminator="", max_digits=2, timeout_ms=2000))
+    keypad = Keypad(Outbox(), DtmfSettings(terminator="", max_digits=2, timeout_ms=2000))
     assert keypad.press("#", 0.0) is None
     assert keypad.press("1", 0.0) == "max_digits"
-    assert keypad.take() == "#1"
+    assert keypad.take("max_digits") == "#1"
 
 
 def test_keypad_deadline_is_the_last_key_plus_the_timeout_exactly() -> None:
-    keypad = Keypad(DtmfSettings(timeout_ms=2500))
+    keypad = Keypad(Outbox(), DtmfSettings(timeout_ms=2500))
     keypad.press("4", 100.0)
     keypad.press("5", 101.0)
     assert keypad.deadline() == 103.5
     assert not keypad.expired(103.499)
     assert keypad.expired(103.5)
-    keypad.take()
+    keypad.take("timeout")
     assert not keypad.expired(1e9)
 
 

@@ -165,7 +165,7 @@ def test_audio_and_speech_after_close_are_refused_and_change_nothing(caplog: pyt
         call.upstream_event(ev.SpeechStarted(100, "item_u"))
     assert call.take_output() == ([], [], [])
     assert (call.unplayed_bytes, call.frames_out, call.received_bytes) == (0, 0, {})
-    assert call.output_machine.refused == 2
+    assert call.machines.output.refused == 2
     assert illegal_lines(caplog) == [
         "output event audio is illegal in state closed; ignored",
         "output event audio is illegal in state closed; ignored",
@@ -193,8 +193,8 @@ def test_a_result_for_a_tool_call_never_started_is_refused(caplog: pytest.LogCap
     with caplog.at_level(logging.WARNING, logger="relay.call"):
         call.tool_result("call_nobody_made", '{"ok": true}')
     assert call.take_output() == ([], [], [])
-    assert call.tools_machine.state is Tools.IDLE
-    assert call.tools_machine.refused == 1
+    assert call.machines.tools.state is Tools.IDLE
+    assert call.machines.tools.refused == 1
     assert illegal_lines(caplog) == [
         "tools event result is illegal in state idle (call call_nobody_made was never started); ignored"
     ]
@@ -208,7 +208,7 @@ def test_a_key_after_close_is_refused() -> None:
     call.twilio_dtmf("5")
     assert call.take_output() == ([], [], [])
     assert call.next_deadline() is None
-    assert call.caller_machine.refused == 1
+    assert call.machines.caller.refused == 1
 
 
 def test_the_socket_closing_after_the_call_ended_is_not_refused() -> None:
@@ -216,6 +216,6 @@ def test_the_socket_closing_after_the_call_ended_is_not_refused() -> None:
     ready(call)
     call.close("caller_hung_up")
     call.upstream_lost()
-    assert call.session_machine.refused == 0
+    assert call.machines.session.refused == 0
     assert call.phase is Phase.CLOSED
     assert [orjson.loads(m) for m in call.take_output()[1]] == []

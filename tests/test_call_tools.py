@@ -95,7 +95,7 @@ def test_the_result_goes_to_the_model_and_the_model_is_asked_to_continue() -> No
     _, upstream, effects = call.take_output()
     assert [orjson.loads(m)["type"] for m in upstream] == ["conversation.item.create", "response.create"]
     assert effects == [Entry("tool_result", {"call_id": "c1", "output": '{"status": "shipped"}', "ok": True})]
-    assert call.tools_machine.state is Tools.IDLE
+    assert call.machines.tools.state is Tools.IDLE
     call.tool_result("c1", "{}")
     assert call.take_output() == ([], [], [])
 
@@ -103,7 +103,7 @@ def test_the_result_goes_to_the_model_and_the_model_is_asked_to_continue() -> No
 def test_a_result_after_the_session_was_lost_is_dropped_without_a_word() -> None:
     call, _ = tool_call()
     call.upstream_lost()
-    assert call.tools_machine.state is Tools.IDLE
+    assert call.machines.tools.state is Tools.IDLE
     call.tool_result("c1", "{}")
     assert call.take_output() == ([], [], [])
-    assert call.tools_machine.refused == 0
+    assert call.machines.tools.refused == 0

@@ -23,20 +23,8 @@ from relay.call.assistant import Assistant
 from relay.call.conversation import SUMMARY_PURPOSE, Conversation
 from relay.call.effects import Effect, Entry, Metric, Outbox, UpstreamFailed, UsageReport
 from relay.call.keypad import Keypad
-from relay.call.machines import (
-    CALLER_TABLE,
-    OUTPUT_TABLE,
-    SESSION_TABLE,
-    TOOLS_TABLE,
-    Caller,
-    Machine,
-    Output,
-    Phase,
-    Session,
-    Tools,
-    derive_phase,
-)
-from relay.call.playback import PendingMark, Playback
+from relay.call.machines import Caller, CallMachines, Phase, Session
+from relay.call.playback import Playback
 from relay.call.responses import Responses, is_out_of_band
 from relay.call.tool_batches import ToolBatches
 from relay.call.turns import TurnTaking
@@ -78,15 +66,11 @@ class Call:
         self.repeats = RepeatLimiter(self.log)  # what the caller's side sends again and again
         self._outbox = Outbox()
 
-        illegal = RepeatLimiter(self.log)  # events a machine refused, per machine and event
-        self.session_machine = Machine("session", SESSION_TABLE, Session.CONNECTING, illegal)
-        self.output_machine = Machine("output", OUTPUT_TABLE, Output.IDLE, illegal)
-        self.caller_machine = Machine("caller", CALLER_TABLE, Caller.SILENT, illegal)
-        self.tools_machine = Machine("tools", TOOLS_TABLE, Tools.IDLE, illegal)
+        self.machines = CallMachines(RepeatLimiter(self.log))
 
         self.playback = Playback(self._outbox, stream_sid, clock, self.repeats)
         self.responses = Responses(self._outbox)
-        self.assistant = Assistant(self._outbox, self.output_machine, self.playback, self.responses, clock, self.log)
+        self.assistant = Assistant(self._outbox, self.machines.output, self.playback, self.responses, clock, self.log)
         self.conversation = Conversation(
             self._outbox,
             agent,
@@ -95,10 +79,9 @@ class Call:
             summary_max_tokens=summary_max_tokens,
             summary_keep_turns=summary_keep_turns,
         )
-        self.tool_batches = ToolBatches(self._outbox, self.tools_machine)
-        self.keypad = Keypad(agent.dtmf)
+        self.tool_batches = ToolBatches(self._outbox, self.machines.tools)
+        self.keypad = Keypad(self._outbox, agent.dtmf)
         self.greeted = False
-        self._unsent_items: list[dict[str, Any]] = []  # entries typed while no session was ready
 
         self.turns = TurnTaking(agent.vad)
         self.endpointer = self.turns.endpointer  # the bridge feeds it caller audio (relay-side endpointing)
@@ -129,17 +112,15 @@ class Call:
     @property
     def phase(self) -> Phase:
         """The call's phase for logs and metrics, derived from its machines (see machines.py)."""
-        return derive_phase(
-            self.session_machine.state, self.output_machine.state, self.caller_machine.state, self.tools_machine.state
-        )
+        return self.machines.phase
 
     @property
     def session_ready(self) -> bool:
-        return self.session_machine.state is Session.READY
+        return self.machines.session.state is Session.READY
 
     @property
     def caller_speaking(self) -> bool:
-        return self.caller_machine.state is Caller.SPEAKING
+        return self.machines.caller.state is Caller.SPEAKING
 
     @property
     def playback_idle(self) -> bool:
@@ -157,10 +138,6 @@ class Call:
     @property
     def received_bytes(self) -> dict[str, int]:
         return self.playback.received_bytes
-
-    @property
-    def pending_marks(self) -> tuple[PendingMark, ...]:
-        return self.playback.pending_marks
 
     @property
     def caller_audio_committed_ms(self) -> int:
@@ -203,7 +180,7 @@ class Call:
 
     def upstream_opened(self) -> None:
         """A new Realtime socket is open: configure it. Playback state on Twilio's side is kept."""
-        if not self.session_machine.fire("opened"):
+        if not self.machines.session.fire("opened"):
             return
         self.conversation.session_opened()
         self.turns.session_opened()
@@ -218,19 +195,18 @@ class Call:
 
     def upstream_lost(self) -> None:
         """The Realtime socket is gone; anything it was generating will never finish."""
-        if not self.session_machine.fire("lost"):
+        if not self.machines.session.fire("lost"):
             return
         self.responses.session_lost()
         self.tool_batches.abandon()
         self.assistant.settle()
 
     def close(self, reason: str) -> None:
-        if self.session_machine.state is Session.CLOSED:
+        if self.machines.session.state is Session.CLOSED:
             return
         if self.keypad.open:  # the caller hung up mid-entry: keep what was typed, answer nothing
-            self._record_entry("hangup")
-        for machine in (self.session_machine, self.output_machine, self.caller_machine, self.tools_machine):
-            machine.fire("close")
+            self.keypad.take("hangup")
+        self.machines.close()
         self._outbox.effects.append(Entry("system", {"event": "call_ended", "reason": reason}))
 
     # ---- Twilio side ------------------------------------------------------------------
@@ -268,7 +244,7 @@ class Call:
         now = self.clock()
         if self.keypad.expired(now):
             self._finish_entry("timeout")  # the timer had not fired yet: that entry was over
-        if not self.caller_machine.fire("key"):
+        if not self.machines.caller.fire("key"):
             return
         if self.keypad.settings.interrupt:
             self.assistant.cut_off(cancel=True)  # the server never cancels for a key press
@@ -286,20 +262,11 @@ class Call:
         if self.keypad.expired(self.clock()):
             self._finish_entry("timeout")
 
-    def _record_entry(self, ended: str) -> str:
-        digits = self.keypad.take()
-        self._outbox.effects.append(Entry("dtmf", {"digits": digits, "ended": ended}))
-        return digits
-
     def _finish_entry(self, ended: str) -> None:
-        digits = self._record_entry(ended)
-        self.caller_machine.fire("entry_done")
+        digits = self.keypad.take(ended)
+        self.machines.caller.fire("entry_done")
         self.conversation.caller_keyed(digits)
-        item = client.user_text(f"The caller entered {' '.join(digits)}")
-        if self.session_ready:
-            self._outbox.send_upstream(item)
-        else:
-            self._unsent_items.append(item)
+        self.keypad.tell_model(digits, session_ready=self.session_ready)
         self.request_response(self.dialect.response_create())
 
     # ---- responses ----------------------------------------------------------------------
@@ -373,18 +340,14 @@ class Call:
 
     def _on_session_updated(self) -> None:
         first = not self.session_ready
-        if not self.session_machine.fire("configured") or not first:
+        if not self.machines.session.fire("configured") or not first:
             return
         if not self.greeted and self.conversation.sessions_opened == 1 and self.agent.greeting:
             self.assistant.greet()
             greeting = self.conversation.with_session_instructions(self.agent.greeting)
             self.request_response(self.dialect.response_create(instructions=greeting))
         self.greeted = True
-        typed_meanwhile = bool(self._unsent_items)
-        for item in self._unsent_items:
-            self._outbox.send_upstream(item)
-        self._unsent_items.clear()
-        if typed_meanwhile and not self.responses.has_plain_queued():
+        if self.keypad.send_unsent() and not self.responses.has_plain_queued():
             # their response.create was queued in a session that was lost before it was ready
             self.request_response(self.dialect.response_create())
         if self.turns.turn_unsent:
@@ -451,12 +414,12 @@ class Call:
 
     def _caller_started(self, *, cancel: bool) -> None:
         """The caller started speaking (server VAD or relay-side endpointing)."""
-        if self.caller_machine.fire("speech_started"):
+        if self.machines.caller.fire("speech_started"):
             self.assistant.caller_started(cancel=cancel)
 
     def _caller_stopped(self, audio_end_ms: int) -> bool:
         """The caller stopped speaking; False (and nothing done) if that is illegal now."""
-        if not self.caller_machine.fire("speech_stopped"):
+        if not self.machines.caller.fire("speech_stopped"):
             return False
         self.turns.speech_stopped(audio_end_ms)
         self.assistant.caller_stopped()

@@ -10,18 +10,24 @@ If the caller hangs up mid-entry, what was typed is kept and answered by nobody.
 
 from __future__ import annotations
 
+from typing import Any
+
+from relay.call.effects import Entry, Outbox
 from relay.config import DtmfSettings
+from relay.realtime import client
 
 
 class Keypad:
     """The keys of the entry being typed."""
 
-    __slots__ = ("_keys", "_last_key_at", "settings")
+    __slots__ = ("_keys", "_last_key_at", "_outbox", "_unsent", "settings")
 
-    def __init__(self, settings: DtmfSettings) -> None:
+    def __init__(self, outbox: Outbox, settings: DtmfSettings) -> None:
+        self._outbox = outbox
         self.settings = settings
         self._keys: list[str] = []
         self._last_key_at = 0.0
+        self._unsent: list[dict[str, Any]] = []  # entries typed while no session was ready
 
     @property
     def open(self) -> bool:
@@ -49,8 +55,25 @@ class Keypad:
             return "max_digits"
         return None
 
-    def take(self) -> str:
-        """The entry's digits; the keypad is empty afterwards."""
+    def take(self, ended: str) -> str:
+        """Record the entry (how it `ended`) and return its digits; the keypad is empty afterwards."""
         digits = "".join(self._keys)
         self._keys.clear()
+        self._outbox.effects.append(Entry("dtmf", {"digits": digits, "ended": ended}))
         return digits
+
+    def tell_model(self, digits: str, *, session_ready: bool) -> None:
+        """Give the model the entry as the caller's words, now or once a session is ready."""
+        item = client.user_text(f"The caller entered {' '.join(digits)}")
+        if session_ready:
+            self._outbox.send_upstream(item)
+        else:
+            self._unsent.append(item)
+
+    def send_unsent(self) -> bool:
+        """A session is ready: send it the entries typed without one; True if there were any."""
+        unsent = self._unsent
+        for item in unsent:
+            self._outbox.send_upstream(item)
+        self._unsent = []
+        return bool(unsent)

@@ -209,6 +209,26 @@ class Machine(Generic[S]):
         )
 
 
+class CallMachines:
+    """The four machines of one call; what they refuse is logged through one `RepeatLimiter`."""
+
+    __slots__ = ("caller", "output", "session", "tools")
+
+    def __init__(self, limiter: RepeatLimiter) -> None:
+        self.session = Machine("session", SESSION_TABLE, Session.CONNECTING, limiter)
+        self.output = Machine("output", OUTPUT_TABLE, Output.IDLE, limiter)
+        self.caller = Machine("caller", CALLER_TABLE, Caller.SILENT, limiter)
+        self.tools = Machine("tools", TOOLS_TABLE, Tools.IDLE, limiter)
+
+    @property
+    def phase(self) -> Phase:
+        return derive_phase(self.session.state, self.output.state, self.caller.state, self.tools.state)
+
+    def close(self) -> None:
+        for machine in (self.session, self.output, self.caller, self.tools):
+            machine.fire("close")
+
+
 def derive_phase(session: Session, output: Output, caller: Caller, tools: Tools) -> Phase:
     """The one-word phase of the call, for logs and metrics; the first rule that holds wins."""
     if session is Session.CLOSED:
