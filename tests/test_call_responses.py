@@ -86,12 +86,12 @@ def test_a_create_refused_for_a_race_is_found_by_event_id_and_goes_out_first_aft
     resp.created("resp_server", out_of_band=False)  # the server's own response won
     resp.request(spoken("later"), session_ready=True)
     outbox.take()
-    refused = resp.refused("relay_create_1")
-    assert refused is create
-    resp.requeue(refused)
-    resp.requeue(refused)  # once only
+    assert resp.refused("relay_create_1", raced=True) is None  # not given up: queued again, first
+    assert resp.in_flight is None
     assert [q["event_id"] for q in resp.queued] == ["relay_create_1", "relay_create_2"]
-    assert resp.refused("relay_create_1") is None  # forgotten once found
+    assert resp.queued[0] is create
+    assert resp.refused("relay_create_1", raced=True) is None  # forgotten once found
+    assert len(resp.queued) == 2
     resp.done("resp_server")
     resp.flush(session_ready=True)
     assert [m["event_id"] for m in sent(outbox)] == ["relay_create_1"]
@@ -103,8 +103,17 @@ def test_only_recent_creates_are_kept_for_errors() -> None:
         resp.request(plain(), session_ready=True)
         resp.created("r", out_of_band=False)
         resp.done("r")
-    assert resp.refused("relay_create_1") is None
-    assert resp.refused("relay_create_2") is not None
+    assert resp.refused("relay_create_1", raced=False) is None
+    assert resp.refused("relay_create_2", raced=False) == {"type": "response.create", "event_id": "relay_create_2"}
+
+
+def test_a_create_refused_for_another_reason_is_given_up() -> None:
+    resp, _ = responses()
+    resp.request(summary(), session_ready=True)
+    create = resp.in_flight
+    assert resp.refused("relay_create_1", raced=False) is create
+    assert (resp.in_flight, list(resp.queued)) == (None, [])
+    assert resp.refused(None, raced=False) is None
 
 
 def test_out_of_band_responses_never_become_active_nor_count_against_idle() -> None:

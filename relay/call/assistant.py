@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 
 from relay.audio import audio_bytes
+from relay.call.conversation import SUMMARY_PURPOSE
 from relay.call.effects import Metric, Outbox
 from relay.call.machines import Machine, Output
 from relay.call.playback import Playback
@@ -80,7 +81,10 @@ class Assistant:
         self.machine.fire("greet")
         self.turn_ended_at = self._clock()  # greeting latency counts from session ready
 
-    def response_created(self, event: ev.ResponseCreated, *, out_of_band: bool) -> None:
+    def response_created(self, event: ev.ResponseCreated) -> None:
+        """An out-of-band response (the summary) is no output of the assistant's."""
+        metadata = event.metadata or {}
+        out_of_band = metadata.get("purpose") == SUMMARY_PURPOSE or event.conversation == "none"
         if out_of_band or self.machine.fire("created"):
             self.responses.created(event.response_id, out_of_band=out_of_band)
 

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from relay.call.effects import Entry, Metric, Outbox, SummaryReady
+from relay.call.effects import Entry, Metric, Outbox, SummaryReady, UsageReport
 from relay.config import AgentSettings
 from relay.realtime import client
 from relay.realtime import events as ev
@@ -149,6 +149,15 @@ class Conversation:
             metadata={"purpose": SUMMARY_PURPOSE, "final": "1" if final else "0"},
             text_only=True,
         )
+
+    def response_done(self, event: ev.ResponseDone) -> None:
+        """Every response.done: its usage and status are reported; its input tokens say how big
+        the session's context has grown."""
+        effects = self._outbox.effects
+        if event.usage:
+            effects.append(UsageReport(event.response_id, event.usage))
+            self.last_input_tokens = event.usage.get("input", self.last_input_tokens)
+        effects.append(Metric("responses", 1.0, event.status))
 
     def summary_done(self, event: ev.ResponseDone, *, session_ready: bool) -> None:
         """response.done of an out-of-band response: if it was the summary, apply what it wrote."""

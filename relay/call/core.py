@@ -20,12 +20,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from relay.call.assistant import Assistant
-from relay.call.conversation import SUMMARY_PURPOSE, Conversation
-from relay.call.effects import Effect, Entry, Metric, Outbox, UpstreamFailed, UsageReport
+from relay.call.conversation import Conversation
+from relay.call.effects import Effect, Entry, Metric, Outbox, UpstreamFailed
 from relay.call.keypad import Keypad
 from relay.call.machines import Caller, CallMachines, Phase, Session
 from relay.call.playback import Playback
-from relay.call.responses import Responses, is_out_of_band
+from relay.call.responses import QUIET_ERRORS, RACED, Responses, is_out_of_band
 from relay.call.tool_batches import ToolBatches
 from relay.call.turns import TurnTaking
 from relay.config import AgentSettings
@@ -295,16 +295,15 @@ class Call:
     def upstream_event(self, event: ev.ServerEvent) -> None:
         if type(event) is ev.AudioDelta:
             self.assistant.audio_delta(event)
-        elif type(event) is ev.SpeechStarted:
-            # With interrupt_response true the server has cancelled the response already; a cancel
-            # from us could only draw response_cancel_not_active (PROTOCOLS §7, §11).
+        elif type(event) is ev.SpeechStarted:  # a cancel after the server's own would be refused (§11)
             self._caller_started(cancel=not self.turns.server_cancels_on_speech)
         elif type(event) is ev.SpeechStopped:
             self._caller_stopped(event.audio_end_ms)
         elif type(event) is ev.InputCommitted:
-            self._on_input_committed(event)
+            if self.turns.answer_commit(event.item_id):  # server VAD with create_response false
+                self.request_response(self.dialect.response_create())
         elif type(event) is ev.ResponseCreated:
-            self._on_response_created(event)
+            self.assistant.response_created(event)
         elif type(event) is ev.ResponseDone:
             self._on_response_done(event)
         elif type(event) is ev.OutputItemAdded:
@@ -354,22 +353,8 @@ class Call:
             self._end_relay_turn()
         self.responses.flush(session_ready=True)
 
-    def _on_input_committed(self, event: ev.InputCommitted) -> None:
-        """Server VAD with create_response false: each committed caller turn gets one response.create."""
-        if self.turns.answer_commit(event.item_id):
-            self.request_response(self.dialect.response_create())
-
-    def _on_response_created(self, event: ev.ResponseCreated) -> None:
-        metadata = event.metadata or {}
-        out_of_band = metadata.get("purpose") == SUMMARY_PURPOSE or event.conversation == "none"
-        self.assistant.response_created(event, out_of_band=out_of_band)
-
     def _on_response_done(self, event: ev.ResponseDone) -> None:
-        effects = self._outbox.effects
-        if event.usage:
-            effects.append(UsageReport(event.response_id, event.usage))
-            self.conversation.last_input_tokens = event.usage.get("input", self.conversation.last_input_tokens)
-        effects.append(Metric("responses", 1.0, event.status))
+        self.conversation.response_done(event)
         if self.responses.done(event.response_id):  # out of band
             self.conversation.summary_done(event, session_ready=self.session_ready)
             self.responses.flush(session_ready=self.session_ready)
@@ -386,19 +371,12 @@ class Call:
     def _on_error(self, error: ev.ServerError) -> None:
         code = error.code or error.type
         self._outbox.effects.append(Metric("realtime_errors", 1.0, code))
-        if code == "response_cancel_not_active":
-            self.log.debug("cancel raced the end of the response (harmless)")
+        quiet = QUIET_ERRORS.get(code)
+        if quiet is not None:
+            self.log.log(*quiet)
             return
-        if code == "input_audio_buffer_commit_empty":
-            self.log.info("the Realtime API found too little caller audio to commit that turn")
-            return
-        refused = self.responses.refused(error.event_id)
-        if code == "conversation_already_has_active_response":
-            # A response won the race (one the server started, or one this call does not count as
-            # active); ours goes out at the next response.done. Sending it again now could only draw
-            # the same error, again and again.
-            if refused is not None:
-                self.responses.requeue(refused)
+        refused = self.responses.refused(error.event_id, raced=code == RACED)
+        if code == RACED:
             self.log.info("response.create raced an active response; queued until it is done")
             return
         if refused is not None:

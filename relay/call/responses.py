@@ -15,12 +15,23 @@ one create at a time and queues the rest until ``response.done``:
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Any
 
 from relay.call.effects import Outbox
 from relay.realtime import client
 
+RACED = "conversation_already_has_active_response"
+"""The error for a create sent while a response (ours or the server's own) is active."""
+QUIET_ERRORS = {
+    "response_cancel_not_active": (logging.DEBUG, "cancel raced the end of the response (harmless)"),
+    "input_audio_buffer_commit_empty": (
+        logging.INFO,
+        "the Realtime API found too little caller audio to commit that turn",
+    ),
+}
+"""Errors that are part of normal operation: (log level, line)."""
 SENT_CREATES_KEPT = 16
 """Recent creates kept by event_id, to find the one an error refers to."""
 
@@ -131,17 +142,21 @@ class Responses:
             self.active = None
         return False
 
-    def refused(self, event_id: str | None) -> dict[str, Any] | None:
-        """An error naming `event_id`: the create it refused, no longer in flight (or None)."""
+    def refused(self, event_id: str | None, *, raced: bool) -> dict[str, Any] | None:
+        """An error naming `event_id`: the create it refused is no longer in flight. If it `raced`
+        a response (one the server started, or one this call does not count as active), it goes
+        out first at the next response.done: sending it again now could only draw the same error,
+        again and again. Returns the create given up for good, or None."""
         create = self._sent.pop(event_id, None) if event_id else None
-        if create is not None and self.in_flight is create:
+        if create is None:
+            return None
+        if self.in_flight is create:
             self.in_flight = None
+        if raced:
+            if create not in self.queued:
+                self.queued.appendleft(create)
+            return None
         return create
-
-    def requeue(self, create: dict[str, Any]) -> None:
-        """A refused create goes out first at the next response.done."""
-        if create not in self.queued:
-            self.queued.appendleft(create)
 
     def session_opened(self) -> None:
         """A new session has no responses; queued creates wait for it to be ready."""
