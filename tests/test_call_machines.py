@@ -150,7 +150,10 @@ def test_phase_through_one_call() -> None:
 
 
 def illegal_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if "illegal" in r.getMessage() and r.call_sid == CALL_SID]
+    """The lines about refused events, each of which must name the call."""
+    lines = [r for r in caplog.records if "illegal" in r.getMessage()]
+    assert all(getattr(r, "call_sid", None) == CALL_SID for r in lines)
+    return [r.getMessage() for r in lines]
 
 
 def test_audio_and_speech_after_close_are_refused_and_change_nothing(caplog: pytest.LogCaptureFixture) -> None:

@@ -6,9 +6,10 @@ Realtime API and effects (store writes, tool runs, metrics). It never awaits, so
 truncation arithmetic are tested to the millisecond without sockets.
 
 The facade decides which part an event concerns and in what order the parts act; the rules
-live in the parts: `Playback` (marks, barge-in), `Responses` (the response.create queue),
-`ToolBatches`, `Conversation` (turns, summaries, instructions), `Keypad`, and the four
-machines of `relay.call.machines`, from which `phase` is derived.
+live in the parts: `Assistant` (the assistant's output and barge-in) over `Playback` (marks,
+what was heard) and `Responses` (the response.create queue), `TurnTaking`, `ToolBatches`,
+`Conversation` (turns, summaries, instructions) and `Keypad`. The call's state is the four
+machines of machines.py; `phase` is derived from them and never assigned.
 """
 
 from __future__ import annotations
