@@ -90,10 +90,6 @@ class ToolBatches:
             self.machine.fire("answered")
         return response_id
 
-    def response_of(self, call_id: str) -> str | None:
-        """The response that made `call_id`, or None if no such call was ever started."""
-        return self._call_response.get(call_id)
-
     def awaited(self, call_id: str) -> bool:
         """Somebody still waits for `call_id`'s result (not answered, its session not lost)."""
         response_id = self._call_response.get(call_id)
