@@ -84,8 +84,8 @@ class Call:
         self.keypad = Keypad(self._outbox, agent.dtmf)
         self.greeted = False
 
-        self.turns = TurnTaking(agent.vad)
-        self.endpointer = self.turns.endpointer  # the bridge feeds it caller audio (relay-side endpointing)
+        self.turn_taking = TurnTaking(agent.vad)
+        self.endpointer = self.turn_taking.endpointer  # the bridge feeds it caller audio (relay-side endpointing)
         self.frames_in = 0  # counted by the I/O layer
 
     # ---- output and derived state --------------------------------------------------------
@@ -144,7 +144,7 @@ class Call:
     def caller_audio_committed_ms(self) -> int:
         """How much of this session's input audio it has made into turns (speech_stopped's
         audio_end_ms): a replacement session must not be sent that audio again."""
-        return self.turns.committed_ms
+        return self.turn_taking.committed_ms
 
     @property
     def dropped_deltas(self) -> int:
@@ -184,7 +184,7 @@ class Call:
         if not self.machines.session.fire("opened"):
             return
         self.conversation.session_opened()
-        self.turns.session_opened()
+        self.turn_taking.session_opened()
         self.responses.session_opened()
         self.playback.session_items = set()
         self.assistant.settle()
@@ -235,7 +235,7 @@ class Call:
 
     def _end_relay_turn(self) -> None:
         """input_audio_buffer.commit, then one response.create (PROTOCOLS §7, turn_detection null)."""
-        if self.turns.commit_relay_turn(session_ready=self.session_ready):
+        if self.turn_taking.commit_relay_turn(session_ready=self.session_ready):
             self._outbox.send_upstream(client.commit())
             self.request_response(self.dialect.response_create())
 
@@ -297,11 +297,11 @@ class Call:
         if type(event) is ev.AudioDelta:
             self.assistant.audio_delta(event)
         elif type(event) is ev.SpeechStarted:  # a cancel after the server's own would be refused (§11)
-            self._caller_started(cancel=not self.turns.server_cancels_on_speech)
+            self._caller_started(cancel=not self.turn_taking.server_cancels_on_speech)
         elif type(event) is ev.SpeechStopped:
             self._caller_stopped(event.audio_end_ms)
         elif type(event) is ev.InputCommitted:
-            if self.turns.answer_commit(event.item_id):  # server VAD with create_response false
+            if self.turn_taking.answer_commit(event.item_id):  # server VAD with create_response false
                 self.request_response(self.dialect.response_create())
         elif type(event) is ev.ResponseCreated:
             self.assistant.response_created(event)
@@ -350,7 +350,7 @@ class Call:
         if self.keypad.send_unsent() and not self.responses.has_plain_queued():
             # their response.create was queued in a session that was lost before it was ready
             self.request_response(self.dialect.response_create())
-        if self.turns.turn_unsent:
+        if self.turn_taking.turn_unsent:
             self._end_relay_turn()
         self.responses.flush(session_ready=True)
 
@@ -400,7 +400,7 @@ class Call:
         """The caller stopped speaking; False (and nothing done) if that is illegal now."""
         if not self.machines.caller.fire("speech_stopped"):
             return False
-        self.turns.speech_stopped(audio_end_ms)
+        self.turn_taking.speech_stopped(audio_end_ms)
         self.assistant.caller_stopped()
         return True
 
