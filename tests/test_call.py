@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import base64
-from dataclasses import replace
 from typing import Any
 
 import orjson
 import pytest
+from call_support import STREAM, Clock, audio, make_call, ready, start_response, twilio_msgs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,52 +17,6 @@ from relay.call import Call, Entry, Metric, Phase, RunTool, SummaryReady, UsageR
 from relay.endpointing import MAX_TURN_MS, ULAW_TO_LINEAR, Endpointer, SpeechEnd, SpeechStart
 from relay.realtime import events as ev
 from relay.realtime.dialect import get_dialect
-
-STREAM = "MZ" + "0" * 32
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make_call(
-    dialect: str = "ga", greeting: str | None = "Say hello", agent: AgentSettings | None = None, **kw: Any
-) -> tuple[Call, Clock]:
-    clock = Clock()
-    call = Call(
-        call_sid="CA" + "1" * 32,
-        stream_sid=STREAM,
-        dialect=get_dialect(dialect),
-        agent=replace(agent or AgentSettings(), greeting=greeting),
-        model="gpt-realtime",
-        clock=clock,
-        **kw,
-    )
-    call.upstream_opened()
-    call.take_output()
-    return call, clock
-
-
-def ready(call: Call) -> list[dict[str, Any]]:
-    call.upstream_event(ev.SessionUpdated({}))
-    return [orjson.loads(m) for m in call.take_output()[1]]
-
-
-def audio(ms: int) -> str:
-    return base64.b64encode(b"\xff" * (ms * 8)).decode()
-
-
-def twilio_msgs(call: Call) -> list[dict[str, Any]]:
-    return [orjson.loads(m) for m in call.take_output()[0]]
-
-
-def start_response(call: Call, rid: str = "resp_1", item: str = "item_a") -> None:
-    call.upstream_event(ev.ResponseCreated(rid, None, None))
-    call.upstream_event(ev.OutputItemAdded(rid, item, "message", {"id": item}))
 
 
 def test_b64_length_without_decoding() -> None:
@@ -351,7 +305,7 @@ def test_property_played_never_exceeds_received(sequence: list[tuple[str, int, i
         for item, played in call.played_bytes.items():
             assert played <= call.received_bytes[item]
         assert call.unplayed_bytes >= 0
-        assert call.unplayed_bytes == sum(n for _, _, n, _ in call._pending_marks)
+        assert call.unplayed_bytes == sum(n for _, _, n, _ in call.playback.pending_marks)
 
 
 @pytest.mark.parametrize("dialect", ["ga", "beta"])
@@ -619,121 +573,6 @@ def test_greeting_and_goodbye_carry_the_session_instructions(dialect: str) -> No
     call.upstream_event(ev.ResponseDone("resp_g", "cancelled", None, (), {}, None, ""))
     (goodbye,) = (orjson.loads(m) for m in call.take_output()[1])
     assert goodbye["response"]["instructions"] == "You are ACME support.\n\nCaller is Ana.\n\nSay goodbye"
-
-
-# ---- keypad entries ------------------------------------------------------------------------------
-
-
-def keypad_call(**dtmf: Any) -> tuple[Call, Clock]:
-    call, clock = make_call(greeting=None, agent=AgentSettings(dtmf=DtmfSettings(**dtmf)))
-    ready(call)
-    return call, clock
-
-
-def press(call: Call, keys: str) -> tuple[list[dict[str, Any]], list[Any]]:
-    for key in keys:
-        call.twilio_dtmf(key)
-    _, upstream, effects = call.take_output()
-    return [orjson.loads(m) for m in upstream], [e for e in effects if isinstance(e, Entry)]
-
-
-def test_keys_until_the_terminator_are_one_entry_and_one_response() -> None:
-    call, _ = keypad_call()
-    assert press(call, "4512") == ([], [])  # still typing: nothing is sent, nothing answered
-    sent, entries = press(call, "#")
-    assert [e["type"] for e in sent] == ["conversation.item.create", "response.create"]
-    assert sent[0]["item"]["content"] == [{"type": "input_text", "text": "The caller entered 4 5 1 2 #"}]
-    assert entries == [Entry("dtmf", {"digits": "4512#", "ended": "terminator"})]
-    assert call.next_deadline() is None
-
-
-def test_an_entry_ends_after_the_pause_exactly_at_the_timeout() -> None:
-    call, clock = keypad_call(timeout_ms=2000)
-    press(call, "4")
-    clock.now += 1.5
-    press(call, "5")  # each key restarts the pause
-    assert call.next_deadline() == clock.now + 2.0
-    clock.now += 1.999
-    call.tick()
-    assert call.take_output()[1] == []
-    clock.now += 0.001  # exactly 2000 ms after the last key
-    call.tick()
-    _, upstream, effects = call.take_output()
-    assert [orjson.loads(m)["item"]["content"][0]["text"] for m in upstream[:1]] == ["The caller entered 4 5"]
-    assert Entry("dtmf", {"digits": "45", "ended": "timeout"}) in effects
-    assert call.next_deadline() is None
-
-
-def test_a_key_after_an_overdue_pause_starts_a_new_entry() -> None:
-    call, clock = keypad_call(timeout_ms=2000)
-    press(call, "1")
-    clock.now += 2.5  # the timer has not fired yet
-    sent, entries = press(call, "2")
-    assert sent[0]["item"]["content"][0]["text"] == "The caller entered 1"
-    assert entries == [Entry("dtmf", {"digits": "1", "ended": "timeout"})]
-    assert call.next_deadline() == clock.now + 2.0
-
-
-def test_max_digits_end_an_entry_and_no_terminator_can_be_configured() -> None:
-    call, _ = keypad_call(max_digits=3, terminator="")
-    assert press(call, "#1") == ([], [])  # without a terminator "#" is a key like any other
-    sent, entries = press(call, "2")
-    assert sent[0]["item"]["content"][0]["text"] == "The caller entered # 1 2"
-    assert entries == [Entry("dtmf", {"digits": "#12", "ended": "max_digits"})]
-
-
-def test_a_key_press_interrupts_the_assistant_like_speech() -> None:
-    call, _ = keypad_call()
-    start_response(call)
-    marks = []
-    for _ in range(5):
-        call.upstream_event(ev.AudioDelta("resp_1", "item_a", audio(100)))
-        marks.append(twilio_msgs(call)[1]["mark"]["name"])
-    call.twilio_mark(marks[2])  # 300 ms heard
-    call.twilio_dtmf("1")
-    to_twilio, to_upstream, effects = call.take_output()
-    assert [orjson.loads(m)["event"] for m in to_twilio] == ["clear"]
-    assert [orjson.loads(m) for m in to_upstream] == [
-        {"type": "conversation.item.truncate", "item_id": "item_a", "content_index": 0, "audio_end_ms": 300},
-        {"type": "response.cancel", "response_id": "resp_1"},  # the server never cancels for a key
-    ]
-    assert Entry("interruption", {"item_id": "item_a", "audio_end_ms": 300, "received_ms": 500}) in effects
-    # the entry's answer waits for the cancelled response to be done
-    assert [e["type"] for e in press(call, "#")[0]] == ["conversation.item.create"]
-    call.upstream_event(ev.ResponseDone("resp_1", "cancelled", None, (), {}, None, ""))
-    assert [orjson.loads(m)["type"] for m in call.take_output()[1]] == ["response.create"]
-
-
-def test_a_profile_can_keep_key_presses_from_interrupting() -> None:
-    call, _ = keypad_call(interrupt=False)
-    start_response(call)
-    call.upstream_event(ev.AudioDelta("resp_1", "item_a", audio(100)))
-    call.take_output()
-    call.twilio_dtmf("1")
-    assert call.take_output()[:2] == ([], [])
-    assert call.unplayed_bytes == 800
-
-
-def test_keys_typed_when_the_caller_hangs_up_are_kept() -> None:
-    call, _ = keypad_call()
-    press(call, "12")
-    call.close("caller_hung_up")
-    _, upstream, effects = call.take_output()
-    assert upstream == []
-    assert effects[0] == Entry("dtmf", {"digits": "12", "ended": "hangup"})
-
-
-def test_a_keypad_entry_typed_in_a_session_lost_before_it_was_ready_is_answered_by_the_next() -> None:
-    call, _ = make_call(greeting=None)  # the first session is open, still configuring
-    for key in "42#":
-        call.twilio_dtmf(key)
-    assert call.take_output()[1] == []  # nothing goes to a session that is not configured
-    call.upstream_lost()  # it never became ready (dropped socket, session.update timeout)
-    call.upstream_opened()
-    call.take_output()
-    sent = ready(call)
-    assert [m["type"] for m in sent] == ["conversation.item.create", "response.create"]
-    assert sent[0]["item"]["content"][0]["text"] == "The caller entered 4 2 #"
 
 
 def test_a_create_refused_for_an_active_response_waits_for_a_response_done() -> None:
