@@ -255,6 +255,9 @@ class Metrics:
         self._reasons = _LabelGuard()
         self._statuses = _LabelGuard(20)
         self._models = _LabelGuard(5)
+        # In multiprocess mode a gauge's series exists from its creation, at 0: fill in the real values
+        # at once, so a scrape before the first periodic sync never shows a worker with no CPU time.
+        self.sample_process()
 
     # ---- recording -------------------------------------------------------------------------
 
