@@ -22,6 +22,7 @@ from typing import Any
 
 from relay.agent_settings import AgentSettings
 from relay.call.assistant import Assistant
+from relay.call.caller_audio import CallerAudio, CallerFrame
 from relay.call.conversation import Conversation
 from relay.call.effects import Effect, Entry, Metric, Outbox, UpstreamFailed
 from relay.call.keypad import Keypad
@@ -53,6 +54,7 @@ class Call:
         summary_max_turns: int = 24,
         summary_max_tokens: int = 6000,
         summary_keep_turns: int = 6,
+        max_dtmf_per_second: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
     ) -> None:
@@ -86,6 +88,7 @@ class Call:
 
         self.turn_taking = TurnTaking(agent.vad)
         self.endpointer = self.turn_taking.endpointer  # the bridge feeds it caller audio (relay-side endpointing)
+        self.audio = CallerAudio(clock, self.log, max_dtmf_per_second=max_dtmf_per_second)
         self.frames_in = 0  # counted by the I/O layer
 
     # ---- output and derived state --------------------------------------------------------
@@ -99,16 +102,10 @@ class Call:
         self._outbox.effects.append(Entry("system", {"event": event, **data}))
 
     @property
-    def to_twilio(self) -> list[str]:
-        return self._outbox.to_twilio
-
-    @property
-    def to_upstream(self) -> list[str]:
-        return self._outbox.to_upstream
-
-    @property
-    def effects(self) -> list[Effect]:
-        return self._outbox.effects
+    def has_output(self) -> bool:
+        """Something waits for ``take_output()``."""
+        outbox = self._outbox
+        return bool(outbox.to_twilio or outbox.to_upstream or outbox.effects)
 
     @property
     def phase(self) -> Phase:
@@ -179,10 +176,13 @@ class Call:
 
     # ---- upstream session lifecycle ---------------------------------------------------
 
-    def upstream_opened(self) -> None:
-        """A new Realtime socket is open: configure it. Playback state on Twilio's side is kept."""
+    def upstream_opened(self) -> list[CallerFrame]:
+        """A new Realtime socket is open: configure it. Playback state on Twilio's side is kept.
+
+        Returns the caller audio the new session must hear right after its configuration (the
+        recent frames the lost one may not have had, then those held while none was open)."""
         if not self.machines.session.fire("opened"):
-            return
+            return []
         self.conversation.session_opened()
         self.turn_taking.session_opened()
         self.responses.session_opened()
@@ -193,11 +193,13 @@ class Call:
                 self.agent, model=self.model, instructions=self.instructions(), tools=self.tools
             )
         )
+        return self.audio.session_opened()
 
     def upstream_lost(self) -> None:
         """The Realtime socket is gone; anything it was generating will never finish."""
         if not self.machines.session.fire("lost"):
             return
+        self.audio.session_lost(self.turn_taking.committed_ms)  # that audio reaches the next one as a turn
         self.responses.session_lost()
         self.tool_batches.abandon()
         self.assistant.settle()

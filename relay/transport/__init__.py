@@ -1,7 +1,7 @@
 """The Media Stream transport: a Twilio socket and a replaceable Realtime socket around one call core.
 
 These modules move messages, run effects and own tasks and timeouts; what to do with a message is
-decided by the call (relay.call) and by the caller-audio policy (relay.caller_audio).
+decided by the call (relay.call) and by the caller-audio policy (relay.call.caller_audio).
 
 - `admission`: accept, the start message, token, signature and single use.
 - `lifecycle`: `MediaStreamCall`, one call from admission to teardown (tools, hang-up, transfer).

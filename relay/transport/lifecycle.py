@@ -23,7 +23,6 @@ from websockets.asyncio.client import ClientConnection
 from relay import logs
 from relay.asgi_direct import DirectWebSocket
 from relay.call import Call, Effect, Entry, Metric, RunTool, SummaryReady, UpstreamFailed, UsageReport
-from relay.caller_audio import CallerAudio
 from relay.ownership import CallHold
 from relay.security import frame_caller_notes
 from relay.store.base import caller_memory_refusal
@@ -67,7 +66,6 @@ class MediaStreamCall(LiveHold):
         self._final_summary = asyncio.Event()
         self._output: Output | None = None
         self._session: RealtimeSession | None = None
-        self._caller_audio: CallerAudio | None = None
         self.cost_usd = 0.0
         self.started_at = time.monotonic()
         self.agent = self.settings.agent
@@ -124,14 +122,13 @@ class MediaStreamCall(LiveHold):
                 summary_max_turns=self.settings.summary_max_turns,
                 summary_max_tokens=self.settings.summary_max_tokens,
                 summary_keep_turns=self.settings.summary_keep_turns,
+                max_dtmf_per_second=self.settings.max_dtmf_per_second,
                 logger=logs.call_logger(start.call_sid, start.stream_sid),
             )
         except BaseException:
             await self._release_call()
             raise
-        audio = self._caller_audio = CallerAudio(
-            time.monotonic, self.log, max_dtmf_per_second=self.settings.max_dtmf_per_second
-        )
+        audio = call.audio
         output = self._output = Output(call, self.twilio, audio, runtime.metrics, self._apply)
         stream = MediaStream(
             call,
@@ -146,7 +143,6 @@ class MediaStreamCall(LiveHold):
         session = self._session = RealtimeSession(
             call,
             output,
-            audio,
             self.end,
             self.log,
             settings=self.settings,
@@ -388,8 +384,7 @@ class MediaStreamCall(LiveHold):
         self.runtime.metrics.call_ended(reason, duration)
         if self.settings.price_per_1k_tokens:
             self.runtime.metrics.call_cost.observe(self.cost_usd)
-        audio = self._caller_audio
-        assert audio is not None, "a call has its caller audio"
+        audio = call.audio
         return {
             "reason": reason,
             "duration_s": round(duration, 1),

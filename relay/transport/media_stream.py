@@ -6,7 +6,7 @@ A caller frame from the Twilio socket to the Realtime socket, in 3 files and 6 f
    receive loop is idle, so no queue and no task switch) or 2. `MediaStream.receive_loop` (here:
    anything that has to wait) both call, with the frame's receive time when its hop latency is
    sampled, 3. `Output.caller_frame` (relay/transport/output.py), which asks 4. `CallerAudio.arrived`
-   (relay/caller_audio.py) for the budget and the frame's exact size, writes the frame with
+   (relay/call/caller_audio.py) for the budget and the frame's exact size, writes the frame with
    5. `write_text` (relay/websockets_internals.py) and records it in the replay window with 6. `CallerAudio.sent`
    (or keeps it with `CallerAudio.hold` while no session is open).
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 from relay import logs
 from relay.call import Call
-from relay.caller_audio import CallerAudio, KeyPress
+from relay.call.caller_audio import CallerAudio, KeyPress
 from relay.metrics import HOP_SAMPLE_EVERY
 from relay.transport.ending import CallEnd
 from relay.transport.output import FrameOutcome, Output
@@ -165,7 +165,7 @@ class MediaStream:
             return outcome
         call = self.call
         call.caller_audio(payload)
-        if (call.to_twilio or call.to_upstream or call.effects) and self._endpoint_flush is None:
+        if call.has_output and self._endpoint_flush is None:
             # a speech boundary (barge-in, end of turn): sent by a task, as this must not wait
             self._endpoint_flush = self._spawn(self._flush_endpointing(), "endpoint-flush")
         return outcome

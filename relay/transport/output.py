@@ -5,7 +5,7 @@ what the call core produced since the last time (`Output.write`: ``call.take_out
 messages for Twilio, messages for Realtime, effects). `write` never waits, so it serves both the
 messages handled inside a socket's data callback and the awaiting path (`flush`, which then
 drains). Caller audio is a `CallerFrame` and never passes through the core's messages; the
-policy for it (budget, replay, backlog) is `relay.caller_audio`'s.
+policy for it (budget, replay, backlog) is `relay.call.caller_audio`'s.
 
 The way of one caller frame through these modules is told in relay/transport/media_stream.py.
 """
@@ -22,7 +22,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.protocol import State
 
 from relay.call import Call, Effect
-from relay.caller_audio import FLOODED, CallerAudio, CallerFrame, frame_bytes
+from relay.call.caller_audio import FLOODED, CallerAudio, CallerFrame, frame_bytes
 from relay.metrics import Metrics
 from relay.realtime.client import APPEND_PREFIX, APPEND_SUFFIX
 from relay.transport.twilio_socket import TwilioSocket

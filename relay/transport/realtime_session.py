@@ -1,8 +1,8 @@
 """The Realtime side of a call: a configured session kept attached for as long as the call lasts.
 
 A session ends for one of a few named reasons (`SessionClose`), or for none (the socket dropped);
-what follows is the reconnect policy's call (relay/reconnect.py). Caller audio that a dropped
-session may have lost in flight is replayed to the next one (relay/caller_audio.py).
+what follows is the reconnect policy's call (relay/call/reconnect.py). Caller audio that a dropped
+session may have lost in flight is replayed to the next one (relay/call/caller_audio.py).
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from websockets.asyncio.client import ClientConnection
 
 from relay import logs
 from relay.call import Call, UpstreamFailed
-from relay.caller_audio import CallerAudio
+from relay.call.reconnect import ReconnectPolicy
 from relay.config import Settings
 from relay.metrics import HOP_SAMPLE_EVERY, Metrics
 from relay.realtime import events as ev
 from relay.realtime.dialect import Dialect
 from relay.realtime.endpoint import connect_target
-from relay.reconnect import ReconnectPolicy
 from relay.transport.ending import CallEnd
 from relay.transport.media_stream import Spawn
 from relay.transport.output import Output
@@ -55,7 +54,6 @@ class RealtimeSession:
         self,
         call: Call,
         output: Output,
-        caller_audio: CallerAudio,
         end: CallEnd,
         log: logs.CallLogger,
         *,
@@ -67,7 +65,6 @@ class RealtimeSession:
     ) -> None:
         self.call = call
         self.output = output
-        self.caller_audio = caller_audio
         self.end = end
         self.log = log
         self.settings = settings
@@ -136,9 +133,8 @@ class RealtimeSession:
                 call.note_event("realtime_reconnected", rollover=renewed)
             opened_once = True
             self.closing = None
-            replay = self.caller_audio.session_opened()
             output.upstream = upstream
-            call.upstream_opened()
+            replay = call.upstream_opened()
             await output.flush(replay)  # the session's configuration, then the replayed audio
             watchdog = self._spawn(self._watchdog(upstream), "session-watchdog")
             try:
@@ -149,7 +145,6 @@ class RealtimeSession:
                 with contextlib.suppress(Exception):
                     await upstream.close()
             became_ready = call.session_ready
-            self.caller_audio.session_lost(call.caller_audio_committed_ms)
             call.upstream_lost()
             await output.flush()
             if self.end.ending:

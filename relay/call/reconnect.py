@@ -1,6 +1,6 @@
 """When to open another Realtime session for a call, and how long to wait first.
 
-Pure policy, so the rules are tested without sockets (tests/test_reconnect_policy.py): each
+Pure policy, so the rules are tested without sockets (tests/test_call_reconnect.py): each
 failure in a row waits twice as long as the one before (``backoff_s * 2**(n-1)``), and the call
 gives up after ``attempts`` of them. A session that became ready and did not time out is proof
 the service works: the count starts again. A planned rollover is not a failure at all.

@@ -2,7 +2,7 @@
 
 Twilio sends 20 ms of µ-law 50 times a second; the relay passes each frame upstream untouched.
 The rules around that are here, fed by the transport and by an injected clock, so each one is
-tested with exact numbers and a fake clock (tests/test_caller_audio.py):
+tested with exact numbers and a fake clock (tests/test_call_caller_audio.py):
 
 - the flood budget: audio may not outrun real time by more than a burst, counted since the
   stream started (a backlog that piled up while the process stalled is covered by the time that

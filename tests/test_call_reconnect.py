@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay.reconnect import ReconnectPolicy
+from relay.call.reconnect import ReconnectPolicy
 
 
 def test_connection_failures_back_off_doubling_then_give_up() -> None:

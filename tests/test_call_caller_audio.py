@@ -6,8 +6,9 @@ import base64
 import logging
 
 import pytest
+from call_support import make_call
 
-from relay.caller_audio import (
+from relay.call.caller_audio import (
     CALLER_AUDIO_BUFFER_FRAMES,
     FLOODED,
     MEDIA_BURST_BYTES,
@@ -17,6 +18,7 @@ from relay.caller_audio import (
     KeyPress,
     frame_bytes,
 )
+from relay.realtime import events as ev
 from relay.realtime.client import append_audio
 
 LOG = logging.getLogger("test.caller_audio")
@@ -206,3 +208,22 @@ def test_junk_is_counted_and_logged_a_bounded_number_of_times(caplog: pytest.Log
     ]
     unknown = [r.getMessage() for r in caplog.records if r.getMessage().startswith("unknown")]
     assert unknown == [f"unknown Twilio event {'x' * 80}…(200 chars) ignored"]
+
+
+# ---- through the call: a session change --------------------------------------------------------
+
+
+def test_a_new_session_hears_what_the_lost_one_had_not_made_into_a_turn_then_the_backlog() -> None:
+    call, _ = make_call(greeting=None)
+    assert call.upstream_opened() == []  # no caller audio yet: nothing to hear again
+    call.upstream_event(ev.SessionUpdated({}))
+    sent = frames(10)
+    send(call.audio, sent)  # 200 ms in the session's socket
+    call.upstream_event(ev.SpeechStarted(0, "item_u1"))
+    call.upstream_event(ev.SpeechStopped(120, "item_u1"))  # the first 6 frames are that turn
+    call.upstream_lost()
+    held = frames(3, start=10)  # while no session is open
+    for frame in held:
+        call.audio.hold(frame)
+    assert call.upstream_opened() == sent[6:] + held
+    assert call.upstream_opened() == []  # each frame is heard again once, by the next session only
