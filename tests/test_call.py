@@ -58,7 +58,7 @@ def test_each_delta_becomes_media_then_mark_with_same_payload() -> None:
     msgs = twilio_msgs(call)
     assert msgs[0] == {"event": "media", "streamSid": STREAM, "media": {"payload": payload}}
     assert msgs[1]["event"] == "mark" and msgs[1]["streamSid"] == STREAM
-    assert call.unplayed_bytes == 320
+    assert call.playback.unplayed_bytes == 320
 
 
 def test_barge_in_truncates_at_played_audio_and_clears() -> None:
@@ -84,14 +84,14 @@ def test_barge_in_truncates_at_played_audio_and_clears() -> None:
     # interrupt_response (default true): the server cancels the response itself; no response.cancel
     assert len(sent) == 1
     assert Metric("barge_ins") in effects
-    assert call.unplayed_bytes == 0
+    assert call.playback.unplayed_bytes == 0
     # marks of cleared audio are echoed by Twilio but never count as played
     call.twilio_mark(marks[2])
-    assert call.played_bytes["item_a"] == 1600
+    assert call.playback.played_bytes["item_a"] == 1600
     # late deltas of the cancelled response are dropped
     call.upstream_event(ev.AudioDelta("resp_1", "item_a", audio(100)))
     assert call.take_output()[0] == []
-    assert call.dropped_deltas == 1
+    assert call.assistant.dropped_deltas == 1
 
 
 def test_truncate_counts_the_part_of_a_chunk_already_playing() -> None:
@@ -149,10 +149,10 @@ def test_response_create_waits_for_active_response() -> None:
     call, _ = make_call(greeting=None, agent=AgentSettings(dtmf=DtmfSettings(interrupt=False)))
     ready(call)
     start_response(call)
-    call.twilio_dtmf("1")
-    call.twilio_dtmf("#")
-    call.twilio_dtmf("2")
-    call.twilio_dtmf("#")
+    call.key_pressed("1")
+    call.key_pressed("#")
+    call.key_pressed("2")
+    call.key_pressed("#")
     sent = [orjson.loads(m)["type"] for m in call.take_output()[1]]
     assert sent == ["conversation.item.create", "conversation.item.create"]
     call.upstream_event(ev.ResponseDone("resp_1", "completed", None, (), {}, None, ""))
@@ -163,7 +163,7 @@ def test_response_create_waits_for_active_response() -> None:
 def test_active_response_error_requeues() -> None:
     call, _ = make_call(greeting=None)
     ready(call)
-    call.twilio_dtmf("#")
+    call.key_pressed("#")
     create = [orjson.loads(m) for m in call.take_output()[1]][1]
     call.upstream_event(
         ev.ServerError(
@@ -236,7 +236,7 @@ def test_stale_mark_generation_ignored_and_fatal_error_reported() -> None:
     call, _ = make_call()
     ready(call)
     call.twilio_mark("7.3")
-    assert call.stale_marks == 1
+    assert call.playback.stale_marks == 1
     call.upstream_event(ev.ServerError("invalid_request_error", "invalid_api_key", "bad key", None, None))
     effects = call.take_output()[2]
     assert any(getattr(e, "fatal", False) for e in effects)
@@ -300,12 +300,12 @@ def test_property_played_never_exceeds_received(sequence: list[tuple[str, int, i
             msg = orjson.loads(raw)
             if msg["type"] == "conversation.item.truncate":
                 item = msg["item_id"]
-                assert msg["audio_end_ms"] * 8 <= call.received_bytes[item]
-                assert msg["audio_end_ms"] * 8 <= call.played_bytes.get(item, 0)
-        for item, played in call.played_bytes.items():
-            assert played <= call.received_bytes[item]
-        assert call.unplayed_bytes >= 0
-        assert call.unplayed_bytes == sum(n for _, _, n, _ in call.playback.pending_marks)
+                assert msg["audio_end_ms"] * 8 <= call.playback.received_bytes[item]
+                assert msg["audio_end_ms"] * 8 <= call.playback.played_bytes.get(item, 0)
+        for item, played in call.playback.played_bytes.items():
+            assert played <= call.playback.received_bytes[item]
+        assert call.playback.unplayed_bytes >= 0
+        assert call.playback.unplayed_bytes == sum(n for _, _, n, _ in call.playback.pending_marks)
 
 
 @pytest.mark.parametrize("dialect", ["ga", "beta"])
@@ -582,7 +582,7 @@ def test_a_create_refused_for_an_active_response_waits_for_a_response_done() -> 
     call.take_output()
     call.upstream_event(ev.ResponseCreated("resp_oob", {"purpose": "summary", "final": "0"}, None))
     for key in "1#":
-        call.twilio_dtmf(key)
+        call.key_pressed(key)
     (create,) = [orjson.loads(m) for m in call.take_output()[1] if orjson.loads(m)["type"] == "response.create"]
     refusal = "Conversation already has an active response in progress: resp_oob"
     call.upstream_event(

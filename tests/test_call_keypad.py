@@ -65,7 +65,7 @@ def keypad_call(**dtmf: Any) -> tuple[Call, Clock]:
 
 def press(call: Call, keys: str) -> tuple[list[dict[str, Any]], list[Any]]:
     for key in keys:
-        call.twilio_dtmf(key)
+        call.key_pressed(key)
     _, upstream, effects = call.take_output()
     return [orjson.loads(m) for m in upstream], [e for e in effects if isinstance(e, Entry)]
 
@@ -123,7 +123,7 @@ def test_a_key_press_interrupts_the_assistant_like_speech() -> None:
         call.upstream_event(ev.AudioDelta("resp_1", "item_a", audio(100)))
         marks.append(twilio_msgs(call)[1]["mark"]["name"])
     call.twilio_mark(marks[2])  # 300 ms heard
-    call.twilio_dtmf("1")
+    call.key_pressed("1")
     to_twilio, to_upstream, effects = call.take_output()
     assert [orjson.loads(m)["event"] for m in to_twilio] == ["clear"]
     assert [orjson.loads(m) for m in to_upstream] == [
@@ -142,9 +142,9 @@ def test_a_profile_can_keep_key_presses_from_interrupting() -> None:
     start_response(call)
     call.upstream_event(ev.AudioDelta("resp_1", "item_a", audio(100)))
     call.take_output()
-    call.twilio_dtmf("1")
+    call.key_pressed("1")
     assert call.take_output()[:2] == ([], [])
-    assert call.unplayed_bytes == 800
+    assert call.playback.unplayed_bytes == 800
 
 
 def test_keys_typed_when_the_caller_hangs_up_are_kept() -> None:
@@ -159,7 +159,7 @@ def test_keys_typed_when_the_caller_hangs_up_are_kept() -> None:
 def test_a_keypad_entry_typed_in_a_session_lost_before_it_was_ready_is_answered_by_the_next() -> None:
     call, _ = make_call(greeting=None)  # the first session is open, still configuring
     for key in "42#":
-        call.twilio_dtmf(key)
+        call.key_pressed(key)
     assert call.take_output()[1] == []  # nothing goes to a session that is not configured
     call.upstream_lost()  # it never became ready (dropped socket, session.update timeout)
     call.upstream_opened()

@@ -167,7 +167,7 @@ def test_audio_and_speech_after_close_are_refused_and_change_nothing(caplog: pyt
         call.upstream_event(ev.AudioDelta("resp_1", "item_a", audio(20)))
         call.upstream_event(ev.SpeechStarted(100, "item_u"))
     assert call.take_output() == ([], [], [])
-    assert (call.unplayed_bytes, call.frames_out, call.received_bytes) == (0, 0, {})
+    assert (call.playback.unplayed_bytes, call.frames_out, call.playback.received_bytes) == (0, 0, {})
     assert call.machines.output.refused == 2
     assert illegal_lines(caplog) == [
         "output event audio is illegal in state closed; ignored",
@@ -208,7 +208,7 @@ def test_a_key_after_close_is_refused() -> None:
     ready(call)
     call.close("caller_hung_up")
     call.take_output()
-    call.twilio_dtmf("5")
+    call.key_pressed("5")
     assert call.take_output() == ([], [], [])
     assert call.next_deadline() is None
     assert call.machines.caller.refused == 1

@@ -175,8 +175,8 @@ def test_call_object_output_validates(dialect: str) -> None:
     call.upstream_event(ev.ResponseCreated("r1", None, None))
     call.upstream_event(ev.AudioDelta("r1", "i1", "/////w=="))
     call.upstream_event(ev.SpeechStarted(10, "u1"))
-    call.twilio_dtmf("7")
-    call.twilio_dtmf("#")
+    call.key_pressed("7")
+    call.key_pressed("#")
     call.upstream_event(ev.ResponseDone("r1", "cancelled", None, (), {}, None, ""))
     for i in range(3):
         call.upstream_event(ev.ItemAdded(f"x{i}", None, {}))

@@ -8,6 +8,10 @@ response reports how long the caller waited for it (``mouth_to_ear_sent_seconds`
 
 The audio delta path runs 50 times a second per call: one call into `Playback.send`, and a
 machine transition only when the output was not speaking already.
+
+A call whose audio does not pass through the relay (SIP: OpenAI plays it to the caller) has no
+playback accounting: ``output_audio_buffer.started/stopped/cleared`` say when the assistant is
+heard, and cutting it off is ``response.cancel`` then ``output_audio_buffer.clear``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from relay.call.effects import Metric, Outbox
 from relay.call.machines import Machine, Output
 from relay.call.playback import Playback
 from relay.call.responses import Responses
+from relay.realtime import client
 from relay.realtime import events as ev
 from relay.twilio.messages import is_base64
 
@@ -30,7 +35,17 @@ Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 class Assistant:
     """What the assistant is saying, and the rules for cutting it off."""
 
-    __slots__ = ("_clock", "_log", "_outbox", "dropped_deltas", "machine", "playback", "responses", "turn_ended_at")
+    __slots__ = (
+        "_clock",
+        "_log",
+        "_outbox",
+        "dropped_deltas",
+        "machine",
+        "playback",
+        "remote_playing",
+        "responses",
+        "turn_ended_at",
+    )
 
     def __init__(
         self,
@@ -48,6 +63,7 @@ class Assistant:
         self._clock = clock
         self._log = log
         self.dropped_deltas = 0
+        self.remote_playing = False  # OpenAI plays a response's audio itself (calls without an audio path)
         # when the caller's turn ended (or the session became ready, for the greeting): the
         # mouth-to-ear latency of the next response counts from here
         self.turn_ended_at: float | None = None
@@ -76,6 +92,26 @@ class Assistant:
                 self.playback.watch(name, self.turn_ended_at)
                 self.turn_ended_at = None
 
+    def remote_started(self, event: ev.OutputAudioStarted) -> None:
+        """OpenAI began playing a response to the caller (calls without an audio path)."""
+        responses = self.responses
+        if event.response_id in responses.dropped or event.response_id in responses.out_of_band:
+            return
+        machine = self.machine
+        if machine.state is not Output.SPEAKING and machine.state is not Output.GREETING:
+            if not machine.fire("audio"):
+                return
+        self.remote_playing = True
+        if self.turn_ended_at is not None:  # what OpenAI plays is what the caller hears
+            heard = Metric("mouth_to_ear_played_seconds", self._clock() - self.turn_ended_at)
+            self._outbox.effects.append(heard)
+            self.turn_ended_at = None
+
+    def remote_stopped(self) -> None:
+        """OpenAI's output buffer played out or was cleared: nothing is playing now."""
+        self.remote_playing = False
+        self.settle()
+
     def greet(self) -> None:
         """The first session is ready and the greeting is asked for."""
         self.machine.fire("greet")
@@ -92,18 +128,21 @@ class Assistant:
         """The output is over once nothing is unplayed and no response is active."""
         state = self.machine.state
         if state is Output.SPEAKING or state is Output.RESPONDING or state is Output.GREETING:
-            if self.playback.unplayed_bytes == 0 and self.responses.active is None:
+            if self.playback.unplayed_bytes == 0 and self.responses.active is None and not self.remote_playing:
                 self.machine.fire("finished")
 
     def cut_off(self, *, cancel: bool) -> bool:
         """Clear Twilio, truncate each item at what was heard, drop the response's late deltas
         and, when `cancel` (the server won't), cancel it. False if nothing was playing."""
         responses = self.responses
-        if not self.playback.has_pending and responses.active is None:
+        if not self.playback.has_pending and responses.active is None and not self.remote_playing:
             return False
         self._outbox.effects.append(Metric("barge_ins", 1.0))
         responses.dropped.update(self.playback.cut())
         responses.cut_active(cancel=cancel)
+        if self.remote_playing and cancel:  # the server stops what it plays only when it cancels itself
+            self._outbox.send_upstream(client.clear_output_audio())
+            self.remote_playing = False
         return True
 
     def caller_started(self, *, cancel: bool) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from relay.agent_settings import AgentSettings
 from relay.call.assistant import Assistant
-from relay.call.caller_audio import CallerAudio, CallerFrame
+from relay.call.caller_audio import CallerAudio, CallerFrame, KeyPress
 from relay.call.conversation import Conversation
 from relay.call.effects import Effect, Entry, Metric, Outbox, UpstreamFailed
 from relay.call.keypad import Keypad
@@ -45,7 +45,7 @@ class Call:
         self,
         *,
         call_sid: str,
-        stream_sid: str,
+        stream_sid: str | None,
         dialect: Dialect,
         agent: AgentSettings,
         model: str,
@@ -59,7 +59,10 @@ class Call:
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
     ) -> None:
         self.call_sid = call_sid
+        # None: the call's audio does not pass through the relay (a SIP call's sideband socket): no
+        # audio deltas are relayed, no marks come back, and no playback is accounted here
         self.stream_sid = stream_sid
+        self.audio_path = stream_sid is not None
         self.dialect = dialect
         self.agent = agent
         self.model = model
@@ -123,33 +126,13 @@ class Call:
     @property
     def playback_idle(self) -> bool:
         """True when the caller has heard everything sent and nothing is being generated or waits to be."""
-        return self.playback.unplayed_bytes == 0 and self.responses.idle
-
-    @property
-    def unplayed_bytes(self) -> int:
-        return self.playback.unplayed_bytes
-
-    @property
-    def played_bytes(self) -> dict[str, int]:
-        return self.playback.played_bytes
-
-    @property
-    def received_bytes(self) -> dict[str, int]:
-        return self.playback.received_bytes
+        return self.playback.unplayed_bytes == 0 and self.responses.idle and not self.assistant.remote_playing
 
     @property
     def caller_audio_committed_ms(self) -> int:
         """How much of this session's input audio it has made into turns (speech_stopped's
         audio_end_ms): a replacement session must not be sent that audio again."""
         return self.turn_taking.committed_ms
-
-    @property
-    def dropped_deltas(self) -> int:
-        return self.assistant.dropped_deltas
-
-    @property
-    def stale_marks(self) -> int:
-        return self.playback.stale_marks
 
     @property
     def frames_out(self) -> int:
@@ -167,13 +150,6 @@ class Call:
     def turn_count(self) -> int:
         return self.conversation.turn_count
 
-    def instructions(self) -> str:
-        return self.conversation.instructions()
-
-    def resume_context(self) -> str:
-        """What a replacement Realtime session needs to continue mid-call."""
-        return self.conversation.resume_context()
-
     # ---- upstream session lifecycle ---------------------------------------------------
 
     def upstream_opened(self) -> list[CallerFrame]:
@@ -190,7 +166,7 @@ class Call:
         self.assistant.settle()
         self._outbox.send_upstream(
             self.dialect.session_update(
-                self.agent, model=self.model, instructions=self.instructions(), tools=self.tools
+                self.agent, model=self.model, instructions=self.conversation.instructions(), tools=self.tools
             )
         )
         return self.audio.session_opened()
@@ -241,7 +217,7 @@ class Call:
             self._outbox.send_upstream(client.commit())
             self.request_response(self.dialect.response_create())
 
-    def twilio_dtmf(self, digit: str) -> None:
+    def key_pressed(self, digit: str) -> None:
         """One key press. Keys are collected into one entry, which ends with the terminator, a pause
         of ``dtmf.timeout_ms`` (see ``next_deadline``/``tick``) or ``dtmf.max_digits`` keys."""
         now = self.clock()
@@ -297,7 +273,8 @@ class Call:
 
     def upstream_event(self, event: ev.ServerEvent) -> None:
         if type(event) is ev.AudioDelta:
-            self.assistant.audio_delta(event)
+            if self.audio_path:  # otherwise OpenAI plays it to the caller itself
+                self.assistant.audio_delta(event)
         elif type(event) is ev.SpeechStarted:  # a cancel after the server's own would be refused (§11)
             self._caller_started(cancel=not self.turn_taking.server_cancels_on_speech)
         elif type(event) is ev.SpeechStopped:
@@ -335,10 +312,22 @@ class Call:
             self._on_session_updated()
         elif type(event) is ev.ServerError:
             self._on_error(event)
+        elif type(event) is ev.OutputAudioStarted:
+            self.assistant.remote_started(event)
+        elif type(event) is ev.OutputAudioStopped:
+            self.assistant.remote_stopped()
+        elif type(event) is ev.KeypadDigit:
+            self._keypad_digit(event.digit)
         elif type(event) is ev.InputTranscriptFailed:
             self.log.info("input transcription failed for %s: %s", event.item_id, event.message)
         elif type(event) is ev.Unknown:
             self.log.debug("ignoring unknown Realtime event %s", event.type)
+
+    def _keypad_digit(self, digit: str) -> None:
+        """A key press reported by the Realtime session (SIP), under the same per-second limit as
+        Media Streams' keys; a flood of them is dropped here, since there is no stream to close."""
+        if self.audio.keypress() is KeyPress.PASS:
+            self.key_pressed(digit)
 
     def _on_session_updated(self) -> None:
         first = not self.session_ready

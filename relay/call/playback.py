@@ -54,9 +54,12 @@ class Playback:
         "unplayed_bytes",
     )
 
-    def __init__(self, outbox: Outbox, stream_sid: str, clock: Callable[[], float], repeats: RepeatLimiter) -> None:
+    def __init__(
+        self, outbox: Outbox, stream_sid: str | None, clock: Callable[[], float], repeats: RepeatLimiter
+    ) -> None:
         self._outbox = outbox
-        self._twilio = Outbound(stream_sid)
+        # None: the call's audio does not pass through the relay (SIP sideband); nothing is played here
+        self._twilio = Outbound(stream_sid) if stream_sid is not None else None
         self._clock = clock
         self._repeats = repeats
         self.generation = 0
@@ -86,6 +89,9 @@ class Playback:
 
     def send(self, payload: str, nbytes: int, item_id: str, response_id: str) -> str:
         """Queue one chunk and its mark for Twilio; returns the mark's name."""
+        twilio = self._twilio
+        if twilio is None:
+            raise RuntimeError("this call has no audio path: nothing is played through the relay")
         received = self.received_bytes
         received[item_id] = received.get(item_id, 0) + nbytes
         self.item_response.setdefault(item_id, response_id)
@@ -95,8 +101,8 @@ class Playback:
         self._pending.append((name, item_id, nbytes, self._clock()))
         self.unplayed_bytes += nbytes
         to_twilio = self._outbox.to_twilio
-        to_twilio.append(self._twilio.media(payload))
-        to_twilio.append(self._twilio.mark(name))
+        to_twilio.append(twilio.media(payload))
+        to_twilio.append(twilio.mark(name))
         self.frames_out += 1
         return name
 
@@ -148,10 +154,11 @@ class Playback:
         Nothing happens (and nothing is returned) when nothing is waiting to be played.
         """
         pending = self._pending
-        if not pending:
+        twilio = self._twilio
+        if not pending or twilio is None:
             return []
         outbox = self._outbox
-        outbox.to_twilio.append(self._twilio.clear())
+        outbox.to_twilio.append(twilio.clear())
         items: list[str] = []
         for _, item_id, _, _ in pending:
             if item_id not in items:

@@ -17,6 +17,12 @@ def truncate(item_id: str, audio_end_ms: int) -> dict[str, Any]:
     return {"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": audio_end_ms}
 
 
+def clear_output_audio() -> dict[str, Any]:
+    """``output_audio_buffer.clear``: stop the audio OpenAI plays to the caller itself (SIP, WebRTC);
+    sent after the response's ``response.cancel``."""
+    return {"type": "output_audio_buffer.clear"}
+
+
 def cancel(response_id: str | None = None) -> dict[str, Any]:
     event: dict[str, Any] = {"type": "response.cancel"}
     if response_id:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import orjson
 
-from relay.agent_settings import AgentSettings, VadSettings
+from relay.agent_settings import DTMF_KEYS, AgentSettings, VadSettings
 from relay.realtime import events as ev
 from relay.realtime.models import CUSTOM_VOICE_PREFIX, DEFAULT_VOICE
 
@@ -46,9 +46,6 @@ _IGNORED = frozenset(
         "rate_limits.updated",
         "conversation.created",
         "transcription_session.updated",
-        "output_audio_buffer.started",
-        "output_audio_buffer.stopped",
-        "output_audio_buffer.cleared",
         "mcp_list_tools.in_progress",
         "mcp_list_tools.completed",
         "mcp_list_tools.failed",
@@ -190,12 +187,23 @@ def _transcription_failed(m: dict[str, Any]) -> ev.InputTranscriptFailed:
     return ev.InputTranscriptFailed(_s(m, "item_id"), message if isinstance(message, str) else "")
 
 
+def _keypad_digit(m: dict[str, Any]) -> ev.KeypadDigit:
+    digit = _s(m, "event")
+    if len(digit) != 1 or digit not in DTMF_KEYS:
+        raise ev.MalformedEvent(f"dtmf event is not one key: {digit[:20]!r}")
+    return ev.KeypadDigit(digit)
+
+
 _PARSERS: dict[str, Callable[[dict[str, Any]], ev.ServerEvent]] = {
     "response.output_audio.delta": lambda m: ev.AudioDelta(_s(m, "response_id"), _s(m, "item_id"), _s(m, "delta")),
     "response.output_audio.done": lambda m: ev.AudioDone(_s(m, "response_id"), _s(m, "item_id")),
     "input_audio_buffer.speech_started": lambda m: ev.SpeechStarted(_i(m, "audio_start_ms"), _s(m, "item_id")),
     "input_audio_buffer.speech_stopped": lambda m: ev.SpeechStopped(_i(m, "audio_end_ms"), _s(m, "item_id")),
     "input_audio_buffer.committed": lambda m: ev.InputCommitted(_s(m, "item_id")),
+    "input_audio_buffer.dtmf_event_received": _keypad_digit,
+    "output_audio_buffer.started": lambda m: ev.OutputAudioStarted(_s(m, "response_id")),
+    "output_audio_buffer.stopped": lambda m: ev.OutputAudioStopped(_s(m, "response_id"), cleared=False),
+    "output_audio_buffer.cleared": lambda m: ev.OutputAudioStopped(_s(m, "response_id"), cleared=True),
     "response.created": _response_created,
     "response.done": _parse_response_done,
     "response.output_item.added": _output_item_added,

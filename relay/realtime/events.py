@@ -71,6 +71,29 @@ class AudioDone:
 
 
 @dataclass(frozen=True, slots=True)
+class OutputAudioStarted:
+    """``output_audio_buffer.started``: OpenAI began playing a response's audio to the caller itself
+    (SIP and WebRTC calls, whose audio never passes through the relay)."""
+
+    response_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutputAudioStopped:
+    """``output_audio_buffer.stopped`` (played out) or ``.cleared`` (cut off): nothing is playing."""
+
+    response_id: str
+    cleared: bool
+
+
+@dataclass(frozen=True, slots=True)
+class KeypadDigit:
+    """``input_audio_buffer.dtmf_event_received``: the caller pressed a key (SIP calls)."""
+
+    digit: str
+
+
+@dataclass(frozen=True, slots=True)
 class AssistantTranscriptDone:
     response_id: str
     item_id: str
@@ -175,6 +198,9 @@ ServerEvent = (
     | OutputItemAdded
     | AudioDelta
     | AudioDone
+    | OutputAudioStarted
+    | OutputAudioStopped
+    | KeypadDigit
     | AssistantTranscriptDone
     | TextDone
     | InputTranscriptCompleted

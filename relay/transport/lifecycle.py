@@ -244,7 +244,7 @@ class MediaStreamCall(LiveHold):
             called=self.called,
             profile=self.agent,
             store=self.runtime.store,
-            log=logs.call_logger(self.call_sid, self.call.stream_sid if self.call else "", "relay.tools"),
+            log=logs.call_logger(self.call_sid, (self.call.stream_sid or "") if self.call else "", "relay.tools"),
             end_call=self.end_call,
             transfer_call=self.transfer_call,
             summary=lambda: self.call.summary if self.call else None,

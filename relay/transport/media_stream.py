@@ -114,7 +114,7 @@ class MediaStream:
                         await self._close("dtmf_flood", CLOSE_POLICY, "dtmf flood")
                         return
                     if press is KeyPress.PASS:
-                        call.twilio_dtmf(event.digit)
+                        call.key_pressed(event.digit)
                         await output.flush()
                         self._arm_call_timer()
                 elif isinstance(event, tw.Stop):
