@@ -24,6 +24,9 @@ from typing import Any
 import orjson
 
 REDACTED = "[redacted]"
+# The Media Stream transport's log lines keep the logger name they have always had: operators'
+# log filters and alerts know them by it.
+TRANSPORT_LOGGER = "relay.bridge"
 AUDIO_REDACTED = "[base64 redacted]"
 _SECRET_PATTERNS = [
     re.compile(r"sk-[A-Za-z0-9_\-]{8,}"),

@@ -14,6 +14,7 @@ from datetime import date
 from typing import Protocol
 from urllib.parse import urlencode, urlsplit
 
+from relay import logs
 from relay.agent_settings import AgentSettings
 from relay.config import INSECURE_STREAM_SECRET, Settings
 from relay.logbound import RepeatLimiter
@@ -171,7 +172,7 @@ class Runtime:
         # Anyone can open sockets and POST to the public endpoints: what they are refused for before
         # a call exists is logged the first few times per kind, then as a running count, so a client
         # that keeps trying buys no log lines (relay/logbound.py).
-        self.stream_refusals = RepeatLimiter(logging.getLogger("relay.bridge"), scope="since start-up")
+        self.stream_refusals = RepeatLimiter(logging.getLogger(logs.TRANSPORT_LOGGER), scope="since start-up")
         self.request_refusals = RepeatLimiter(logging.getLogger("relay.app"), scope="since start-up")
         self.insecure_warning_interval_s = INSECURE_WARNING_S
 
@@ -247,19 +248,19 @@ class Runtime:
     def profile_for(self, called: str) -> AgentSettings:
         return self.profiles.for_number(called) if called else self.profiles.default
 
-    def register(self, bridge: LiveStream) -> bool:
-        """Count the bridge's stream as live here; False (nothing changed) if another stream of its
+    def register(self, stream: LiveStream) -> bool:
+        """Count the stream as live here; False (nothing changed) if another stream of its
         call already is. `calls` is keyed by call SID, so it holds one stream per call."""
-        current = self.calls.get(bridge.call_sid)
-        if current is not None and current is not bridge:
+        current = self.calls.get(stream.call_sid)
+        if current is not None and current is not stream:
             return False
-        self.calls[bridge.call_sid] = bridge
+        self.calls[stream.call_sid] = stream
         self.metrics.active_calls.set(len(self.calls))
         return True
 
-    def unregister(self, bridge: LiveStream) -> None:
-        if self.calls.get(bridge.call_sid) is bridge:
-            del self.calls[bridge.call_sid]
+    def unregister(self, stream: LiveStream) -> None:
+        if self.calls.get(stream.call_sid) is stream:
+            del self.calls[stream.call_sid]
         self.metrics.active_calls.set(len(self.calls))
 
     @property

@@ -209,3 +209,19 @@ def test_the_internals_check_sees_what_it_forbids() -> None:
         "websockets.frames",
         "websockets.protocol",
     ]
+
+
+def test_the_readme_layout_table_matches_the_tree() -> None:
+    """Every path the table names exists, and every module and package of relay/ is named there."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Layout") :].split("\n\n")[1]
+    named = set(re.findall(r"`([^`]+)`", table))
+    paths = {name.rstrip("/") for name in named if name.split("/")[0] in {"relay", "bench", "handlers", "infra"}}
+    assert [p for p in sorted(paths) if not (ROOT / p).exists()] == []
+    tree = {
+        f"relay/{p.name}"
+        for p in (ROOT / "relay").iterdir()
+        if p.name not in {"__init__.py", "__pycache__"} and (p.suffix == ".py" or p.is_dir())
+    }
+    covered = {p for p in tree if p in paths or any(p.startswith(q + "/") for q in paths)}
+    assert sorted(tree - covered) == []

@@ -39,7 +39,7 @@ from relay.realtime.dialect import Dialect
 
 
 class Call:
-    """The logic of one call. Not thread-safe; driven by one bridge."""
+    """The logic of one call. Not thread-safe; driven by one transport."""
 
     def __init__(
         self,
@@ -90,7 +90,7 @@ class Call:
         self.greeted = False
 
         self.turn_taking = TurnTaking(agent.vad)
-        self.endpointer = self.turn_taking.endpointer  # the bridge feeds it caller audio (relay-side endpointing)
+        self.endpointer = self.turn_taking.endpointer  # the transport feeds it caller audio (relay-side endpointing)
         self.audio = CallerAudio(clock, self.log, max_dtmf_per_second=max_dtmf_per_second)
         self.frames_in = 0  # counted by the I/O layer
 
@@ -233,7 +233,7 @@ class Call:
             self._finish_entry(ended)
 
     def next_deadline(self) -> float | None:
-        """When ``tick`` has something to do (clock time), or None: the bridge sleeps until then."""
+        """When ``tick`` has something to do (clock time), or None: the transport sleeps until then."""
         return self.keypad.deadline()
 
     def tick(self) -> None:

@@ -84,7 +84,7 @@ class Tools(enum.Enum):
 S = TypeVar("S", bound=enum.Enum)
 Table = Mapping[S, Mapping[str, S]]
 
-# A new socket may replace one that is still configuring or ready (the bridge reopens without
+# A new socket may replace one that is still configuring or ready (the transport reopens without
 # reporting the old one lost); session.updated again on a ready session acknowledges an update.
 SESSION_TABLE: Table[Session] = {
     Session.CONNECTING: {"opened": Session.CONFIGURING, "lost": Session.LOST, "close": Session.CLOSED},

@@ -34,7 +34,7 @@ class TurnTaking:
     )
 
     def __init__(self, vad: VadSettings) -> None:
-        # relay-side endpointing when the session has no turn detection; the bridge feeds it caller audio
+        # relay-side endpointing when the session has no turn detection; the transport feeds it caller audio
         self.endpointer: Endpointer | None = Endpointer(vad) if vad.type == "none" else None
         # server VAD that commits turns but leaves the answer to us (create_response false)
         self.answers_commits = vad.type != "none" and not vad.create_response

@@ -24,7 +24,6 @@ from relay.twilio import twiml
 if TYPE_CHECKING:
     from relay.runtime import Runtime
 
-TRANSPORT_LOGGER = "relay.bridge"  # the name operators' log filters know the Media Stream transport by
 # Before `start` Twilio sends exactly `connected` then `start` (shared/PROTOCOLS.md §3); two frames of
 # slack, and a socket that sends more without a valid start is closed.
 PRE_START_FRAMES = 4
@@ -168,7 +167,7 @@ class Admission:
         """The stream token (and the upgrade signature, when present) must match this call and the
         numbers Twilio signed for it; each token admits one stream."""
         settings = self.runtime.settings
-        log = logs.call_logger(start.call_sid, start.stream_sid, TRANSPORT_LOGGER)
+        log = logs.call_logger(start.call_sid, start.stream_sid, logs.TRANSPORT_LOGGER)
         logs.bind_call(start.call_sid, start.stream_sid)  # library lines of this call carry the SIDs too
         params = start.custom_parameters
         try:
