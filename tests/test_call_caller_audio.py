@@ -227,3 +227,15 @@ def test_a_new_session_hears_what_the_lost_one_had_not_made_into_a_turn_then_the
         call.audio.hold(frame)
     assert call.upstream_opened() == sent[6:] + held
     assert call.upstream_opened() == []  # each frame is heard again once, by the next session only
+
+
+def test_what_the_caller_s_side_sends_wrong_is_logged_under_the_transport_s_name(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    transport = logging.getLogger("relay.bridge")
+    call, _ = make_call(greeting=None, transport_logger=transport)
+    with caplog.at_level(logging.WARNING):
+        call.audio.malformed("not JSON")
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("relay.bridge", "malformed Twilio frame skipped: not JSON")
+    ]
