@@ -133,7 +133,7 @@ def test_keys_over_the_per_second_limit_are_dropped_as_on_a_media_stream() -> No
 
 
 def test_a_media_stream_call_goes_by_its_marks_and_its_stream_s_keys_only() -> None:
-    """Output-buffer and keypad events are the sideband's signals; on a call whose audio the relay
+    """Speech-buffer and keypad events are the sideband's signals; on a call whose audio the relay
     plays they are ignored (OpenAI documents them for SIP and WebRTC only)."""
     call, _ = make_call(greeting=None)
     ready(call)

@@ -77,7 +77,7 @@ class Call:
 
         self.playback = Playback(self._outbox, stream_sid, clock, self.repeats)
         self.responses = Responses(self._outbox)
-        self.assistant = Assistant(self._outbox, self.machines.output, self.playback, self.responses, clock, self.log)
+        self.assistant = Assistant(self._outbox, self.machines.speech, self.playback, self.responses, clock, self.log)
         self.conversation = Conversation(
             self._outbox,
             agent,
@@ -198,7 +198,7 @@ class Call:
         if playback.ack(name) and playback.unplayed_bytes == 0:
             self.assistant.settle()
 
-    def caller_audio(self, payload: str) -> None:
+    def find_turns(self, payload: str) -> None:
         """Relay-side endpointing only: look at a caller frame already sent upstream as is."""
         endpointer = self.endpointer
         if endpointer is None:

@@ -164,7 +164,7 @@ class MediaStream:
         if outcome is FrameOutcome.FLOOD:
             return outcome
         call = self.call
-        call.caller_audio(payload)
+        call.find_turns(payload)
         if call.has_output and self._endpoint_flush is None:
             # a speech boundary (barge-in, end of turn): sent by a task, as this must not wait
             self._endpoint_flush = self._spawn(self._flush_endpointing(), "endpoint-flush")
