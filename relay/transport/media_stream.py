@@ -101,7 +101,7 @@ class MediaStream:
                 if type(event) is tw.Media:
                     outcome = send_frame(event.payload, t0)
                     if outcome is FrameOutcome.WAIT:
-                        await output.drain_upstream()
+                        await output.wait_upstream_sent()
                     elif outcome is FrameOutcome.FLOOD:
                         self.log.warning("caller audio arrives far faster than real time; closing stream")
                         await self._close("media_flood", CLOSE_POLICY, "media flood")
