@@ -3,7 +3,7 @@
 A call has at most one live stream across instances. The instance serving it holds the call in
 the store for LIVE_TTL_S and renews the hold every LIVE_HEARTBEAT_S, so a crashed instance lets
 go within seconds and another may take the call. One beat per process renews every hold of this
-instance and its heartbeat in a single round trip (a command per call per beat would cost each
+instance and its heartbeat in one pipeline (a command per call per beat would cost each
 call about 0.1 ms of CPU per second of its length); each hold then settles its own outcome. With
 the holds go small live-call records and the instance heartbeats, so any instance can list the
 live instances and the live calls of all of them, a call whose instance stopped heart-beating
@@ -76,7 +76,7 @@ class Ownership:
             await asyncio.sleep(LIVE_HEARTBEAT_S)
 
     async def beat(self) -> None:
-        """Renew this instance's heartbeat and every hold it has, in one round trip; never raises."""
+        """Renew this instance's heartbeat and every hold it has, in one pipeline; never raises."""
         holds = list(self._holds.values())
         held: list[CallHold] = []
         records: list[LiveCallRecord] = []

@@ -427,7 +427,7 @@ def no_vad_call(greeting: str | None = None, **vad: Any) -> tuple[Call, Clock]:
 def feed(call: Call, payloads: list[str]) -> list[dict[str, Any]]:
     """Caller frames in; what the call sent upstream besides the appends themselves."""
     for payload in payloads:
-        call.caller_audio(payload)
+        call.find_turns(payload)
     return [e for e in map(orjson.loads, call.take_output()[1]) if e["type"] != "input_audio_buffer.append"]
 
 
@@ -458,7 +458,7 @@ def test_without_server_vad_speech_interrupts_and_cancels_and_the_answer_waits()
     assert feed(call, frames(LOUD, 2)) == []
     assert call.take_output()[0] == []
     for payload in frames(LOUD, 1):  # the third loud frame: speech
-        call.caller_audio(payload)
+        call.find_turns(payload)
     to_twilio, to_upstream, _ = call.take_output()
     assert [orjson.loads(m)["event"] for m in to_twilio] == ["clear"]
     sent = [e for e in map(orjson.loads, to_upstream) if e["type"] != "input_audio_buffer.append"]

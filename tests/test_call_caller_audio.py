@@ -214,8 +214,7 @@ def test_junk_is_counted_and_logged_a_bounded_number_of_times(caplog: pytest.Log
 
 
 def test_a_new_session_hears_what_the_lost_one_had_not_made_into_a_turn_then_the_backlog() -> None:
-    call, _ = make_call(greeting=None)
-    assert call.upstream_opened() == []  # no caller audio yet: nothing to hear again
+    call, _ = make_call(greeting=None)  # its first session is open
     call.upstream_event(ev.SessionUpdated({}))
     sent = frames(10)
     send(call.audio, sent)  # 200 ms in the session's socket
@@ -226,4 +225,17 @@ def test_a_new_session_hears_what_the_lost_one_had_not_made_into_a_turn_then_the
     for frame in held:
         call.audio.hold(frame)
     assert call.upstream_opened() == sent[6:] + held
+    call.upstream_lost()
     assert call.upstream_opened() == []  # each frame is heard again once, by the next session only
+
+
+def test_what_the_caller_s_side_sends_wrong_is_logged_under_the_transport_s_name(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    transport = logging.getLogger("relay.bridge")
+    call, _ = make_call(greeting=None, transport_logger=transport)
+    with caplog.at_level(logging.WARNING):
+        call.audio.malformed("not JSON")
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("relay.bridge", "malformed Twilio frame skipped: not JSON")
+    ]

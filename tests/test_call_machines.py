@@ -13,13 +13,13 @@ from call_support import CALL_SID, audio, make_call, ready, start_response, twil
 from relay.call import Phase
 from relay.call.machines import (
     CALLER_TABLE,
-    OUTPUT_TABLE,
     SESSION_TABLE,
+    SPEECH_TABLE,
     TOOLS_TABLE,
     Caller,
     Machine,
-    Output,
     Session,
+    Speech,
     Table,
     Tools,
     derive_phase,
@@ -30,7 +30,7 @@ from relay.realtime import events as ev
 
 TABLES: list[tuple[type[enum.Enum], Table[Any]]] = [
     (Session, SESSION_TABLE),
-    (Output, OUTPUT_TABLE),
+    (Speech, SPEECH_TABLE),
     (Caller, CALLER_TABLE),
     (Tools, TOOLS_TABLE),
 ]
@@ -87,28 +87,28 @@ def test_a_flood_of_illegal_events_costs_a_bounded_number_of_lines(caplog: pytes
 
 
 PHASES = [
-    (Session.CONNECTING, Output.IDLE, Caller.SILENT, Tools.IDLE, Phase.CONFIGURING),
-    (Session.CONFIGURING, Output.SPEAKING, Caller.SPEAKING, Tools.RUNNING, Phase.CONFIGURING),
-    (Session.LOST, Output.SPEAKING, Caller.SILENT, Tools.IDLE, Phase.RECONNECTING),
-    (Session.CLOSED, Output.CLOSED, Caller.CLOSED, Tools.CLOSED, Phase.CLOSED),
-    (Session.READY, Output.IDLE, Caller.SILENT, Tools.IDLE, Phase.LISTENING),
-    (Session.READY, Output.IDLE, Caller.KEYING, Tools.IDLE, Phase.LISTENING),
-    (Session.READY, Output.GREETING, Caller.SILENT, Tools.IDLE, Phase.GREETING),
-    (Session.READY, Output.RESPONDING, Caller.SILENT, Tools.IDLE, Phase.ASSISTANT_SPEAKING),
-    (Session.READY, Output.SPEAKING, Caller.KEYING, Tools.IDLE, Phase.ASSISTANT_SPEAKING),
-    (Session.READY, Output.SPEAKING, Caller.SPEAKING, Tools.IDLE, Phase.LISTENING),
-    (Session.READY, Output.GREETING, Caller.SPEAKING, Tools.IDLE, Phase.LISTENING),
-    (Session.READY, Output.INTERRUPTED, Caller.SPEAKING, Tools.IDLE, Phase.INTERRUPTED),
-    (Session.READY, Output.INTERRUPTED, Caller.SPEAKING, Tools.RUNNING, Phase.TOOL_RUNNING),
-    (Session.READY, Output.SPEAKING, Caller.SILENT, Tools.RUNNING, Phase.TOOL_RUNNING),
+    (Session.CONNECTING, Speech.IDLE, Caller.SILENT, Tools.IDLE, Phase.CONFIGURING),
+    (Session.CONFIGURING, Speech.SPEAKING, Caller.SPEAKING, Tools.RUNNING, Phase.CONFIGURING),
+    (Session.LOST, Speech.SPEAKING, Caller.SILENT, Tools.IDLE, Phase.RECONNECTING),
+    (Session.CLOSED, Speech.CLOSED, Caller.CLOSED, Tools.CLOSED, Phase.CLOSED),
+    (Session.READY, Speech.IDLE, Caller.SILENT, Tools.IDLE, Phase.LISTENING),
+    (Session.READY, Speech.IDLE, Caller.KEYING, Tools.IDLE, Phase.LISTENING),
+    (Session.READY, Speech.GREETING, Caller.SILENT, Tools.IDLE, Phase.GREETING),
+    (Session.READY, Speech.RESPONDING, Caller.SILENT, Tools.IDLE, Phase.ASSISTANT_SPEAKING),
+    (Session.READY, Speech.SPEAKING, Caller.KEYING, Tools.IDLE, Phase.ASSISTANT_SPEAKING),
+    (Session.READY, Speech.SPEAKING, Caller.SPEAKING, Tools.IDLE, Phase.LISTENING),
+    (Session.READY, Speech.GREETING, Caller.SPEAKING, Tools.IDLE, Phase.LISTENING),
+    (Session.READY, Speech.INTERRUPTED, Caller.SPEAKING, Tools.IDLE, Phase.INTERRUPTED),
+    (Session.READY, Speech.INTERRUPTED, Caller.SPEAKING, Tools.RUNNING, Phase.TOOL_RUNNING),
+    (Session.READY, Speech.SPEAKING, Caller.SILENT, Tools.RUNNING, Phase.TOOL_RUNNING),
 ]
 
 
-@pytest.mark.parametrize(("session", "output", "caller", "tools", "phase"), PHASES)
+@pytest.mark.parametrize(("session", "speech", "caller", "tools", "phase"), PHASES)
 def test_phase_is_derived_from_the_four_machines(
-    session: Session, output: Output, caller: Caller, tools: Tools, phase: Phase
+    session: Session, speech: Speech, caller: Caller, tools: Tools, phase: Phase
 ) -> None:
-    assert derive_phase(session, output, caller, tools) is phase
+    assert derive_phase(session, speech, caller, tools) is phase
 
 
 def test_phase_through_one_call() -> None:
@@ -168,10 +168,10 @@ def test_audio_and_speech_after_close_are_refused_and_change_nothing(caplog: pyt
         call.upstream_event(ev.SpeechStarted(100, "item_u"))
     assert call.take_output() == ([], [], [])
     assert (call.playback.unplayed_bytes, call.frames_out, call.playback.received_bytes) == (0, 0, {})
-    assert call.machines.output.refused == 2
+    assert call.machines.speech.refused == 2
     assert illegal_lines(caplog) == [
-        "output event audio is illegal in state closed; ignored",
-        "output event audio is illegal in state closed; ignored",
+        "speech event audio is illegal in state closed; ignored",
+        "speech event audio is illegal in state closed; ignored",
         "caller event speech_started is illegal in state closed; ignored",
     ]
     assert call.phase is Phase.CLOSED

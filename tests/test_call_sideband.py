@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
-from call_support import CALL_SID, Clock
+from call_support import CALL_SID, Clock, make_call, ready
 from openai.types.realtime import RealtimeClientEvent
 from pydantic import TypeAdapter
 
@@ -130,3 +130,19 @@ def test_keys_over_the_per_second_limit_are_dropped_as_on_a_media_stream() -> No
     call.upstream_event(ev.KeypadDigit("#"))
     entries = [e.data for e in call.take_output()[2] if getattr(e, "kind", "") == "dtmf"]
     assert entries == [{"digits": "7777777777#", "ended": "terminator"}]
+
+
+def test_a_media_stream_call_goes_by_its_marks_and_its_stream_s_keys_only() -> None:
+    """Speech-buffer and keypad events are the sideband's signals; on a call whose audio the relay
+    plays they are ignored (OpenAI documents them for SIP and WebRTC only)."""
+    call, _ = make_call(greeting=None)
+    ready(call)
+    call.upstream_event(ev.ResponseCreated("resp_1", None, None))
+    call.upstream_event(ev.OutputAudioStarted("resp_1"))
+    call.upstream_event(ev.ResponseDone("resp_1", "completed", None, (), {}, None, ""))
+    assert call.playback_idle
+    call.take_output()
+    call.upstream_event(ev.KeypadDigit("5"))
+    call.upstream_event(ev.SpeechStarted(100, "item_u"))
+    assert call.take_output() == ([], [], [])  # no entry, no clear, no barge-in
+    assert call.keypad.deadline() is None  # no entry was started

@@ -107,3 +107,18 @@ def test_a_result_after_the_session_was_lost_is_dropped_without_a_word() -> None
     call.tool_result("c1", "{}")
     assert call.take_output() == ([], [], [])
     assert call.machines.tools.refused == 0
+
+
+def test_calls_answered_before_a_response_done_that_lists_none_still_get_their_answer() -> None:
+    """A response.done without function_call items completes the batch its calls started by
+    arguments.done: once every call is answered, one response.create follows (none would ever
+    come otherwise, and the caller would wait in silence)."""
+    call, _ = make_call(greeting=None)
+    ready(call)
+    call.upstream_event(ev.ResponseCreated("r", None, None))
+    call.upstream_event(ev.FunctionCallArgumentsDone("r", "i1", "c1", "lookup", '{"id": 1}'))
+    call.tool_result("c1", '{"status": "shipped"}')
+    assert [orjson.loads(m)["type"] for m in call.take_output()[1]] == ["conversation.item.create"]
+    call.upstream_event(ev.ResponseDone("r", "completed", None, (), {}, None, ""))
+    assert [orjson.loads(m)["type"] for m in call.take_output()[1]] == ["response.create"]
+    assert call.machines.tools.state is Tools.IDLE

@@ -368,3 +368,64 @@ async def test_with_redis_stalled_every_ownership_call_gives_up_within_the_timeo
     finally:
         private_redis.resume()
         await store.close()
+
+
+async def test_each_beat_sends_a_held_call_s_phase_and_a_lost_record_whole_again(
+    redis_url: str, store_prefix: str
+) -> None:
+    store = RedisStore(redis_url, prefix=store_prefix, caller_key_secret=SECRET)
+    await store.start()
+    client = redis.Redis.from_url(redis_url)
+    monitor = client.monitor()
+    try:
+        ownership = Ownership(store, "instance-a")
+        stream = Stream()
+        hold = hold_for(ownership, stream)
+        assert await hold.take() is None
+        stream.phase = "tool_running"
+        with monitor as commands:
+            await ownership.beat()
+            sent = []
+            while not any(b"PEXPIRE" in c["command"].encode() and b"instances" in c["command"].encode() for c in sent):
+                sent.append(commands.next_command())
+        evals = [c["command"] for c in sent if c["command"].startswith("EVALSHA")]
+        assert len(evals) == 1
+        # the hold, the record, the two TTLs and the phase: not the record's other fields
+        assert evals[0].split()[3:] == [
+            f"{store_prefix}live:{SID}",
+            f"{store_prefix}livecall:{SID}",
+            "instance-a",
+            str(int(LIVE_TTL_S * 1000)),
+            str(int(LIVE_RECORD_TTL_S * 1000)),
+            "tool_running",
+        ]
+        assert client.hget(f"{store_prefix}livecall:{SID}", "phase") == b"tool_running"
+        client.delete(f"{store_prefix}livecall:{SID}")  # e.g. evicted, or a restored snapshot without it
+        await ownership.beat()  # the hold is renewed; the record is missing
+        assert client.exists(f"{store_prefix}livecall:{SID}") == 0
+        await ownership.beat()  # and is written whole again
+        assert client.hgetall(f"{store_prefix}livecall:{SID}")[b"profile"] == b"support"
+        assert await ownership.live_calls() == [live(hold, "instance-a", "tool_running")]
+    finally:
+        client.close()
+        await store.close()
+
+
+async def test_a_record_left_over_by_a_failed_release_is_not_listed(redis_url: str, store_prefix: str) -> None:
+    """The instance is alive but no longer holds the call (its release did not reach the store and
+    the hold expired meanwhile): the call is over, neither live nor orphaned."""
+    store = RedisStore(redis_url, prefix=store_prefix, caller_key_secret=SECRET)
+    await store.start()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        ownership = Ownership(store, "instance-a")
+        hold = hold_for(ownership, Stream())
+        assert await hold.take() is None
+        await ownership.beat()
+        assert await ownership.live_calls() == [live(hold, "instance-a")]
+        client.delete(f"{store_prefix}live:{SID}")  # the hold expired; the record has 60 s to live
+        assert client.exists(f"{store_prefix}livecall:{SID}") == 1
+        assert await ownership.live_calls() == []
+    finally:
+        client.close()
+        await store.close()

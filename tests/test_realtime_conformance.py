@@ -219,7 +219,7 @@ def test_relay_side_turns_validate(dialect: str) -> None:
     loud = base64.b64encode(bytes([0x80, 0x00] * 80)).decode()
     silent = base64.b64encode(b"\xff" * 160).decode()
     for payload in [loud] * 10 + [silent] * 10:
-        call.caller_audio(payload)
+        call.find_turns(payload)
     call.upstream_event(ev.ResponseDone("r1", "cancelled", None, (), {}, None, ""))
     sent = call.take_output()[1]
     kinds = [orjson.loads(m)["type"] for m in sent]

@@ -1,7 +1,7 @@
 """The assistant's output: audio on its way to the caller, and cutting it off at a barge-in.
 
 This part joins what `Playback` knows (what was sent and heard) with what `Responses` knows
-(which response is active, which are dropped) under the output machine of machines.py. An
+(which response is active, which are dropped) under the speech machine of machines.py. An
 audio delta of a dropped or out-of-band response never reaches Twilio; the first audio of a
 response reports how long the caller waited for it (``mouth_to_ear_sent_seconds``, and
 ``mouth_to_ear_played_seconds`` once Twilio has played it).
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from relay.audio import audio_bytes
 from relay.call.conversation import SUMMARY_PURPOSE
 from relay.call.effects import Metric, Outbox
-from relay.call.machines import Machine, Output
+from relay.call.machines import Machine, Speech
 from relay.call.playback import Playback
 from relay.call.responses import Responses
 from relay.realtime import client
@@ -50,7 +50,7 @@ class Assistant:
     def __init__(
         self,
         outbox: Outbox,
-        machine: Machine[Output],
+        machine: Machine[Speech],
         playback: Playback,
         responses: Responses,
         clock: Callable[[], float],
@@ -80,7 +80,7 @@ class Assistant:
             self._log.warning("audio delta of %s is not base64; skipped", event.item_id)
             return
         machine = self.machine
-        if machine.state is not Output.SPEAKING and machine.state is not Output.GREETING:
+        if machine.state is not Speech.SPEAKING and machine.state is not Speech.GREETING:
             if not machine.fire("audio"):
                 return
         name = self.playback.send(payload, audio_bytes(payload), event.item_id, response_id)
@@ -98,7 +98,7 @@ class Assistant:
         if event.response_id in responses.dropped or event.response_id in responses.out_of_band:
             return
         machine = self.machine
-        if machine.state is not Output.SPEAKING and machine.state is not Output.GREETING:
+        if machine.state is not Speech.SPEAKING and machine.state is not Speech.GREETING:
             if not machine.fire("audio"):
                 return
         self.remote_playing = True
@@ -127,7 +127,7 @@ class Assistant:
     def settle(self) -> None:
         """The output is over once nothing is unplayed and no response is active."""
         state = self.machine.state
-        if state is Output.SPEAKING or state is Output.RESPONDING or state is Output.GREETING:
+        if state is Speech.SPEAKING or state is Speech.RESPONDING or state is Speech.GREETING:
             if self.playback.unplayed_bytes == 0 and self.responses.active is None and not self.remote_playing:
                 self.machine.fire("finished")
 
@@ -153,6 +153,6 @@ class Assistant:
 
     def caller_stopped(self) -> None:
         self.turn_ended_at = self._clock()
-        if self.machine.state is Output.INTERRUPTED:
+        if self.machine.state is Speech.INTERRUPTED:
             self.machine.fire("caller_done")
         self.settle()

@@ -158,8 +158,9 @@ class CallerAudio:
 
     # ---- keypad ----------------------------------------------------------------------------
 
-    def keypress(self) -> KeyPress:
-        """One digit arrived: pass it on, drop it (over the cap), or close (a flood)."""
+    def keypress(self, *, on_flood: str = "closing stream") -> KeyPress:
+        """One digit arrived: pass it on, drop it (over the cap), or close (a flood); ``on_flood``
+        says in the log what the transport does about a flood."""
         now = self._clock()
         window = self._keys
         while window and now - window[0] > DTMF_WINDOW_S:
@@ -167,7 +168,9 @@ class CallerAudio:
         window.append(now)
         limit = self._max_dtmf_per_second
         if len(window) > DTMF_FLOOD_FACTOR * limit:
-            self._log.warning("DTMF flood (%d digits in a second); closing stream", len(window))
+            self.repeats.log(
+                "dtmf_flood", logging.WARNING, "DTMF flood (%d digits in a second); %s", len(window), on_flood
+            )
             return KeyPress.FLOOD
         if len(window) > limit:
             if len(window) == int(limit) + 1:

@@ -57,6 +57,7 @@ class Call:
         max_dtmf_per_second: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+        transport_logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
     ) -> None:
         self.call_sid = call_sid
         # None: the call's audio does not pass through the relay (a SIP call's sideband socket): no
@@ -76,7 +77,7 @@ class Call:
 
         self.playback = Playback(self._outbox, stream_sid, clock, self.repeats)
         self.responses = Responses(self._outbox)
-        self.assistant = Assistant(self._outbox, self.machines.output, self.playback, self.responses, clock, self.log)
+        self.assistant = Assistant(self._outbox, self.machines.speech, self.playback, self.responses, clock, self.log)
         self.conversation = Conversation(
             self._outbox,
             agent,
@@ -91,7 +92,8 @@ class Call:
 
         self.turn_taking = TurnTaking(agent.vad)
         self.endpointer = self.turn_taking.endpointer  # the transport feeds it caller audio (relay-side endpointing)
-        self.audio = CallerAudio(clock, self.log, max_dtmf_per_second=max_dtmf_per_second)
+        # what the caller's side sends is logged under the transport's name (operators filter on it)
+        self.audio = CallerAudio(clock, transport_logger or self.log, max_dtmf_per_second=max_dtmf_per_second)
         self.frames_in = 0  # counted by the I/O layer
 
     # ---- output and derived state --------------------------------------------------------
@@ -196,7 +198,7 @@ class Call:
         if playback.ack(name) and playback.unplayed_bytes == 0:
             self.assistant.settle()
 
-    def caller_audio(self, payload: str) -> None:
+    def find_turns(self, payload: str) -> None:
         """Relay-side endpointing only: look at a caller frame already sent upstream as is."""
         endpointer = self.endpointer
         if endpointer is None:
@@ -312,10 +314,8 @@ class Call:
             self._on_session_updated()
         elif type(event) is ev.ServerError:
             self._on_error(event)
-        elif type(event) is ev.OutputAudioStarted:
-            self.assistant.remote_started(event)
-        elif type(event) is ev.OutputAudioStopped:
-            self.assistant.remote_stopped()
+        elif type(event) is ev.OutputAudioStarted or type(event) is ev.OutputAudioStopped:
+            self._output_buffer(event)
         elif type(event) is ev.KeypadDigit:
             self._keypad_digit(event.digit)
         elif type(event) is ev.InputTranscriptFailed:
@@ -323,10 +323,22 @@ class Call:
         elif type(event) is ev.Unknown:
             self.log.debug("ignoring unknown Realtime event %s", event.type)
 
+    def _output_buffer(self, event: ev.OutputAudioStarted | ev.OutputAudioStopped) -> None:
+        """OpenAI's own playback (SIP, WebRTC); where the audio passes through us, marks tell it."""
+        if self.audio_path:
+            self.log.debug("output_audio_buffer event on a call whose audio the relay plays; ignored")
+        elif type(event) is ev.OutputAudioStarted:
+            self.assistant.remote_started(event)
+        else:
+            self.assistant.remote_stopped()
+
     def _keypad_digit(self, digit: str) -> None:
         """A key press reported by the Realtime session (SIP), under the same per-second limit as
-        Media Streams' keys; a flood of them is dropped here, since there is no stream to close."""
-        if self.audio.keypress() is KeyPress.PASS:
+        Media Streams' keys; a flood of them is dropped here, since there is no stream to close.
+        Where the audio passes through us, keys come from the Media Stream instead."""
+        if self.audio_path:
+            self.log.debug("keypad event from the Realtime session of a Media Stream call; ignored")
+        elif self.audio.keypress(on_flood="digits dropped") is KeyPress.PASS:
             self.key_pressed(digit)
 
     def _on_session_updated(self) -> None:

@@ -7,9 +7,9 @@ A phone call has four things going on at once, each with a handful of states:
 
 * the **upstream session**, the Realtime socket: opened, configured by ``session.update``
   until ``session.updated`` says it is ready, possibly lost and replaced, finally closed;
-* the **assistant's output**: idle, greeting, responding (a response exists, no audio yet),
-  speaking (audio sent to Twilio that the caller has not heard yet), or interrupted (the
-  caller's voice cut it off and they are still talking);
+* the **assistant's speech** (`Speech`): idle, greeting, responding (a response exists, no
+  audio yet), speaking (audio sent to Twilio that the caller has not heard yet), or
+  interrupted (the caller's voice cut it off and they are still talking);
 * the **caller**: silent, speaking (per server VAD or the relay's endpointer) or keying in
   an entry on the keypad;
 * **tools**: idle, or running while a function call waits for its handler's result.
@@ -59,7 +59,7 @@ class Session(enum.Enum):
     CLOSED = "closed"
 
 
-class Output(enum.Enum):
+class Speech(enum.Enum):
     IDLE = "idle"
     GREETING = "greeting"
     RESPONDING = "responding"
@@ -84,18 +84,16 @@ class Tools(enum.Enum):
 S = TypeVar("S", bound=enum.Enum)
 Table = Mapping[S, Mapping[str, S]]
 
-# A new socket may replace one that is still configuring or ready (the transport reopens without
-# reporting the old one lost); session.updated again on a ready session acknowledges an update.
+# The transport reports a socket lost before it opens the next one, so "opened" comes only while
+# connecting or after a loss; session.updated again on a ready session acknowledges an update.
 SESSION_TABLE: Table[Session] = {
     Session.CONNECTING: {"opened": Session.CONFIGURING, "lost": Session.LOST, "close": Session.CLOSED},
     Session.CONFIGURING: {
-        "opened": Session.CONFIGURING,
         "configured": Session.READY,
         "lost": Session.LOST,
         "close": Session.CLOSED,
     },
     Session.READY: {
-        "opened": Session.CONFIGURING,
         "configured": Session.READY,
         "lost": Session.LOST,
         "close": Session.CLOSED,
@@ -107,29 +105,29 @@ SESSION_TABLE: Table[Session] = {
 # "created": an in-band response.created; "audio": the first chunk of audio sent to Twilio;
 # "finished": nothing unplayed and no response active; "barge_in": the caller's voice cut the
 # assistant off; "caller_done": that caller stopped talking.
-_ANY_OUTPUT_CUT_OFF = {"barge_in": Output.INTERRUPTED, "close": Output.CLOSED}
-OUTPUT_TABLE: Table[Output] = {
-    Output.IDLE: {
-        "greet": Output.GREETING,
-        "created": Output.RESPONDING,
-        "audio": Output.SPEAKING,
-        **_ANY_OUTPUT_CUT_OFF,
+_ANY_SPEECH_CUT_OFF = {"barge_in": Speech.INTERRUPTED, "close": Speech.CLOSED}
+SPEECH_TABLE: Table[Speech] = {
+    Speech.IDLE: {
+        "greet": Speech.GREETING,
+        "created": Speech.RESPONDING,
+        "audio": Speech.SPEAKING,
+        **_ANY_SPEECH_CUT_OFF,
     },
-    Output.GREETING: {"created": Output.GREETING, "finished": Output.IDLE, **_ANY_OUTPUT_CUT_OFF},
-    Output.RESPONDING: {
-        "created": Output.RESPONDING,
-        "audio": Output.SPEAKING,
-        "finished": Output.IDLE,
-        **_ANY_OUTPUT_CUT_OFF,
+    Speech.GREETING: {"created": Speech.GREETING, "finished": Speech.IDLE, **_ANY_SPEECH_CUT_OFF},
+    Speech.RESPONDING: {
+        "created": Speech.RESPONDING,
+        "audio": Speech.SPEAKING,
+        "finished": Speech.IDLE,
+        **_ANY_SPEECH_CUT_OFF,
     },
-    Output.SPEAKING: {"created": Output.SPEAKING, "finished": Output.IDLE, **_ANY_OUTPUT_CUT_OFF},
-    Output.INTERRUPTED: {
-        "created": Output.RESPONDING,
-        "audio": Output.SPEAKING,
-        "caller_done": Output.IDLE,
-        **_ANY_OUTPUT_CUT_OFF,
+    Speech.SPEAKING: {"created": Speech.SPEAKING, "finished": Speech.IDLE, **_ANY_SPEECH_CUT_OFF},
+    Speech.INTERRUPTED: {
+        "created": Speech.RESPONDING,
+        "audio": Speech.SPEAKING,
+        "caller_done": Speech.IDLE,
+        **_ANY_SPEECH_CUT_OFF,
     },
-    Output.CLOSED: {},
+    Speech.CLOSED: {},
 }
 
 # KEYING is "an entry is open and the caller is not talking"; speech and keys are independent
@@ -212,24 +210,24 @@ class Machine(Generic[S]):
 class CallMachines:
     """The four machines of one call; what they refuse is logged through one `RepeatLimiter`."""
 
-    __slots__ = ("caller", "output", "session", "tools")
+    __slots__ = ("caller", "session", "speech", "tools")
 
     def __init__(self, limiter: RepeatLimiter) -> None:
         self.session = Machine("session", SESSION_TABLE, Session.CONNECTING, limiter)
-        self.output = Machine("output", OUTPUT_TABLE, Output.IDLE, limiter)
+        self.speech = Machine("speech", SPEECH_TABLE, Speech.IDLE, limiter)
         self.caller = Machine("caller", CALLER_TABLE, Caller.SILENT, limiter)
         self.tools = Machine("tools", TOOLS_TABLE, Tools.IDLE, limiter)
 
     @property
     def phase(self) -> Phase:
-        return derive_phase(self.session.state, self.output.state, self.caller.state, self.tools.state)
+        return derive_phase(self.session.state, self.speech.state, self.caller.state, self.tools.state)
 
     def close(self) -> None:
-        for machine in (self.session, self.output, self.caller, self.tools):
+        for machine in (self.session, self.speech, self.caller, self.tools):
             machine.fire("close")
 
 
-def derive_phase(session: Session, output: Output, caller: Caller, tools: Tools) -> Phase:
+def derive_phase(session: Session, speech: Speech, caller: Caller, tools: Tools) -> Phase:
     """The one-word phase of the call, for logs and metrics; the first rule that holds wins."""
     if session is Session.CLOSED:
         return Phase.CLOSED
@@ -239,12 +237,12 @@ def derive_phase(session: Session, output: Output, caller: Caller, tools: Tools)
         return Phase.CONFIGURING
     if tools is Tools.RUNNING:
         return Phase.TOOL_RUNNING
-    if output is Output.INTERRUPTED:
+    if speech is Speech.INTERRUPTED:
         return Phase.INTERRUPTED
     if caller is Caller.SPEAKING:
         return Phase.LISTENING
-    if output is Output.GREETING:
+    if speech is Speech.GREETING:
         return Phase.GREETING
-    if output is Output.RESPONDING or output is Output.SPEAKING:
+    if speech is Speech.RESPONDING or speech is Speech.SPEAKING:
         return Phase.ASSISTANT_SPEAKING
     return Phase.LISTENING

@@ -135,6 +135,15 @@ class LiveCallRecord:
             return None
 
 
+def is_listed(record: LiveCallRecord, holder: str | None, alive: set[str]) -> bool:
+    """Whether a live-call record describes a call that is live, handed off, or orphaned.
+
+    A record whose instance is alive but no longer holds the call is left over (a release that
+    failed, a claim that timed out after it ran): not listed. One whose instance stopped beating
+    is listed as orphaned until another instance takes the call or the record expires."""
+    return record.instance not in alive or holder == record.instance or record.phase == "handed_off"
+
+
 @dataclass(frozen=True, slots=True)
 class LiveCall:
     """A live-call record as listed: `orphaned` when the instance it names no longer heart-beats."""
@@ -255,10 +264,10 @@ class Store(Protocol):
         ...
 
     async def beat(self, instance: InstanceRecord, calls: Sequence[LiveCallRecord], ttl_s: float) -> list[bool]:
-        """One instance's heartbeat, in one round trip: write its `instance` record (TTL `ttl_s`) and,
-        for each call whose hold it still has, extend the hold to `ttl_s` and rewrite the call's record
-        (TTL LIVE_RECORD_TTL_S). Per call, True if the hold was renewed (False: not held by it, and
-        nothing of that call was written)."""
+        """One instance's heartbeat, in one pipeline: write its `instance` record (TTL `ttl_s`) and,
+        for each call whose hold it still has, extend the hold to `ttl_s` and bring the call's record
+        up to date (TTL LIVE_RECORD_TTL_S; a store may send only what changes, the phase). Per call,
+        True if the hold was renewed (False: not held by it, and nothing of that call was written)."""
         ...
 
     async def release_live(self, call_sid: str, owner: str) -> bool:

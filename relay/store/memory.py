@@ -24,6 +24,7 @@ from .base import (
     LiveCallRecord,
     encode_entry,
     hash_number,
+    is_listed,
 )
 
 __all__ = ["MemoryStore"]
@@ -219,7 +220,11 @@ class MemoryStore:
         alive = {record.instance for record in await self.live_instances()}
         now = self._clock()
         records = sorted((r for r, expires in self._live_calls.values() if expires > now), key=lambda r: r.call_sid)
-        return [LiveCall(record, orphaned=record.instance not in alive) for record in records]
+        return [
+            LiveCall(record, orphaned=record.instance not in alive)
+            for record in records
+            if is_listed(record, self._holder(record.call_sid), alive)
+        ]
 
     def _live_call_record(self, call_sid: str) -> LiveCallRecord | None:
         held = self._live_calls.get(call_sid)

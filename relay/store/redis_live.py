@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from redis.asyncio import Redis
 
-from .base import LIVE_RECORD_TTL_S, InstanceRecord, LiveCall, LiveCallRecord
+from .base import LIVE_RECORD_TTL_S, InstanceRecord, LiveCall, LiveCallRecord, is_listed
 from .redis_keys import RedisKeys, milliseconds, text
 
 __all__ = ["RedisOwnership"]
@@ -37,6 +37,18 @@ _RENEW: Final = (
     "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end\nredis.call('PEXPIRE', KEYS[1], ARGV[2])"
     + _WRITE_RECORD
 )
+# The beat's renewal of a hold whose record this process has written: only the phase changes, so
+# only the phase is sent (the beat runs for every call every LIVE_HEARTBEAT_S; its arguments are
+# the relay's CPU). KEYS: hold, record. ARGV: owner, hold ttl ms, record ttl ms, phase.
+# Returns 0: not held; 1: renewed; 2: renewed, but the record was gone (sent whole next beat).
+_RENEW_PHASE: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if redis.call('EXISTS', KEYS[2]) == 0 then return 2 end
+redis.call('HSET', KEYS[2], 'phase', ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
 # Compare-and-delete of the hold, and of the record while it still names the owner.
 # KEYS: hold, record, index. ARGV: owner, call sid.
 _RELEASE: Final = """
@@ -74,6 +86,9 @@ class RedisOwnership:
         self._keys = keys
         self._claim = redis.register_script(_CLAIM)
         self._renew = redis.register_script(_RENEW)
+        self._renew_phase = redis.register_script(_RENEW_PHASE)
+        # calls whose whole record this process wrote with their hold: the beat renews only the phase
+        self._recorded: set[str] = set()
         self._release = redis.register_script(_RELEASE)
         self._hand_off = redis.register_script(_HAND_OFF)
 
@@ -89,7 +104,10 @@ class RedisOwnership:
         if record is None:
             return bool(await self._claim(keys=[self._keys.live(call_sid)], args=head))
         keys, tail = self._record_keys_args(record)
-        return bool(await self._claim(keys=keys, args=head + tail))
+        claimed = bool(await self._claim(keys=keys, args=head + tail))
+        if claimed:
+            self._recorded.add(call_sid)
+        return claimed
 
     async def refresh(self, call_sid: str, owner: str, ttl_s: float) -> bool:
         args: list[bytes | str | int] = [owner.encode(), milliseconds(ttl_s)]
@@ -97,25 +115,45 @@ class RedisOwnership:
 
     async def beat(self, instance: InstanceRecord, calls: Sequence[LiveCallRecord], ttl_s: float) -> list[bool]:
         owner = instance.instance
+        keys = self._keys
         head: list[bytes | str | int] = [owner.encode(), milliseconds(ttl_s)]
-        heartbeat = self._keys.instance(owner)
+        record_ttl = milliseconds(LIVE_RECORD_TTL_S)
+        recorded = self._recorded
+        now = _now_ms()
         async with self._redis.pipeline(transaction=False) as pipe:
             for record in calls:
-                keys, tail = self._record_keys_args(record)
-                await self._renew(keys=keys, args=head + tail, client=pipe)
+                sid = record.call_sid
+                if sid in recorded:
+                    args = [*head, record_ttl, record.phase]
+                    await self._renew_phase(keys=[keys.live(sid), keys.live_call(sid)], args=args, client=pipe)
+                else:  # taken without a record, or the record was lost: written whole
+                    record_keys, tail = self._record_keys_args(record)
+                    await self._renew(keys=record_keys, args=head + tail, client=pipe)
+            if calls:  # one index update for every call of the beat
+                pipe.zadd(keys.live_calls, {record.call_sid: now for record in calls})
+                pipe.pexpire(keys.live_calls, record_ttl)
             fields: Mapping[Any, str] = instance.fields()  # redis-py's Mapping key type is invariant
-            pipe.hset(heartbeat, mapping=fields)
-            pipe.pexpire(heartbeat, milliseconds(ttl_s))
-            pipe.zadd(self._keys.instances, {owner: _now_ms()})
-            pipe.pexpire(self._keys.instances, milliseconds(LIVE_RECORD_TTL_S))
+            pipe.hset(keys.instance(owner), mapping=fields)
+            pipe.pexpire(keys.instance(owner), milliseconds(ttl_s))
+            pipe.zadd(keys.instances, {owner: now})
+            pipe.pexpire(keys.instances, record_ttl)
             results = await pipe.execute()
-        return [bool(renewed) for renewed in results[: len(calls)]]
+        renewed: list[bool] = []
+        for record, result in zip(calls, results, strict=False):
+            if result == 1 and record.call_sid not in recorded:
+                recorded.add(record.call_sid)  # renewed by the whole-record script
+            elif result != 1:
+                recorded.discard(record.call_sid)  # not held, or its record is to be sent whole
+            renewed.append(bool(result))
+        return renewed
 
     async def release(self, call_sid: str, owner: str) -> bool:
+        self._recorded.discard(call_sid)
         keys = [self._keys.live(call_sid), self._keys.live_call(call_sid), self._keys.live_calls]
         return bool(await self._release(keys=keys, args=[owner.encode(), call_sid]))
 
     async def hand_off(self, call_sid: str, owner: str) -> bool:
+        self._recorded.discard(call_sid)
         keys = [self._keys.live(call_sid), self._keys.live_call(call_sid)]
         return bool(await self._hand_off(keys=keys, args=[owner.encode()]))
 
@@ -138,10 +176,14 @@ class RedisOwnership:
         async with self._redis.pipeline(transaction=False) as pipe:
             for call_sid in sids:
                 pipe.hgetall(self._keys.live_call(call_sid))
+                pipe.get(self._keys.live(call_sid))
             raw = await pipe.execute()
-        found = (LiveCallRecord.from_fields(_decoded(fields)) for fields in raw)
-        records = sorted((record for record in found if record is not None), key=lambda r: r.call_sid)
-        return [LiveCall(record, orphaned=record.instance not in alive) for record in records]
+        listed: list[LiveCall] = []
+        for fields, hold in zip(raw[::2], raw[1::2], strict=True):
+            record = LiveCallRecord.from_fields(_decoded(fields))
+            if record is not None and is_listed(record, None if hold is None else text(hold), alive):
+                listed.append(LiveCall(record, orphaned=record.instance not in alive))
+        return sorted(listed, key=lambda live: live.record.call_sid)
 
     async def _indexed(self, index: str) -> list[str]:
         """The members of an index, after dropping those older than any key they could name."""

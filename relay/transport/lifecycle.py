@@ -124,6 +124,7 @@ class MediaStreamCall(LiveHold):
                 summary_keep_turns=self.settings.summary_keep_turns,
                 max_dtmf_per_second=self.settings.max_dtmf_per_second,
                 logger=logs.call_logger(start.call_sid, start.stream_sid),
+                transport_logger=self.log,
             )
         except BaseException:
             await self._release_call()

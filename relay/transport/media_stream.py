@@ -101,7 +101,7 @@ class MediaStream:
                 if type(event) is tw.Media:
                     outcome = send_frame(event.payload, t0)
                     if outcome is FrameOutcome.WAIT:
-                        await output.drain_upstream()
+                        await output.wait_upstream_sent()
                     elif outcome is FrameOutcome.FLOOD:
                         self.log.warning("caller audio arrives far faster than real time; closing stream")
                         await self._close("media_flood", CLOSE_POLICY, "media flood")
@@ -164,7 +164,7 @@ class MediaStream:
         if outcome is FrameOutcome.FLOOD:
             return outcome
         call = self.call
-        call.caller_audio(payload)
+        call.find_turns(payload)
         if call.has_output and self._endpoint_flush is None:
             # a speech boundary (barge-in, end of turn): sent by a task, as this must not wait
             self._endpoint_flush = self._spawn(self._flush_endpointing(), "endpoint-flush")

@@ -4,8 +4,9 @@ Two things are written: a caller frame as it comes in (`Output.caller_frame`, 50
 what the call core produced since the last time (`Output.write`: ``call.take_output()`` ->
 messages for Twilio, messages for Realtime, effects). `write` never waits, so it serves both the
 messages handled inside a socket's data callback and the awaiting path (`flush`, which then
-drains). Caller audio is a `CallerFrame` and never passes through the core's messages; the
-policy for it (budget, replay, backlog) is `relay.call.caller_audio`'s.
+waits until it is sent). Caller audio is a `CallerFrame` and never passes through the core's
+messages; the policy for it (budget, replay, backlog) is `relay.call.caller_audio`'s. "Drain"
+means only an instance shutting down; websockets' own ``drain()`` is called in one place here.
 
 The way of one caller frame through these modules is told in relay/transport/media_stream.py.
 """
@@ -33,7 +34,7 @@ class FrameOutcome(Enum):
     """What became of one caller frame handed to `Output.caller_frame`."""
 
     TAKEN = "taken"  # written upstream, or kept for the next session
-    WAIT = "wait"  # written; the Realtime socket's buffer is over its limit: drain before the next
+    WAIT = "wait"  # written; the Realtime socket's buffer is over its limit: wait before the next
     FLOOD = "flood"  # over the stream's audio budget: nothing done, the stream is to be closed
 
 
@@ -95,7 +96,7 @@ class Output:
 
         ``replay`` (caller audio for a new session) goes right after the call's own messages to
         the Realtime socket, so no live frame can come in between. True when a socket's buffer is
-        over its limit: await `drain` before writing more (inside a data callback, where nothing
+        over its limit: await `wait_sent` before writing more (inside a data callback, where nothing
         can wait, the next message's check sees the full buffer instead).
         """
         to_twilio, to_upstream, effects = self.call.take_output()
@@ -136,12 +137,12 @@ class Output:
             self.caller_audio.sent(frame_bytes(frame), frame)
         return full
 
-    async def drain(self) -> None:
+    async def wait_sent(self) -> None:
         """Until both sockets have taken what was written (a closed one counts as done)."""
-        await self.twilio.drain()
-        await self.drain_upstream()
+        await self.twilio.wait_sent()
+        await self.wait_upstream_sent()
 
-    async def drain_upstream(self) -> None:
+    async def wait_upstream_sent(self) -> None:
         upstream = self.upstream
         if upstream is not None and write_paused(upstream):
             with contextlib.suppress(websockets.ConnectionClosed):
@@ -150,4 +151,4 @@ class Output:
     async def flush(self, replay: list[CallerFrame] | None = None) -> None:
         """`write`, then wait until it has gone out."""
         if self.write(replay):
-            await self.drain()
+            await self.wait_sent()

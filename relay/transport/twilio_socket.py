@@ -2,8 +2,8 @@
 
 Under the relay's own server protocol, per-message traffic skips Starlette's layers
 (relay/asgi_direct.py): a write is framed and handed to the transport at once. Under any other
-server, writes wait their turn in a queue that `drain` sends through ASGI. Either way `write`
-never waits and `drain` does, so one output path serves both (relay/transport/output.py).
+server, writes wait their turn in a queue that `wait_sent` sends through ASGI. Either way `write`
+never waits and `wait_sent` does, so one output path serves both (relay/transport/output.py).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class TwilioSocket:
         return self.state is TwilioSide.OPEN
 
     def write(self, text: str) -> bool:
-        """Write without waiting; True when `drain` must be awaited before the next writes."""
+        """Write without waiting; True when `wait_sent` must be awaited before the next writes."""
         if self.state is not TwilioSide.OPEN:
             return False  # the caller's socket is gone; the receive side ends the call
         direct = self.direct
@@ -64,7 +64,7 @@ class TwilioSocket:
         """True when a write now goes out at once (the relay's server protocol, buffer not full)."""
         return self.direct is not None and self.direct.can_write()
 
-    async def drain(self) -> None:
+    async def wait_sent(self) -> None:
         """Until what was written has gone out (ASGI) or the transport's buffer has room again."""
         direct = self.direct
         if direct is not None:
