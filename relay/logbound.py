@@ -61,8 +61,17 @@ class RepeatLimiter:
         self.scope = scope
         self.counts: dict[str, int] = {}
 
-    def log(self, kind: str, level: int, msg: str, *args: Any, extra: Mapping[str, object] | None = None) -> int:
-        """Count one occurrence of `kind` and log it if the policy says so; returns the count."""
+    def log(
+        self,
+        kind: str,
+        level: int,
+        msg: str,
+        *args: Any,
+        extra: Mapping[str, object] | None = None,
+        exc_info: bool = False,
+    ) -> int:
+        """Count one occurrence of `kind` and log it if the policy says so; returns the count.
+        ``exc_info``: the first line of this kind carries the exception being handled."""
         count = self.counts.get(kind, 0) + 1
         self.counts[kind] = count
         if _logs_at(count):
@@ -70,5 +79,5 @@ class RepeatLimiter:
                 msg += f" (%d so far {self.scope})"
                 args = (*args, count)
             # the line names the caller, not this module
-            self.logger.log(level, msg, *args, stacklevel=2, extra=extra)
+            self.logger.log(level, msg, *args, stacklevel=2, extra=extra, exc_info=exc_info and count == 1)
         return count

@@ -483,3 +483,32 @@ async def test_a_failing_side_task_is_logged_with_the_call_at_once_and_the_call_
     heard = caller.played_bytes
     assert await caller.wait_for_audio(heard // 8 + 300, timeout=10)  # still answered
     await caller.hangup()
+
+
+async def test_a_failing_effect_costs_that_effect_and_the_call_goes_on(
+    sim: RealtimeSimulator, relay: LocalRelay, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in performing one effect (here: the store refuses every usage report) is logged with
+    the call and skipped; the Realtime session and the call go on."""
+
+    def broken(call_sid: str, usage: dict[str, int]) -> None:
+        raise RuntimeError("a bug in the store")
+
+    monkeypatch.setattr(relay.runtime.store, "add_usage", broken)
+    caller = make_caller(relay)
+    with caplog.at_level(logging.ERROR, logger="relay.bridge"):
+        await caller.connect()
+        assert await caller.wait_for_audio(300, timeout=10)  # the greeting
+        await caller.wait_idle(timeout=10)
+        await caller.say_and_wait(ulaw.synth_speech(400) + ulaw.silence(700))
+        heard = caller.played_bytes
+        assert await caller.wait_for_audio(heard // 8 + 300, timeout=10)  # still answered
+        await caller.wait_idle(timeout=10)
+        assert len(sim.sessions) == 1  # the same session all along
+        await caller.hangup()
+        assert await wait_for(lambda: not relay.runtime.calls, timeout=5)
+    lines = [r for r in caplog.records if r.getMessage().startswith("effect UsageReport failed")]
+    assert [r.getMessage() for r in lines] == ["effect UsageReport failed; skipped"] * 2  # greeting, answer
+    assert lines[0].call_sid == caller.call_sid  # type: ignore[attr-defined]
+    assert lines[0].exc_info is not None and str(lines[0].exc_info[1]) == "a bug in the store"
+    assert not lines[1].exc_info  # the traceback once per kind

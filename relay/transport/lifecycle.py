@@ -23,6 +23,7 @@ from websockets.asyncio.client import ClientConnection
 from relay import logs
 from relay.asgi_direct import DirectWebSocket
 from relay.call import Call, Effect, Entry, Metric, RunTool, SummaryReady, UpstreamFailed, UsageReport
+from relay.logbound import RepeatLimiter
 from relay.ownership import CallHold
 from relay.security import frame_caller_notes
 from relay.store.base import caller_memory_refusal
@@ -71,6 +72,7 @@ class MediaStreamCall(LiveHold):
         self.agent = self.settings.agent
         self.allowed_tools: tuple[str, ...] | None = None
         self._skipped_note = ""
+        self._effect_failures = RepeatLimiter(self.log)  # per kind of effect, bounded log lines
         self._hold: CallHold | None = None  # the call's one live stream across instances (relay/ownership.py)
 
     @property
@@ -96,6 +98,7 @@ class MediaStreamCall(LiveHold):
         runtime = self.runtime
         start, grant = admitted.start, admitted.grant
         self.log = admitted.log
+        self._effect_failures.logger = self.log  # the call's SIDs on its lines from here
         self._skipped_note = admitted.skipped_note
         self.call_sid = grant.call_sid
         self.caller = grant.caller  # the numbers the token was minted with, i.e. what Twilio signed
@@ -199,6 +202,15 @@ class MediaStreamCall(LiveHold):
     # ---- effects and tasks ---------------------------------------------------------------------
 
     def _apply(self, effect: Effect) -> None:
+        """Perform one effect of the core. A failure costs that effect, never the call: it is logged
+        (with its traceback the first time per kind, then as a running count) and the rest goes on."""
+        try:
+            self._perform(effect)
+        except Exception:
+            kind = type(effect).__name__
+            self._effect_failures.log(kind, logging.ERROR, "effect %s failed; skipped", kind, exc_info=True)
+
+    def _perform(self, effect: Effect) -> None:
         store = self.runtime.store
         metrics = self.runtime.metrics
         if isinstance(effect, Metric):
