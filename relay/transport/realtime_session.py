@@ -46,6 +46,17 @@ class SessionClose(Enum):
         """A new session follows at once, without counting as a failure."""
         return self in (SessionClose.ROLLOVER, SessionClose.EXPIRED)
 
+    @staticmethod
+    def outcome(current: SessionClose | None, reason: SessionClose) -> SessionClose:
+        """Why the session closes once `reason` comes on top of `current`. A refusal outranks
+        everything (the call cannot go on); a renewal outranks a configuration timeout that fires
+        while that session closes."""
+        if current is SessionClose.FATAL_ERROR:
+            return current
+        if current is not None and current.renews and reason is not SessionClose.FATAL_ERROR:
+            return current
+        return reason
+
 
 class RealtimeSession:
     """Connects, reads and replaces the Realtime sessions of one call; `output.upstream` is the open one."""
@@ -107,8 +118,7 @@ class RealtimeSession:
             self._spawn(upstream.close(), "upstream-close")
 
     def _close_for(self, reason: SessionClose) -> None:
-        if self.closing is not SessionClose.FATAL_ERROR:  # nothing after a refusal changes what follows
-            self.closing = reason
+        self.closing = SessionClose.outcome(self.closing, reason)
 
     async def supervise(self) -> None:
         """Keep a configured Realtime session attached for as long as the call lasts."""
