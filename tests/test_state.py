@@ -368,6 +368,11 @@ async def test_a_turn_the_lost_session_took_is_not_heard_again_by_the_new_one(si
         caller = await greeted_caller(relay)
         caller.say(ulaw.synth_speech(500, seed=4))
         assert await wait_for(lambda: sim.sessions[0].turns == 1, timeout=5)
+        # the relay has read that turn's speech_stopped (a drop can lose an event still in flight,
+        # and then nothing says that audio was taken: that is another test's case)
+        call = relay.runtime.calls[caller.call_sid].call
+        assert call is not None
+        assert await wait_for(lambda: call.caller_audio_committed_ms > 0, timeout=5)
         await sim.drop_all()
         assert await wait_for(lambda: len(sim.sessions) == 2 and sim.sessions[1].session != {}, timeout=5)
         # long enough for the new session's VAD to take a replayed utterance as a turn of its own

@@ -201,9 +201,10 @@ _PARSERS: dict[str, Callable[[dict[str, Any]], ev.ServerEvent]] = {
     "input_audio_buffer.speech_stopped": lambda m: ev.SpeechStopped(_i(m, "audio_end_ms"), _s(m, "item_id")),
     "input_audio_buffer.committed": lambda m: ev.InputCommitted(_s(m, "item_id")),
     "input_audio_buffer.dtmf_event_received": _keypad_digit,
-    "output_audio_buffer.started": lambda m: ev.OutputAudioStarted(_s(m, "response_id")),
-    "output_audio_buffer.stopped": lambda m: ev.OutputAudioStopped(_s(m, "response_id"), cleared=False),
-    "output_audio_buffer.cleared": lambda m: ev.OutputAudioStopped(_s(m, "response_id"), cleared=True),
+    # the response is named for the record only: nothing here depends on it, so its absence is no fault
+    "output_audio_buffer.started": lambda m: ev.OutputAudioStarted(_opt_s(m, "response_id") or ""),
+    "output_audio_buffer.stopped": lambda m: ev.OutputAudioStopped(_opt_s(m, "response_id") or "", cleared=False),
+    "output_audio_buffer.cleared": lambda m: ev.OutputAudioStopped(_opt_s(m, "response_id") or "", cleared=True),
     "response.created": _response_created,
     "response.done": _parse_response_done,
     "response.output_item.added": _output_item_added,

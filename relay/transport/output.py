@@ -95,9 +95,10 @@ class Output:
         """Write what the call produced and perform its effects, without waiting.
 
         ``replay`` (caller audio for a new session) goes right after the call's own messages to
-        the Realtime socket, so no live frame can come in between. True when a socket's buffer is
-        over its limit: await `wait_sent` before writing more (inside a data callback, where nothing
-        can wait, the next message's check sees the full buffer instead).
+        the Realtime socket, so no live frame can come in between. True when something must be
+        awaited with `wait_sent` before writing more: a socket's buffer over its limit, or Twilio
+        messages queued under plain ASGI. Inside a data callback, where nothing can wait, the next
+        message's check sees the full buffer instead.
         """
         to_twilio, to_upstream, effects = self.call.take_output()
         twilio_full = False
