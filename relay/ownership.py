@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from relay.store import Store
 from relay.store.base import (
@@ -38,6 +39,7 @@ __all__ = ["CallHold", "Ownership"]
 log = logging.getLogger("relay.ownership")
 
 CallLog = logging.Logger | logging.LoggerAdapter[logging.Logger]
+T = TypeVar("T")
 
 
 class Ownership:
@@ -123,21 +125,11 @@ class Ownership:
 
     async def live_instances(self) -> list[InstanceRecord] | None:
         """The instances heart-beating now, or None (logged) when the store did not answer."""
-        try:
-            async with asyncio.timeout(LIVE_STORE_TIMEOUT_S):
-                return await self.store.live_instances()
-        except Exception as exc:
-            log.warning("could not list the live instances (%s)", type(exc).__name__)
-            return None
+        return await _listed("live instances", self.store.live_instances)
 
     async def live_calls(self) -> list[LiveCall] | None:
         """The live calls of every instance, or None (logged) when the store did not answer."""
-        try:
-            async with asyncio.timeout(LIVE_STORE_TIMEOUT_S):
-                return await self.store.live_calls()
-        except Exception as exc:
-            log.warning("could not list the live calls (%s)", type(exc).__name__)
-            return None
+        return await _listed("live calls", self.store.live_calls)
 
     # the calls -----------------------------------------------------------------------------------
 
@@ -329,3 +321,13 @@ class CallHold:
                 )
             self.held = False
             self.handed_off = False
+
+
+async def _listed(what: str, fetch: Callable[[], Awaitable[list[T]]]) -> list[T] | None:
+    """One listing from the store within LIVE_STORE_TIMEOUT_S, or None and a log line."""
+    try:
+        async with asyncio.timeout(LIVE_STORE_TIMEOUT_S):
+            return await fetch()
+    except Exception as exc:
+        log.warning("could not list the %s (%s)", what, type(exc).__name__)
+        return None
