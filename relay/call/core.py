@@ -24,11 +24,11 @@ from relay.agent_settings import AgentSettings
 from relay.call.assistant import Assistant
 from relay.call.caller_audio import CallerAudio, CallerFrame, KeyPress
 from relay.call.conversation import Conversation
-from relay.call.effects import Effect, Entry, Metric, Outbox, UpstreamFailed
+from relay.call.effects import Effect, Entry, Outbox
 from relay.call.keypad import Keypad
 from relay.call.machines import Caller, CallMachines, Phase, Session
 from relay.call.playback import Playback
-from relay.call.responses import QUIET_ERRORS, RACED, Responses, is_out_of_band
+from relay.call.responses import Responses
 from relay.call.tool_batches import ToolBatches
 from relay.call.turns import TurnTaking
 from relay.endpointing import SpeechStart
@@ -373,24 +373,8 @@ class Call:
         self.assistant.settle()
 
     def _on_error(self, error: ev.ServerError) -> None:
-        code = error.code or error.type
-        self._outbox.effects.append(Metric("realtime_errors", 1.0, code))
-        quiet = QUIET_ERRORS.get(code)
-        if quiet is not None:
-            self.log.log(*quiet)
-            return
-        refused = self.responses.refused(error.event_id, raced=code == RACED)
-        if code == RACED:
-            self.log.info("response.create raced an active response; queued until it is done")
-            return
-        if refused is not None:
-            if is_out_of_band(refused):
-                self.conversation.summary_in_flight = False
-            self.responses.flush(session_ready=self.session_ready)
-        fatal = code in ev.FATAL_ERROR_CODES
-        if fatal or code in ("session_expired", "session_expiration"):
-            self._outbox.effects.append(UpstreamFailed(code, error.message, fatal))
-        self.log.warning("Realtime error %s: %s", code, error.message)
+        if self.responses.server_error(error, self.log, session_ready=self.session_ready):
+            self.conversation.summary_in_flight = False  # the summary's create was refused
 
     # ---- audio and barge-in ----------------------------------------------------------
 

@@ -19,8 +19,11 @@ import logging
 from collections import deque
 from typing import Any
 
-from relay.call.effects import Outbox
+from relay.call.effects import Metric, Outbox, UpstreamFailed
 from relay.realtime import client
+from relay.realtime import events as ev
+
+Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 RACED = "conversation_already_has_active_response"
 """The error for a create sent while a response (ours or the server's own) is active."""
@@ -157,6 +160,29 @@ class Responses:
                 self.queued.appendleft(create)
             return None
         return create
+
+    def server_error(self, error: ev.ServerError, log: Logger, *, session_ready: bool) -> bool:
+        """An ``error`` event: counted, logged at its level, and the create it refused re-queued
+        (a race) or given up; a fatal one, or an expired session, becomes `UpstreamFailed` (the
+        transport closes the session). True when the create given up was the out-of-band summary's."""
+        code = error.code or error.type
+        effects = self._outbox.effects
+        effects.append(Metric("realtime_errors", 1.0, code))
+        quiet = QUIET_ERRORS.get(code)
+        if quiet is not None:
+            log.log(*quiet)
+            return False
+        refused = self.refused(error.event_id, raced=code == RACED)
+        if code == RACED:
+            log.info("response.create raced an active response; queued until it is done")
+            return False
+        if refused is not None:
+            self.flush(session_ready=session_ready)
+        fatal = code in ev.FATAL_ERROR_CODES
+        if fatal or code in ("session_expired", "session_expiration"):
+            effects.append(UpstreamFailed(code, error.message, fatal))
+        log.warning("Realtime error %s: %s", code, error.message)
+        return refused is not None and is_out_of_band(refused)
 
     def session_opened(self) -> None:
         """A new session has no responses; queued creates wait for it to be ready."""
