@@ -1,14 +1,17 @@
 """The receive side of the caller's socket: each Twilio message to the call core or upstream.
 
-A caller frame from the Twilio socket to the Realtime socket, in 3 files and 6 functions:
+A caller frame from the Twilio socket to the Realtime socket, in the relay's own code: three
+files (this one, relay/transport/output.py, relay/call/caller_audio.py) and five functions.
 
 1. `MediaStream.on_text_arrived` (here: inside the server protocol's data callback, while the
-   receive loop is idle, so no queue and no task switch) or 2. `MediaStream.receive_loop` (here:
-   anything that has to wait) both call, with the frame's receive time when its hop latency is
-   sampled, 3. `Output.caller_frame` (relay/transport/output.py), which asks 4. `CallerAudio.arrived`
-   (relay/call/caller_audio.py) for the budget and the frame's exact size, writes the frame with
-   5. `write_text` (relay/websockets_internals.py) and records it in the replay window with 6. `CallerAudio.sent`
-   (or keeps it with `CallerAudio.hold` while no session is open).
+   receive loop is idle, so no queue and no task switch) or `MediaStream.receive_loop` (here:
+   anything that has to wait) parses it (`relay.twilio.messages.parse`) and calls, with the
+   frame's receive time when its hop latency is sampled,
+2. `Output.caller_frame`, which asks
+3. `CallerAudio.arrived` for the stream's audio budget and the frame's exact size, writes the
+   frame to the Realtime socket (`relay.websockets_internals.write_text`) and records it for a
+   replay with
+4. `CallerAudio.sent` (or keeps it with `CallerAudio.hold` while no session is open).
 """
 
 from __future__ import annotations
