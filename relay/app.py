@@ -171,8 +171,8 @@ async def metrics(request: Request) -> Response:
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
 
 
-async def get_call(request: Request) -> Response:
-    runtime: Runtime = request.app.state.runtime
+def _unauthorized(runtime: Runtime, request: Request) -> Response | None:
+    """401 unless the request carries ``Authorization: Bearer $RELAY_API_TOKEN`` (never without one)."""
     expected = runtime.settings.relay_api_token
     header = request.headers.get("authorization", "")
     scheme, _, presented = header.partition(" ")
@@ -180,6 +180,28 @@ async def get_call(request: Request) -> Response:
         return JSONResponse(
             {"error": "a valid bearer token is required"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
         )
+    return None
+
+
+async def list_calls(request: Request) -> Response:
+    """The live calls of every instance, from the ownership registry; a call whose instance stopped
+    heart-beating is listed with ``orphaned: true``."""
+    runtime: Runtime = request.app.state.runtime
+    refused = _unauthorized(runtime, request)
+    if refused is not None:
+        return refused
+    live = await runtime.ownership.live_calls()
+    if live is None:
+        return JSONResponse({"error": "state store unavailable"}, status_code=503)
+    calls = [{**call.record.fields(), "orphaned": call.orphaned} for call in live]
+    return Response(orjson.dumps({"calls": calls}), media_type="application/json")
+
+
+async def get_call(request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    refused = _unauthorized(runtime, request)
+    if refused is not None:
+        return refused
     call_sid = request.path_params["call_sid"]
     if not _SID.fullmatch(call_sid):
         return JSONResponse({"error": "invalid call SID"}, status_code=400)
@@ -211,6 +233,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/calls", list_calls, methods=["GET"]),
         Route("/calls/{call_sid}", get_call, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
