@@ -1,17 +1,18 @@
 """The receive side of the caller's socket: each Twilio message to the call core or upstream.
 
 A caller frame from the Twilio socket to the Realtime socket, in the relay's own code: three
-files (this one, relay/transport/output.py, relay/call/caller_audio.py) and five functions.
+files (this one, relay/transport/output.py, relay/call/caller_audio.py) and six functions.
 
 1. `MediaStream.on_text_arrived` (here: inside the server protocol's data callback, while the
    receive loop is idle, so no queue and no task switch) or `MediaStream.receive_loop` (here:
    anything that has to wait) parses it (`relay.twilio.messages.parse`) and calls, with the
    frame's receive time when its hop latency is sampled,
 2. `Output.caller_frame`, which asks
-3. `CallerAudio.arrived` for the stream's audio budget and the frame's exact size, writes the
-   frame to the Realtime socket (`relay.websockets_internals.write_text`) and records it for a
-   replay with
-4. `CallerAudio.sent` (or keeps it with `CallerAudio.hold` while no session is open).
+3. `CallerAudio.arrived` for the stream's audio budget and the frame's exact size, then has
+4. `Output._send_frame` (the one way any caller frame reaches a session, replays included) write
+   it to the Realtime socket (`relay.websockets_internals.write_text`) and record it for a replay
+   with
+5. `CallerAudio.sent` (or keep it with `CallerAudio.hold` while no session is open).
 """
 
 from __future__ import annotations

@@ -71,21 +71,26 @@ class Output:
         self.call.frames_in += 1
         # a CallerFrame by construction; calling the NewType would cost a call per frame
         frame: CallerFrame = APPEND_PREFIX + payload + APPEND_SUFFIX  # type: ignore[assignment]
-        outcome = FrameOutcome.TAKEN
-        upstream = self.upstream
-        if upstream is not None and upstream.state is State.OPEN:
-            try:
-                if write_text(upstream, frame):
-                    outcome = FrameOutcome.WAIT
-                self._sent(size, frame)
-            except websockets.ConnectionClosed:
-                self._hold(frame)
-        else:
-            # A closing socket makes send() wait for the close handshake; the caller must never wait.
-            self._hold(frame)
+        outcome = FrameOutcome.WAIT if self._send_frame(frame, size) else FrameOutcome.TAKEN
         if t0:
             self._hop_up.observe(time.perf_counter() - t0)
         return outcome
+
+    def _send_frame(self, frame: CallerFrame, size: int) -> bool:
+        """Write one caller frame to the open session and record it for a replay, or keep it for the
+        next session; True when the socket's buffer is over its limit (wait before the next)."""
+        upstream = self.upstream
+        if upstream is None or upstream.state is not State.OPEN:
+            # A closing socket makes send() wait for the close handshake; the caller must never wait.
+            self._hold(frame)
+            return False
+        try:
+            full = write_text(upstream, frame)
+        except websockets.ConnectionClosed:
+            self._hold(frame)
+            return False
+        self._sent(size, frame)
+        return full
 
     def _hold(self, frame: CallerFrame) -> None:
         if self.caller_audio.hold(frame):
@@ -108,8 +113,8 @@ class Output:
         upstream = self.upstream
         for text in to_upstream:
             upstream_full = self._write_upstream(upstream, text) or upstream_full
-        if replay:
-            upstream_full = self._replay(upstream, replay) or upstream_full
+        for frame in replay or ():  # caller audio again, for a new session, in order
+            upstream_full = self._send_frame(frame, frame_bytes(frame)) or upstream_full
         for effect in effects:
             self._apply(effect)
         return twilio_full or upstream_full
@@ -122,21 +127,6 @@ class Output:
             return write_text(upstream, text)
         except websockets.ConnectionClosed:
             return False
-
-    def _replay(self, upstream: ClientConnection | None, replay: list[CallerFrame]) -> bool:
-        """Caller audio again, for a new session: each frame counts in its replay window in turn."""
-        full = False
-        for frame in replay:
-            if upstream is None or upstream.state is not State.OPEN:
-                self._hold(frame)
-                continue
-            try:
-                full = write_text(upstream, frame) or full
-            except websockets.ConnectionClosed:
-                self._hold(frame)
-                continue
-            self.caller_audio.sent(frame_bytes(frame), frame)
-        return full
 
     async def wait_sent(self) -> None:
         """Until both sockets have taken what was written (a closed one counts as done)."""
