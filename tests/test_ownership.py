@@ -56,6 +56,17 @@ async def stores(request: pytest.FixtureRequest, store_prefix: str) -> AsyncIter
         await store.close()
 
 
+@pytest.fixture
+async def on_redis(redis_url: str, store_prefix: str) -> AsyncIterator[tuple[RedisStore, redis.Redis]]:
+    """A started RedisStore and a plain client of the same Redis, to look at the keys it writes."""
+    store = RedisStore(redis_url, prefix=store_prefix, caller_key_secret=SECRET)
+    await store.start()
+    client = redis.Redis.from_url(redis_url)
+    yield store, client
+    client.close()
+    await store.close()
+
+
 class Stream:
     """What a transport gives a hold: its phase and a way to end it."""
 
@@ -278,41 +289,37 @@ async def test_a_sigkilled_owner_is_reported_orphaned_within_seconds_then_its_ca
         await store.close()
 
 
-async def test_the_redis_layout_of_holds_records_and_heartbeats(redis_url: str, store_prefix: str) -> None:
-    store = RedisStore(redis_url, prefix=store_prefix, caller_key_secret=SECRET)
-    await store.start()
-    client = redis.Redis.from_url(redis_url)
-    try:
-        ownership = Ownership(store, "instance-a")
-        hold = hold_for(ownership, Stream())
-        assert await hold.take() is None
-        await ownership.beat()
-        assert client.get(f"{store_prefix}live:{SID}") == b"instance-a"
-        assert 0 < client.pttl(f"{store_prefix}live:{SID}") <= LIVE_TTL_S * 1000
-        record = client.hgetall(f"{store_prefix}livecall:{SID}")
-        assert record == {
-            b"call_sid": SID.encode(),
-            b"instance": b"instance-a",
-            b"started": hold.started.encode(),
-            b"direction": b"inbound",
-            b"profile": b"support",
-            b"phase": b"live",
-        }
-        assert LIVE_TTL_S * 1000 < client.pttl(f"{store_prefix}livecall:{SID}") <= LIVE_RECORD_TTL_S * 1000
-        assert client.zrange(f"{store_prefix}livecalls", 0, -1) == [SID.encode()]
-        heartbeat = client.hgetall(f"{store_prefix}instance:instance-a")
-        assert sorted(heartbeat) == [b"beat", b"instance", b"started", b"state"]
-        assert heartbeat[b"state"] == b"ready"
-        assert 0 < client.pttl(f"{store_prefix}instance:instance-a") <= LIVE_TTL_S * 1000
-        assert client.zrange(f"{store_prefix}instances", 0, -1) == [b"instance-a"]
-        await hold.release()
-        assert sorted(client.keys(f"{store_prefix}*")) == [
-            f"{store_prefix}instance:instance-a".encode(),
-            f"{store_prefix}instances".encode(),
-        ]
-    finally:
-        client.close()
-        await store.close()
+async def test_the_redis_layout_of_holds_records_and_heartbeats(
+    on_redis: tuple[RedisStore, redis.Redis], store_prefix: str
+) -> None:
+    store, client = on_redis
+    ownership = Ownership(store, "instance-a")
+    hold = hold_for(ownership, Stream())
+    assert await hold.take() is None
+    await ownership.beat()
+    assert client.get(f"{store_prefix}live:{SID}") == b"instance-a"
+    assert 0 < client.pttl(f"{store_prefix}live:{SID}") <= LIVE_TTL_S * 1000
+    record = client.hgetall(f"{store_prefix}livecall:{SID}")
+    assert record == {
+        b"call_sid": SID.encode(),
+        b"instance": b"instance-a",
+        b"started": hold.started.encode(),
+        b"direction": b"inbound",
+        b"profile": b"support",
+        b"phase": b"live",
+    }
+    assert LIVE_TTL_S * 1000 < client.pttl(f"{store_prefix}livecall:{SID}") <= LIVE_RECORD_TTL_S * 1000
+    assert client.zrange(f"{store_prefix}livecalls", 0, -1) == [SID.encode()]
+    heartbeat = client.hgetall(f"{store_prefix}instance:instance-a")
+    assert sorted(heartbeat) == [b"beat", b"instance", b"started", b"state"]
+    assert heartbeat[b"state"] == b"ready"
+    assert 0 < client.pttl(f"{store_prefix}instance:instance-a") <= LIVE_TTL_S * 1000
+    assert client.zrange(f"{store_prefix}instances", 0, -1) == [b"instance-a"]
+    await hold.release()
+    assert sorted(client.keys(f"{store_prefix}*")) == [
+        f"{store_prefix}instance:instance-a".encode(),
+        f"{store_prefix}instances".encode(),
+    ]
 
 
 async def _never_raises(store: Store, caplog: pytest.LogCaptureFixture, elapsed_max: float) -> None:
@@ -371,61 +378,51 @@ async def test_with_redis_stalled_every_ownership_call_gives_up_within_the_timeo
 
 
 async def test_each_beat_sends_a_held_call_s_phase_and_a_lost_record_whole_again(
-    redis_url: str, store_prefix: str
+    on_redis: tuple[RedisStore, redis.Redis], store_prefix: str
 ) -> None:
-    store = RedisStore(redis_url, prefix=store_prefix, caller_key_secret=SECRET)
-    await store.start()
-    client = redis.Redis.from_url(redis_url)
+    store, client = on_redis
     monitor = client.monitor()
-    try:
-        ownership = Ownership(store, "instance-a")
-        stream = Stream()
-        hold = hold_for(ownership, stream)
-        assert await hold.take() is None
-        stream.phase = "tool_running"
-        with monitor as commands:
-            await ownership.beat()
-            sent = []
-            while not any(b"PEXPIRE" in c["command"].encode() and b"instances" in c["command"].encode() for c in sent):
-                sent.append(commands.next_command())
-        evals = [c["command"] for c in sent if c["command"].startswith("EVALSHA")]
-        assert len(evals) == 1
-        # the hold, the record, the two TTLs and the phase: not the record's other fields
-        assert evals[0].split()[3:] == [
-            f"{store_prefix}live:{SID}",
-            f"{store_prefix}livecall:{SID}",
-            "instance-a",
-            str(int(LIVE_TTL_S * 1000)),
-            str(int(LIVE_RECORD_TTL_S * 1000)),
-            "tool_running",
-        ]
-        assert client.hget(f"{store_prefix}livecall:{SID}", "phase") == b"tool_running"
-        client.delete(f"{store_prefix}livecall:{SID}")  # e.g. evicted, or a restored snapshot without it
-        await ownership.beat()  # the hold is renewed; the record is missing
-        assert client.exists(f"{store_prefix}livecall:{SID}") == 0
-        await ownership.beat()  # and is written whole again
-        assert client.hgetall(f"{store_prefix}livecall:{SID}")[b"profile"] == b"support"
-        assert await ownership.live_calls() == [live(hold, "instance-a", "tool_running")]
-    finally:
-        client.close()
-        await store.close()
+    ownership = Ownership(store, "instance-a")
+    stream = Stream()
+    hold = hold_for(ownership, stream)
+    assert await hold.take() is None
+    stream.phase = "tool_running"
+    with monitor as commands:
+        await ownership.beat()
+        sent = []
+        while not any(b"PEXPIRE" in c["command"].encode() and b"instances" in c["command"].encode() for c in sent):
+            sent.append(commands.next_command())
+    evals = [c["command"] for c in sent if c["command"].startswith("EVALSHA")]
+    assert len(evals) == 1
+    # the hold, the record, the two TTLs and the phase: not the record's other fields
+    assert evals[0].split()[3:] == [
+        f"{store_prefix}live:{SID}",
+        f"{store_prefix}livecall:{SID}",
+        "instance-a",
+        str(int(LIVE_TTL_S * 1000)),
+        str(int(LIVE_RECORD_TTL_S * 1000)),
+        "tool_running",
+    ]
+    assert client.hget(f"{store_prefix}livecall:{SID}", "phase") == b"tool_running"
+    client.delete(f"{store_prefix}livecall:{SID}")  # e.g. evicted, or a restored snapshot without it
+    await ownership.beat()  # the hold is renewed; the record is missing
+    assert client.exists(f"{store_prefix}livecall:{SID}") == 0
+    await ownership.beat()  # and is written whole again
+    assert client.hgetall(f"{store_prefix}livecall:{SID}")[b"profile"] == b"support"
+    assert await ownership.live_calls() == [live(hold, "instance-a", "tool_running")]
 
 
-async def test_a_record_left_over_by_a_failed_release_is_not_listed(redis_url: str, store_prefix: str) -> None:
+async def test_a_record_left_over_by_a_failed_release_is_not_listed(
+    on_redis: tuple[RedisStore, redis.Redis], store_prefix: str
+) -> None:
     """The instance is alive but no longer holds the call (its release did not reach the store and
     the hold expired meanwhile): the call is over, neither live nor orphaned."""
-    store = RedisStore(redis_url, prefix=store_prefix, caller_key_secret=SECRET)
-    await store.start()
-    client = redis.Redis.from_url(redis_url)
-    try:
-        ownership = Ownership(store, "instance-a")
-        hold = hold_for(ownership, Stream())
-        assert await hold.take() is None
-        await ownership.beat()
-        assert await ownership.live_calls() == [live(hold, "instance-a")]
-        client.delete(f"{store_prefix}live:{SID}")  # the hold expired; the record has 60 s to live
-        assert client.exists(f"{store_prefix}livecall:{SID}") == 1
-        assert await ownership.live_calls() == []
-    finally:
-        client.close()
-        await store.close()
+    store, client = on_redis
+    ownership = Ownership(store, "instance-a")
+    hold = hold_for(ownership, Stream())
+    assert await hold.take() is None
+    await ownership.beat()
+    assert await ownership.live_calls() == [live(hold, "instance-a")]
+    client.delete(f"{store_prefix}live:{SID}")  # the hold expired; the record has 60 s to live
+    assert client.exists(f"{store_prefix}livecall:{SID}") == 1
+    assert await ownership.live_calls() == []
