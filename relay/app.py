@@ -34,6 +34,7 @@ log = logging.getLogger("relay.app")
 _SID = re.compile(r"[A-Za-z0-9]{2,64}")
 XML = "application/xml"
 DRAIN_RETRY_AFTER_S = 1  # Retry-After of the 503 a draining instance answers the webhook with
+CONTINUATION_STORE_TIMEOUT_S = 1.0  # Twilio waits for the continuation's TwiML; the caller hears nothing meanwhile
 
 
 def _public_base(runtime: Runtime, request: Request) -> str:
@@ -56,8 +57,9 @@ async def _read_limited(request: Request, limit: int) -> bytes | None:
     return bytes(body)
 
 
-async def incoming_call(request: Request) -> Response:
-    """Twilio's voice webhook: verify the signature, answer with <Connect><Stream>."""
+async def _signed_form(request: Request, what: str) -> dict[str, str] | Response:
+    """The form of a webhook from Twilio, read within the body limits and its signature checked;
+    else the response that refuses it."""
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
     try:
@@ -68,19 +70,20 @@ async def incoming_call(request: Request) -> Response:
         runtime.request_refusals.log(
             "slow_body",
             logging.WARNING,
-            "webhook body not received within %g s; answered 408",
+            "%s body not received within %g s; answered 408",
+            what,
             settings.http_idle_timeout_s,
         )
         return PlainTextResponse("request body timeout", status_code=408, headers={"Connection": "close"})
     except ClientDisconnect:
         runtime.request_refusals.log(
-            "disconnected", logging.INFO, "webhook client disconnected before sending its whole body"
+            "disconnected", logging.INFO, "%s client disconnected before sending its whole body", what
         )
         return Response(status_code=400)  # nobody is left to read it
     if body is None:
         runtime.metrics.calls_refused.labels("webhook_too_large").inc()
         runtime.request_refusals.log(
-            "too_large", logging.WARNING, "webhook body over %d bytes refused", settings.max_webhook_body_bytes
+            "too_large", logging.WARNING, "%s body over %d bytes refused", what, settings.max_webhook_body_bytes
         )
         return PlainTextResponse("request body too large", status_code=413)
     try:
@@ -100,8 +103,18 @@ async def incoming_call(request: Request) -> Response:
         except InvalidSignature as exc:
             runtime.metrics.calls_refused.labels("bad_signature").inc()
             claimed = {"call_sid": clip(form.get("CallSid", ""), 64), "url": clip(url, 200)}
-            runtime.request_refusals.log("bad_signature", logging.WARNING, "webhook refused: %s", exc, extra=claimed)
+            runtime.request_refusals.log("bad_signature", logging.WARNING, "%s refused: %s", what, exc, extra=claimed)
             return PlainTextResponse("invalid signature", status_code=403)
+    return form
+
+
+async def incoming_call(request: Request) -> Response:
+    """Twilio's voice webhook: verify the signature, answer with <Connect><Stream>."""
+    runtime: Runtime = request.app.state.runtime
+    settings = runtime.settings
+    form = await _signed_form(request, "webhook")
+    if isinstance(form, Response):
+        return form
     call_sid = form.get("CallSid", "")
     if not _SID.fullmatch(call_sid):
         return PlainTextResponse("missing or invalid CallSid", status_code=400)
@@ -129,9 +142,57 @@ async def incoming_call(request: Request) -> Response:
         settings.stream_secret, call_sid, settings.stream_token_ttl_s, caller=caller, called=called
     )
     parameters = {"token": token, "from": caller, "to": called}
-    stream = twiml.stream_url(_public_base(runtime, request))
+    base = _public_base(runtime, request)
+    stream = twiml.stream_url(base)
     log.info("call answered with a stream", extra={"call_sid": call_sid})
-    return Response(twiml.connect_stream(stream, parameters), media_type=XML)
+    return Response(twiml.connect_stream(stream, parameters, then=twiml.continue_url(base)), media_type=XML)
+
+
+async def continue_call(request: Request) -> Response:
+    """Twilio's request for what comes after a stream that ended without the call ending (the
+    <Redirect> after </Connect>), on whichever instance the load balancer picked.
+
+    A call the relay ended on purpose (the assistant hung up, a transfer, the drain's goodbye, an
+    abusive stream) is hung up. Otherwise the stream was lost: its instance died or dropped the
+    connection, or the Realtime API stayed unreachable. Then the caller hears the apology and is
+    dialled to RELAY_FALLBACK_NUMBER (or hung up): never silence followed by a click."""
+    runtime: Runtime = request.app.state.runtime
+    settings = runtime.settings
+    form = await _signed_form(request, "continuation webhook")
+    if isinstance(form, Response):
+        return form
+    call_sid = form.get("CallSid", "")
+    if not _SID.fullmatch(call_sid):
+        return PlainTextResponse("missing or invalid CallSid", status_code=400)
+    logs.bind_call(call_sid)
+    if runtime.draining:
+        runtime.metrics.calls_refused.labels("draining").inc()
+        log.warning("continuation refused with 503: instance draining", extra={"call_sid": call_sid})
+        return PlainTextResponse(
+            "instance draining", status_code=503, headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)}
+        )
+    disposition: str | None = None
+    try:
+        async with asyncio.timeout(CONTINUATION_STORE_TIMEOUT_S):
+            disposition = await runtime.store.get_disposition(call_sid)
+    except Exception as exc:  # unknown: the apology is right for a lost stream and harmless after an ending
+        log.warning(
+            "continuation: call state unavailable (%s); answering with the apology",
+            type(exc).__name__,
+            extra={"call_sid": call_sid},
+        )
+    if disposition == "ended":
+        runtime.metrics.continuations.labels("hangup").inc()
+        log.info("continuation: call was ended by the relay; hanging up", extra={"call_sid": call_sid})
+        return Response(twiml.hangup(), media_type=XML)
+    outcome = "dial_fallback" if settings.fallback_number else "apology"
+    runtime.metrics.continuations.labels(outcome).inc()
+    log.warning(
+        "continuation: the call's stream was lost; the caller hears the apology%s",
+        " and is dialled to the fallback number" if settings.fallback_number else " and is hung up",
+        extra={"call_sid": call_sid},
+    )
+    return Response(twiml.apology(settings.apology_say, settings.fallback_number), media_type=XML)
 
 
 async def media_stream(websocket: WebSocket) -> None:
@@ -228,6 +289,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     routes = [
         Route("/incoming-call", incoming_call, methods=["POST"]),
+        Route(twiml.CONTINUE_PATH, continue_call, methods=["POST"]),
         WebSocketRoute("/media-stream", media_stream),
         Route("/transfer-whisper", transfer_whisper, methods=["POST", "GET"]),
         Route("/healthz", healthz, methods=["GET"]),

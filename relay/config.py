@@ -155,6 +155,9 @@ class Settings:
     overflow_say: str = "Sorry, all our lines are busy. Please call again shortly."
     overflow_dial: str | None = None
     fallback_number: str | None = None
+    apology_say: str = (
+        "Sorry, we are having technical difficulties and cannot continue this call right now. Please call again later."
+    )
     relay_api_token: str | None = None
     state_ttl_s: int = 7 * 24 * 3600
     caller_memory: bool = True
@@ -321,6 +324,7 @@ class Settings:
             overflow_say=env.get("RELAY_OVERFLOW_SAY", cls.overflow_say),
             overflow_dial=env.get("RELAY_OVERFLOW_DIAL") or None,
             fallback_number=env.get("RELAY_FALLBACK_NUMBER") or None,
+            apology_say=env.get("RELAY_APOLOGY_SAY") or cls.apology_say,
             relay_api_token=env.get("RELAY_API_TOKEN") or None,
             state_ttl_s=read_int(env, "RELAY_STATE_TTL", 7 * 24 * 3600, 60),
             caller_memory=read_bool(env, "RELAY_CALLER_MEMORY", True),

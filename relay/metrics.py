@@ -156,6 +156,12 @@ class Metrics:
         self.calls_started = Counter("relay_calls_started_total", "Calls admitted (stream accepted)", registry=r)
         self.calls_ended = Counter("relay_calls_ended_total", "Calls ended, by reason", ["reason"], registry=r)
         self.calls_refused = Counter("relay_calls_refused_total", "Webhooks or streams refused", ["reason"], registry=r)
+        self.continuations = Counter(
+            "relay_continuations_total",
+            "Continuation webhooks answered (a stream ended without its call), by answer",
+            ["answer"],
+            registry=r,
+        )
         self.hop_latency = Histogram(
             "relay_hop_latency_seconds",
             "Time from receiving a frame to handing it to the other socket (sampled)",

@@ -608,7 +608,12 @@ def test_deploy_md_resources_match_the_deployment() -> None:
 def test_the_example_ingress_publishes_only_what_twilio_calls() -> None:
     (ingress,) = k8s_docs("ingress.yaml")
     paths = [(p["path"], p["pathType"]) for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
-    assert sorted(paths) == [("/incoming-call", "Exact"), ("/media-stream", "Exact"), ("/transfer-whisper", "Exact")]
+    assert sorted(paths) == [
+        ("/continue-call", "Exact"),
+        ("/incoming-call", "Exact"),
+        ("/media-stream", "Exact"),
+        ("/transfer-whisper", "Exact"),
+    ]
 
     def published(request_path: str) -> bool:
         for path, kind in paths:

@@ -389,7 +389,7 @@ def test_ingress_routes_to_the_service() -> None:
         assert resolve_container_port(service_port(backend["port"])["targetPort"]) == relay_port()
     paths = {p["path"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]}
     # what Twilio calls must be reachable
-    assert {"/incoming-call", "/media-stream", "/transfer-whisper"} <= paths
+    assert {"/incoming-call", "/continue-call", "/media-stream", "/transfer-whisper"} <= paths
     assert ingress["spec"].get("tls"), "Twilio only calls https/wss endpoints"
 
 

@@ -445,33 +445,3 @@ async def test_session_rolls_over_before_the_maximum_duration(sim: RealtimeSimul
     assert_relayed_across_sessions(first, second, caller.sent_payloads)
     # no second greeting on the new session
     assert not any(e["type"] == "response.create" for _, e in second.received)
-
-
-async def test_unrecoverable_realtime_outage_redirects_to_the_fallback_number(sim: RealtimeSimulator) -> None:
-    from tools_support import ACCOUNT_SID, TwilioApiRecorder
-
-    with TwilioApiRecorder() as api:
-        settings = relay_settings(
-            sim.url,
-            reconnect_attempts=1,
-            twilio_account_sid=ACCOUNT_SID,
-            twilio_api_base=api.url,
-            fallback_number="+15550009999",
-        )
-        async with LocalRelay(settings) as relay:
-            caller = make_caller(relay)
-            await caller.connect()
-            await caller.wait_for_audio(100, timeout=5)
-            await sim.stop()
-            assert await caller.wait_closed(timeout=10) == 1000
-            assert await wait_for(lambda: not relay.runtime.calls)
-            record = await relay.runtime.store.get_call(caller.call_sid)
-        requests = list(api.requests)
-    assert record is not None and record.meta["end_reason"] == "realtime_unavailable"
-    assert len(requests) == 1
-    request = requests[0]
-    assert request.method == "POST"
-    assert request.path == f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls/{caller.call_sid}.json"
-    assert request.form["Twiml"] == [
-        '<?xml version="1.0" encoding="UTF-8"?><Response><Dial><Number>+15550009999</Number></Dial></Response>'
-    ]

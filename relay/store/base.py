@@ -245,6 +245,16 @@ class Store(Protocol):
         """What was remembered about this caller, if it has not expired."""
         ...
 
+    async def set_disposition(self, call_sid: str, disposition: str) -> None:
+        """Record at once (awaited, not queued behind other writes) that the call was ended on purpose
+        (``ended``), before its stream closes: Twilio asks the continuation webhook, on any instance,
+        what to do next as soon as the stream is gone. Raises StoreUnavailable."""
+        ...
+
+    async def get_disposition(self, call_sid: str) -> str | None:
+        """What `set_disposition` recorded for the call, or None."""
+        ...
+
     async def claim_once(self, key: str, ttl_s: int) -> bool:
         """True for the first claim of `key` within `ttl_s` across all instances, else False."""
         ...

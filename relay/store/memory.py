@@ -39,6 +39,7 @@ class _Call:
     entries: list[dict[str, Any]] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=dict)
     summary: str | None = None
+    disposition: str | None = None
 
 
 def _meta_fields(meta: Mapping[str, str]) -> dict[str, str]:
@@ -157,6 +158,13 @@ class MemoryStore:
             del self._callers[key]
             return None
         return item[0]
+
+    async def set_disposition(self, call_sid: str, disposition: str) -> None:
+        self._call(call_sid).disposition = str(disposition)
+
+    async def get_disposition(self, call_sid: str) -> str | None:
+        call = self._live_call(call_sid)
+        return None if call is None else call.disposition
 
     async def claim_once(self, key: str, ttl_s: int) -> bool:
         now = self._clock()

@@ -68,6 +68,7 @@ class RedisStore:
         if not caller_key_secret:
             raise ValueError("caller_key_secret must not be empty")
         self._keys = RedisKeys(prefix)
+        self._state_ttl = state_ttl_s
         self._io_timeout = io_timeout_s
         self._caller_key = caller_key_secret
         self._log = logger or logging.getLogger("relay.store")
@@ -188,6 +189,23 @@ class RedisStore:
             return await self._redis.get(key)
 
         raw = await self._read("get_caller_memory", read)
+        return None if raw is None else text(raw)
+
+    async def set_disposition(self, call_sid: str, disposition: str) -> None:
+        key = self._keys.call(call_sid, "disposition")
+
+        async def write() -> Any:
+            return await self._redis.set(key, disposition.encode(), ex=self._state_ttl)
+
+        await self._read("set_disposition", write)
+
+    async def get_disposition(self, call_sid: str) -> str | None:
+        key = self._keys.call(call_sid, "disposition")
+
+        async def read() -> Any:
+            return await self._redis.get(key)
+
+        raw = await self._read("get_disposition", read)
         return None if raw is None else text(raw)
 
     async def claim_once(self, key: str, ttl_s: int) -> bool:

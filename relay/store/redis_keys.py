@@ -9,6 +9,8 @@ Key layout (P is the prefix, default ``relay:``; every value is UTF-8)::
     P call:{sid}:summary   string  rolling conversation summary
     P call:{sid}:applied   hash    writer id -> last applied write sequence; makes a retried batch
                                    append entries / add usage exactly once
+    P call:{sid}:disposition string  "ended" once the relay ended the call on purpose, written before its
+                                   stream closes (read by the continuation webhook); TTL state_ttl_s
     P caller:{hash}        string  caller memory; {hash} = HMAC-SHA256 hex of the normalized
                                    E.164 number, keyed by the caller-key secret; TTL caller_memory_ttl_s
     P once:{key}           string  claim_once marker (SET NX EX ttl)

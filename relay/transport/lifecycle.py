@@ -44,6 +44,9 @@ FINAL_SUMMARY_WAIT_S = 4.0
 CALLER_MEMORY_TIMEOUT_S = 0.5
 PLAYBACK_POLL_S = 0.02
 GOODBYE_START_S = 0.2  # for the goodbye's first audio to be sent before playback is awaited
+DISPOSITION_TIMEOUT_S = 1.0
+# Ends of a stream that leave the call to the continuation webhook's apology (not ended on purpose).
+LOST_STREAM_REASONS = frozenset({"realtime_unavailable", "superseded"})
 
 
 class MediaStreamCall(LiveHold):
@@ -143,6 +146,7 @@ class MediaStreamCall(LiveHold):
             self.log,
             max_frame_bytes=self.settings.max_twilio_message_bytes,
             spawn=self._spawn,
+            settle=self._ended_on_purpose,
         )
         session = self._session = RealtimeSession(
             call,
@@ -311,25 +315,32 @@ class MediaStreamCall(LiveHold):
     # ---- ending ------------------------------------------------------------------------------------
 
     async def _end(self, reason: str) -> None:
-        """End the call from our side: stop the Twilio loop, which runs the teardown."""
+        """End the call from our side: stop the Twilio loop, which runs the teardown.
+
+        Closing the stream makes Twilio fetch the continuation webhook (relay/app.py): a call ended on
+        purpose is recorded as such first, so the continuation hangs up. A lost Realtime API or a
+        superseded stream is not an ending on purpose: the continuation apologises (and dials the
+        fallback number) instead of leaving the caller in silence."""
         self.end.begin(reason)
-        if reason == "realtime_unavailable" or reason.startswith("realtime_error"):
-            await self._redirect_to_fallback()
+        if not (reason in LOST_STREAM_REASONS or reason.startswith("realtime_error")):
+            await self._ended_on_purpose()
         await self.twilio.close(CLOSE_NORMAL, reason[:100])
         task = self._twilio_task
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
 
-    async def _redirect_to_fallback(self) -> None:
-        number = self.settings.fallback_number
-        control = self.runtime.twilio_control
-        if not number or control is None:
-            return
+    async def _ended_on_purpose(self) -> None:
+        """Record, before the stream closes, that this call is over, for the continuation webhook on
+        whichever instance Twilio reaches; bounded, since the caller waits on it."""
         try:
-            await control.redirect(self.call_sid, twiml.dial(number))
-            self.log.info("call redirected to the fallback number")
+            async with asyncio.timeout(DISPOSITION_TIMEOUT_S):
+                await self.runtime.store.set_disposition(self.call_sid, "ended")
         except Exception as exc:
-            self.log.warning("fallback redirect failed (%s)", type(exc).__name__)
+            self.log.warning(
+                "could not record that the call ended on purpose (%s); the continuation webhook will "
+                "answer with the apology",
+                type(exc).__name__,
+            )
 
     async def goodbye(self, text: str, timeout: float) -> None:
         """Shutdown: a short spoken goodbye where the session allows, then close."""

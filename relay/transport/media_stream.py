@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from relay import logs
@@ -33,6 +33,7 @@ from relay.twilio import messages as tw
 from relay.websockets_internals import write_paused
 
 Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
+Settle = Callable[[], Awaitable[None]]
 
 
 class MediaStream:
@@ -49,6 +50,7 @@ class MediaStream:
         *,
         max_frame_bytes: int,
         spawn: Spawn,
+        settle: Settle,
     ) -> None:
         self.call = call
         self.twilio = twilio
@@ -58,6 +60,7 @@ class MediaStream:
         self.log = log
         self._max_frame = max_frame_bytes
         self._spawn = spawn
+        self._settle = settle  # records that the call ends on purpose, before the socket closes
         self._loop_waiting = False
         self._frames = 0  # text frames taken, for hop-latency sampling
         self._call_timer: asyncio.Task[None] | None = None
@@ -181,7 +184,10 @@ class MediaStream:
             self._endpoint_flush = None
 
     async def _close(self, reason: str, code: int, close_reason: str) -> None:
+        """An abusive stream ends the call: recorded as ended on purpose first, so the continuation
+        webhook hangs up instead of giving the line to a new stream."""
         self.end.begin(reason)
+        await self._settle()
         await self.twilio.close(code, close_reason)
 
     def _arm_call_timer(self) -> None:

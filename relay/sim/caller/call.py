@@ -27,7 +27,17 @@ from relay.sim.caller.microphone import Microphone
 from relay.sim.caller.record import CallLog, Event
 from relay.sim.caller.speaker import Speaker
 from relay.sim.caller.stream import DTMF_KEYS, STREAM_USER_AGENT, Stream
-from relay.sim.caller.webhook import CallRejected, TwimlStream, dial_url, parse_twiml, post_webhook, webhook_form
+from relay.sim.caller.webhook import (
+    CallRejected,
+    TwimlStream,
+    dial_url,
+    parse_twiml,
+    post_redirect,
+    post_webhook,
+    redirect_after_stream,
+    redirect_form,
+    webhook_form,
+)
 from relay.sim.ulaw import SILENCE_BYTE, ULAW_BYTES_PER_MS, write_wav
 
 WS_CLOSE_TIMEOUT_S = 5.0
@@ -48,6 +58,7 @@ class SimulatedCaller:
         silence_frame = bytes([SILENCE_BYTE]) * self.frame_bytes
 
         self.close_code: int | None = None
+        self.continue_url: str | None = None  # the <Redirect> after </Connect> in the webhook's TwiML
         self.stream_started_at: float | None = None
         self._log = CallLog()
         self._speaker = Speaker(config, self._log, silence_frame, self._notify)
@@ -118,6 +129,13 @@ class SimulatedCaller:
         """POST the signed voice webhook; the signature covers the public URL, not base_url."""
         return await post_webhook(self.config, self.webhook_form())
 
+    async def continuation(self) -> tuple[int, str]:
+        """What Twilio does once the stream ended without the call ending: the signed POST of the
+        <Redirect> that followed </Connect>. Raises ValueError when the TwiML had none."""
+        if self.continue_url is None:
+            raise ValueError("the webhook's TwiML has no <Redirect> after </Connect>")
+        return await post_redirect(self.config, self.continue_url, redirect_form(self.config, self.call_sid))
+
     @staticmethod
     def parse_twiml(body: str) -> TwimlStream:
         """Find the bidirectional stream; ``<Start><Stream>`` is fork-only and does not count."""
@@ -140,6 +158,7 @@ class SimulatedCaller:
             if status != 200:
                 raise CallRejected(status, body)
             stream = self.parse_twiml(body)
+            self.continue_url = redirect_after_stream(body)
         headers: dict[str, str] = {}
         if self.config.sign_upgrade:
             validator = RequestValidator(self.config.auth_token)

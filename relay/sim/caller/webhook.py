@@ -66,6 +66,39 @@ async def post_webhook(config: CallerConfig, form: dict[str, str]) -> tuple[int,
     return response.status_code, response.text
 
 
+def redirect_form(config: CallerConfig, call_sid: str) -> dict[str, str]:
+    """The form Twilio posts for a <Redirect> of a call in progress (every field is signed)."""
+    return {**webhook_form(config, call_sid), "CallStatus": "in-progress"}
+
+
+async def post_redirect(config: CallerConfig, public_url: str, form: dict[str, str]) -> tuple[int, str]:
+    """POST a <Redirect> the way Twilio does: signed over the URL in the TwiML (the public one), sent
+    to where the relay really listens."""
+    signature = RequestValidator(config.auth_token).compute_signature(public_url, form)
+    headers = {"X-Twilio-Signature": signature, "User-Agent": WEBHOOK_USER_AGENT}
+    parts = urlsplit(public_url)
+    url = config.base_url.rstrip("/") + parts.path + (f"?{parts.query}" if parts.query else "")
+    async with httpx.AsyncClient(trust_env=False, timeout=10.0) as client:
+        response = await client.post(url, data=form, headers=headers)
+    return response.status_code, response.text
+
+
+def redirect_after_stream(body: str) -> str | None:
+    """The URL of the <Redirect> Twilio follows once the <Connect><Stream> ends, if the TwiML has one."""
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError:
+        return None
+    verbs = list(root) if root.tag == "Response" else []
+    for index, verb in enumerate(verbs):
+        if verb.tag == "Connect":
+            for later in verbs[index + 1 :]:
+                if later.tag == "Redirect" and (later.text or "").strip():
+                    return (later.text or "").strip()
+            return None
+    return None
+
+
 def parse_twiml(body: str) -> TwimlStream:
     """Find the bidirectional stream; ``<Start><Stream>`` is fork-only and does not count."""
     try:
