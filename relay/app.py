@@ -34,6 +34,7 @@ log = logging.getLogger("relay.app")
 _SID = re.compile(r"[A-Za-z0-9]{2,64}")
 XML = "application/xml"
 DRAIN_RETRY_AFTER_S = 1  # Retry-After of the 503 a draining instance answers the webhook with
+CONTINUATION_WINDOW_S = 60  # the loop guard counts a call's continuations per this many seconds
 CONTINUATION_STORE_TIMEOUT_S = 1.0  # Twilio waits for the continuation's TwiML; the caller hears nothing meanwhile
 
 
@@ -172,10 +173,18 @@ async def continue_call(request: Request) -> Response:
             "instance draining", status_code=503, headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)}
         )
     disposition: str | None = None
+    count = 0
     try:
         async with asyncio.timeout(CONTINUATION_STORE_TIMEOUT_S):
             disposition = await runtime.store.get_disposition(call_sid)
+            if disposition is None:
+                record = await runtime.store.get_call(call_sid)
+                if record is None or "started" not in record.meta:
+                    disposition = "unknown"  # nothing to resume: not a call of ours, or its state is gone
+                else:
+                    count = await runtime.store.count_continuation(call_sid, CONTINUATION_WINDOW_S)
     except Exception as exc:  # unknown: the apology is right for a lost stream and harmless after an ending
+        disposition = "unknown"
         log.warning(
             "continuation: call state unavailable (%s); answering with the apology",
             type(exc).__name__,
@@ -185,10 +194,35 @@ async def continue_call(request: Request) -> Response:
         runtime.metrics.continuations.labels("hangup").inc()
         log.info("continuation: call was ended by the relay; hanging up", extra={"call_sid": call_sid})
         return Response(twiml.hangup(), media_type=XML)
+    base = _public_base(runtime, request)
+    in_progress = form.get("CallStatus") == "in-progress"  # signed: Twilio says the call goes on
+    if disposition is None and in_progress and count <= settings.max_continuations and not runtime.full:
+        # The stream was lost (its instance died, handed it off, or the connection dropped): the
+        # call resumes on a new stream here, its conversation carried over from the store.
+        caller, called = form.get("From", "")[:32], form.get("To", "")[:32]  # signed by Twilio
+        token = mint_stream_token(
+            settings.stream_secret, call_sid, settings.stream_token_ttl_s, caller=caller, called=called, resumes=True
+        )
+        parameters = {"token": token, "from": caller, "to": called, "resume": "1"}
+        runtime.metrics.continuations.labels("resume").inc()
+        log.info(
+            "continuation: the call resumes on a new stream (%d in this window)", count, extra={"call_sid": call_sid}
+        )
+        return Response(
+            twiml.connect_stream(twiml.stream_url(base), parameters, then=twiml.continue_url(base)), media_type=XML
+        )
+    if disposition is None and count > settings.max_continuations:
+        log.warning(
+            "continuation: %d streams of this call within %d s (RELAY_MAX_CONTINUATIONS=%d); giving up",
+            count,
+            CONTINUATION_WINDOW_S,
+            settings.max_continuations,
+            extra={"call_sid": call_sid},
+        )
     outcome = "dial_fallback" if settings.fallback_number else "apology"
     runtime.metrics.continuations.labels(outcome).inc()
     log.warning(
-        "continuation: the call's stream was lost; the caller hears the apology%s",
+        "continuation: the call cannot go on here; the caller hears the apology%s",
         " and is dialled to the fallback number" if settings.fallback_number else " and is hung up",
         extra={"call_sid": call_sid},
     )

@@ -117,6 +117,15 @@ def derive_caller_key_secret(stream_secret: bytes) -> bytes:
     return hmac.new(stream_secret, b"relay-caller-key", hashlib.sha256).digest()
 
 
+def _drain_mode(env: Mapping[str, str]) -> str:
+    """RELAY_DRAIN_MODE, "handoff" by default with Redis (only then can another instance resume a call)."""
+    has_redis = bool(env.get("REDIS_URL"))
+    mode = read_choice(env, "RELAY_DRAIN_MODE", "handoff" if has_redis else "goodbye", ("goodbye", "handoff"))
+    if mode == "handoff" and not has_redis:
+        raise ConfigError("RELAY_DRAIN_MODE=handoff needs REDIS_URL: other instances resume calls from Redis")
+    return mode
+
+
 @dataclass(frozen=True)
 class Settings:
     openai_api_key: str | None = None
@@ -158,6 +167,9 @@ class Settings:
     apology_say: str = (
         "Sorry, we are having technical difficulties and cannot continue this call right now. Please call again later."
     )
+    drain_mode: str = "goodbye"  # "handoff": on SIGTERM each call moves to another instance (needs Redis)
+    handoff_max_wait_s: float = 3.0  # a hand-off waits this long at most for a natural pause
+    max_continuations: int = 3  # per call per CONTINUATION_WINDOW_S: beyond it the apology (a loop guard)
     relay_api_token: str | None = None
     state_ttl_s: int = 7 * 24 * 3600
     caller_memory: bool = True
@@ -325,6 +337,9 @@ class Settings:
             overflow_dial=env.get("RELAY_OVERFLOW_DIAL") or None,
             fallback_number=env.get("RELAY_FALLBACK_NUMBER") or None,
             apology_say=env.get("RELAY_APOLOGY_SAY") or cls.apology_say,
+            max_continuations=read_int(env, "RELAY_MAX_CONTINUATIONS", 3, 0),
+            drain_mode=_drain_mode(env),
+            handoff_max_wait_s=read_float(env, "RELAY_HANDOFF_MAX_WAIT", 3.0, 0.0),
             relay_api_token=env.get("RELAY_API_TOKEN") or None,
             state_ttl_s=read_int(env, "RELAY_STATE_TTL", 7 * 24 * 3600, 60),
             caller_memory=read_bool(env, "RELAY_CALLER_MEMORY", True),

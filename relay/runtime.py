@@ -34,6 +34,7 @@ DRAIN_GOODBYE = "Sorry, we have to end this call for maintenance. Please call ba
 # stay under the 10 s margin the deployment gives (terminationGracePeriodSeconds, infra/DEPLOY.md).
 DRAIN_GOODBYE_TIMEOUT_S = 4.5
 DRAIN_TEARDOWN_WAIT_S = 1.0  # each call's teardown (final summary, state writes)
+HANDOFF_PEER_SETTLE_S = 0.5  # before a hand-off, for peers drained at the same time to say so
 METRICS_SYNC_S = 1.0
 INSECURE_WARNING_S = 300.0  # RELAY_INSECURE_DEV is repeated in the log this often
 STORE_PROBE_S = 2.0  # Redis unreachable at start-up: probed this often until it answers
@@ -49,6 +50,8 @@ class LiveStream(Protocol):
     def call_sid(self) -> str: ...
 
     async def goodbye(self, text: str, timeout: float) -> None: ...
+
+    async def hand_off(self, max_wait_s: float) -> bool: ...
 
 
 class WaitingStream(Protocol):
@@ -319,11 +322,15 @@ class Runtime:
     # ---- graceful drain ----------------------------------------------------------------------
 
     async def drain(self) -> None:
-        """SIGTERM: refuse new calls now; let active calls finish until DRAIN_SECONDS, then say goodbye."""
+        """SIGTERM: refuse new calls now. With RELAY_DRAIN_MODE=handoff and another instance ready, each
+        call moves there at its next natural pause; otherwise (or for what is left) active calls may
+        finish until DRAIN_SECONDS, then hear a goodbye."""
         self.draining = True
         self.metrics.draining.set(1)
         deadline = time.monotonic() + self.settings.drain_seconds
         log.info("draining: %d active calls, up to %.0f s", len(self.calls), self.settings.drain_seconds)
+        if self.settings.drain_mode == "handoff" and self.calls:
+            await self._hand_off_calls()
         while self.calls and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         remaining = list(self.calls.values())
@@ -336,6 +343,40 @@ class Runtime:
             while self.calls and time.monotonic() < teardown_deadline:
                 await asyncio.sleep(0.05)
         log.info("drain complete", extra={"active_calls": len(self.calls)})
+
+    async def _hand_off_calls(self) -> None:
+        """Move every call to another instance (relay/transport/lifecycle.py: the stream closes at a
+        natural pause and Twilio fetches the continuation from a ready instance)."""
+        # Publish "draining" now rather than at the next beat, then give instances signalled at the
+        # same moment (the workers of one host, a scaled-down deployment) time to do the same.
+        await self.ownership.beat()
+        await asyncio.sleep(HANDOFF_PEER_SETTLE_S)
+        instances = await self.ownership.live_instances()
+        ready = [i for i in instances or [] if i.instance != self.instance_id and i.state == "ready"]
+        if not ready:
+            log.warning(
+                "no other instance is ready to take this instance's calls%s; they end with the drain's goodbye",
+                "" if instances is not None else " (the store did not answer)",
+            )
+            return
+        calls = list(self.calls.values())
+        started = time.monotonic()
+        log.info("handing %d calls off to the %d other ready instances", len(calls), len(ready))
+        outcomes = await asyncio.gather(
+            *(c.hand_off(self.settings.handoff_max_wait_s) for c in calls), return_exceptions=True
+        )
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        for failure in failures[:3]:
+            log.error("a call's hand-off failed", exc_info=failure)
+        teardown_deadline = time.monotonic() + DRAIN_TEARDOWN_WAIT_S
+        while self.calls and time.monotonic() < teardown_deadline:
+            await asyncio.sleep(0.05)
+        log.info(
+            "hand-off complete in %.2f s: %d handed off, %d failed",
+            time.monotonic() - started,
+            sum(o is True for o in outcomes),
+            len(failures),
+        )
 
     def start_drain(self) -> asyncio.Task[None]:
         """Readiness turns false before this returns; the drain itself runs as a task."""

@@ -69,6 +69,7 @@ class StreamGrant:
     caller: str
     called: str
     mac: bytes
+    resumes: bool = False  # minted by the continuation webhook: the stream carries on a call already under way
 
     @property
     def use_key(self) -> str:
@@ -76,9 +77,15 @@ class StreamGrant:
         return hashlib.sha256(self.mac).hexdigest()[:32]
 
 
-def _mac(secret: bytes, call_sid: str, expiry: int, nonce: str, caller: str, called: str) -> bytes:
-    # A JSON array keeps the fields apart whatever characters the numbers contain.
-    message = orjson.dumps([TOKEN_VERSION, call_sid, expiry, nonce, caller, called])
+def _mac(
+    secret: bytes, call_sid: str, expiry: int, nonce: str, caller: str, called: str, resumes: bool = False
+) -> bytes:
+    # A JSON array keeps the fields apart whatever characters the numbers contain. A resuming stream's
+    # token covers that too: a token minted for a new call cannot be made to take over a live one.
+    fields: list[object] = [TOKEN_VERSION, call_sid, expiry, nonce, caller, called]
+    if resumes:
+        fields.append("resumes")
+    message = orjson.dumps(fields)
     return hmac.new(secret, message, hashlib.sha256).digest()
 
 
@@ -98,12 +105,15 @@ def mint_stream_token(
     *,
     caller: str = "",
     called: str = "",
+    resumes: bool = False,
     now: float | None = None,
 ) -> str:
-    """A token for one stream of `call_sid` from `caller` to `called`, valid for `ttl_s` seconds."""
+    """A token for one stream of `call_sid` from `caller` to `called`, valid for `ttl_s` seconds;
+    `resumes` for a stream that carries on a call under way (the continuation webhook's)."""
     expiry = int((time.time() if now is None else now) + ttl_s)
     nonce = _encode(secrets.token_bytes(NONCE_BYTES))
-    return f"{TOKEN_VERSION}.{expiry}.{nonce}.{_encode(_mac(secret, call_sid, expiry, nonce, caller, called))}"
+    mac = _mac(secret, call_sid, expiry, nonce, caller, called, resumes)
+    return f"{TOKEN_VERSION}.{expiry}.{nonce}.{_encode(mac)}"
 
 
 def verify_stream_token(
@@ -113,6 +123,7 @@ def verify_stream_token(
     *,
     caller: str = "",
     called: str = "",
+    resumes: bool = False,
     now: float | None = None,
 ) -> StreamGrant:
     """The grant for this stream, or StreamTokenError (never another exception, whatever the input)."""
@@ -125,12 +136,12 @@ def verify_stream_token(
     expiry = parse_expiry(expiry_text)
     if expiry is None or not (_NONCE.fullmatch(nonce) and _MAC.fullmatch(mac_text)):
         raise StreamTokenInvalid("malformed token")
-    expected = _mac(secret, call_sid, expiry, nonce, caller, called)
+    expected = _mac(secret, call_sid, expiry, nonce, caller, called, resumes)
     if not hmac.compare_digest(_encode(expected).encode(), mac_text.encode()):
         raise StreamTokenInvalid("token does not match this call and its numbers")
     if (time.time() if now is None else now) > expiry:
         raise StreamTokenExpired("token expired")
-    return StreamGrant(call_sid=call_sid, expiry=expiry, caller=caller, called=called, mac=expected)
+    return StreamGrant(call_sid=call_sid, expiry=expiry, caller=caller, called=called, mac=expected, resumes=resumes)
 
 
 def frame_caller_notes(notes: str) -> str:

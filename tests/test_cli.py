@@ -26,6 +26,11 @@ def run_serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({"RELAY_INSECURE_DEV": "1", "MAX_CALLS": "many"}, "MAX_CALLS must be an integer"),
         ({"RELAY_INSECURE_DEV": "1", "OPENAI_REALTIME_DIALECT": "v2"}, "OPENAI_REALTIME_DIALECT must be one of"),
         ({"RELAY_INSECURE_DEV": "1", "WEB_CONCURRENCY": "lots"}, "WEB_CONCURRENCY must be a positive integer"),
+        ({"RELAY_INSECURE_DEV": "1", "RELAY_DRAIN_MODE": "later"}, "RELAY_DRAIN_MODE must be one of"),
+        (
+            {"RELAY_INSECURE_DEV": "1", "RELAY_DRAIN_MODE": "handoff", "REDIS_URL": ""},
+            "RELAY_DRAIN_MODE=handoff needs REDIS_URL",
+        ),
     ],
 )
 def test_bad_configuration_is_one_clear_line(env: dict[str, str], message: str) -> None:

@@ -20,6 +20,7 @@ from tools_support import ACCOUNT_SID, TwilioApiRecorder
 from twilio.request_validator import RequestValidator
 
 from relay.config import Settings
+from relay.sim import ulaw
 from relay.sim.caller import SimulatedCaller
 from relay.sim.local import LocalRelay
 from relay.sim.realtime import RealtimeSimulator, SimConfig
@@ -135,12 +136,12 @@ async def test_any_instance_answers_the_continuation_from_the_shared_store(redis
             assert lost.call_sid in first.runtime.calls  # live on the first instance, nothing recorded
             ended.config.base_url = lost.config.base_url = second.base_url  # the load balancer picked the other
             ended_status, ended_body = await ended.continuation()
-            lost_status, lost_body = await lost.continuation()  # nothing recorded an ending: apology
+            lost_status, lost_body = await lost.continuation()  # nothing recorded an ending: it resumes
             await lost.hangup()
     finally:
         await sim.stop()
     assert (ended_status, verbs(ended_body)) == (200, [("Hangup", "", {})])
-    assert (lost_status, verbs(lost_body)) == (200, apology_then(FALLBACK))
+    assert (lost_status, [tag for tag, _, _ in verbs(lost_body)]) == (200, ["Connect", "Redirect"])
 
 
 async def test_the_continuation_is_refused_without_a_valid_signature_and_while_draining(
@@ -172,3 +173,122 @@ async def test_a_dead_store_still_gives_the_caller_the_apology(sim: RealtimeSimu
             answered = await client.post(url, data=form, headers={"X-Twilio-Signature": signature})
     assert answered.status_code == 200
     assert verbs(answered.text) == apology_then(FALLBACK)
+
+
+async def talk(caller: SimulatedCaller, ms: int, seed: int) -> None:
+    """One caller turn and the assistant's whole answer."""
+    before = caller.played_bytes
+    await caller.say_and_wait(ulaw.synth_speech(ms, seed=seed))
+    await caller.wait_for_audio(before // 8 + 300, timeout=10)
+    await caller.wait_idle(timeout=10)
+
+
+async def test_a_lost_stream_resumes_on_another_instance_with_its_conversation(
+    sim: RealtimeSimulator, redis_url: str, store_prefix: str
+) -> None:
+    sim.config.greeting_reply_ms = 300
+    sim.config.reply_ms = 400
+    shared: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": store_prefix, "public_url": PUBLIC}
+    async with (
+        LocalRelay(relay_settings(sim.url, **shared)) as first,
+        LocalRelay(relay_settings(sim.url, **shared)) as second,
+    ):
+        caller = await greeted(first, public_url=PUBLIC)
+        await talk(caller, 400, seed=1)
+        await talk(caller, 400, seed=2)
+        assert await first.runtime.store.flush(2.0)
+        await caller.drop()  # the connection is lost without a stop: Twilio runs the continuation
+        assert await wait_for(lambda: not first.runtime.calls, timeout=5)
+        caller.config.base_url = second.base_url  # the load balancer picked the other instance
+        status, body = await caller.continuation()
+        assert status == 200
+        assert [tag for tag, _, _ in verbs(body)] == ["Connect", "Redirect"]
+        resumed = make_caller(second, public_url=PUBLIC, call_sid=caller.call_sid)
+        await resumed.connect(resumed.parse_twiml(body))
+        assert await wait_for(lambda: caller.call_sid in second.runtime.calls, timeout=5)
+        assert await wait_for(lambda: len(sim.sessions) == 2 and sim.sessions[1].session.get("instructions"))
+        await talk(resumed, 400, seed=3)
+        await resumed.hangup()
+        assert await wait_for(lambda: not second.runtime.calls, timeout=5)
+        record = await second.runtime.store.get_call(caller.call_sid)
+    _, second_session = sim.sessions
+    update = next(e for _, e in second_session.received if e["type"] == "session.update")
+    instructions = update["session"]["instructions"]
+    assert "already in progress" in instructions
+    assert "Caller: caller turn 1 (" in instructions and "Caller: caller turn 2 (" in instructions
+    # the only response.create the new session got answers the caller's turn: no second greeting
+    creates = [e for _, e in second_session.received if e["type"] == "response.create"]
+    assert len(creates) == 0
+    assert record is not None
+    assert record.meta["streams"] == "2" and record.meta["started"] < record.meta["resumed"]
+    # the new session numbers its turns afresh; the call's record goes on across both streams
+    assert [e["text"].split(" (")[0] for e in record.entries if e["kind"] == "caller"] == [
+        "caller turn 1",
+        "caller turn 2",
+        "caller turn 1",
+    ]
+
+
+async def test_a_call_whose_stream_keeps_dropping_gets_the_apology_after_the_loop_guard(
+    sim: RealtimeSimulator, redis_url: str, store_prefix: str
+) -> None:
+    settings = relay_settings(
+        sim.url, redis_url=redis_url, redis_prefix=store_prefix, max_continuations=2, fallback_number=FALLBACK
+    )
+    async with LocalRelay(settings) as relay:
+        caller = await greeted(relay)
+        await caller.drop()
+        assert await wait_for(lambda: not relay.runtime.calls, timeout=5)
+        assert await relay.runtime.store.flush(2.0)
+        answers = [verbs((await caller.continuation())[1]) for _ in range(3)]
+    assert [[tag for tag, _, _ in answer] for answer in answers[:2]] == [["Connect", "Redirect"]] * 2
+    assert answers[2] == apology_then(FALLBACK)
+
+
+async def test_a_replayed_continuation_after_the_caller_hung_up_resumes_nothing(
+    sim: RealtimeSimulator, redis_url: str, store_prefix: str
+) -> None:
+    settings = relay_settings(sim.url, redis_url=redis_url, redis_prefix=store_prefix)
+    async with LocalRelay(settings) as relay:
+        caller = await greeted(relay)
+        await caller.hangup()  # Twilio's stop: the call is over
+        assert await wait_for(lambda: not relay.runtime.calls, timeout=5)
+        status, body = await caller.continuation()  # a captured request, replayed
+        sessions = len(sim.sessions)
+    assert (status, verbs(body)) == (200, [("Hangup", "", {})])
+    assert sessions == 1
+
+
+async def test_a_call_that_is_not_in_progress_is_not_resumed(sim: RealtimeSimulator) -> None:
+    async with LocalRelay(relay_settings(sim.url)) as relay:
+        caller = await greeted(relay)
+        await caller.drop()
+        assert await wait_for(lambda: not relay.runtime.calls, timeout=5)
+        caller.config.extra_form["CallStatus"] = "completed"
+        status, body = await caller.continuation()
+    assert (status, verbs(body)) == (200, apology_then(None))
+
+
+async def test_a_dropped_stream_resumes_on_the_same_instance_while_the_old_one_winds_down(
+    sim: RealtimeSimulator,
+) -> None:
+    sim.config.greeting_reply_ms = 300
+    sim.config.reply_ms = 400
+    async with LocalRelay(relay_settings(sim.url)) as relay:  # one instance, the in-process store
+        caller = await greeted(relay)
+        await talk(caller, 400, seed=1)
+        await caller.drop()
+        status, body = await caller.continuation()  # at once: the old stream may still be tearing down
+        assert (status, [tag for tag, _, _ in verbs(body)]) == (200, ["Connect", "Redirect"])
+        resumed = make_caller(relay, call_sid=caller.call_sid)
+        await resumed.connect(resumed.parse_twiml(body))
+        assert await wait_for(lambda: len(sim.sessions) == 2 and configured(sim.sessions[1]), timeout=8)
+        await talk(resumed, 400, seed=2)
+        await resumed.hangup()
+        assert resumed.close_code == 1000
+    update = next(e for _, e in sim.sessions[1].received if e["type"] == "session.update")
+    assert "Caller: caller turn 1 (" in update["session"]["instructions"]
+
+
+def configured(session: Any) -> bool:
+    return any(e["type"] == "session.update" for _, e in session.received)

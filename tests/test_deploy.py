@@ -156,7 +156,7 @@ def effective(config: list[dict[str, Any]], location: list[dict[str, Any]], name
 def test_nginx_sets_forwarded_host_and_proto_itself_in_every_proxied_location() -> None:
     config = crossplane_config()
     proxied = [d["block"] for d in directives(server_block(config), "location") if directives(d["block"], "proxy_pass")]
-    assert len(proxied) == 2
+    assert len(proxied) == 3  # /, /incoming-call, /continue-call
     for location in proxied:
         # nginx inherits proxy_set_header only into a location that sets none of its own
         own = directives(location, "proxy_set_header")
@@ -167,9 +167,10 @@ def test_nginx_sets_forwarded_host_and_proto_itself_in_every_proxied_location() 
         assert headers["x-forwarded-proto"] == "$scheme"
 
 
-def test_nginx_retries_the_webhook_on_the_other_relay_when_one_refuses_or_fails() -> None:
+@pytest.mark.parametrize("path", [WEBHOOK, "/continue-call"])
+def test_nginx_retries_the_webhook_on_the_other_relay_when_one_refuses_or_fails(path: str) -> None:
     config = crossplane_config()
-    webhook = location_block(config, "=", WEBHOOK)
+    webhook = location_block(config, "=", path)
     next_upstream = effective(config, webhook, "proxy_next_upstream")
     assert next_upstream is not None
     # a draining relay's 503 and an unreachable relay are retried; POST needs non_idempotent to be retried

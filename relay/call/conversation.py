@@ -34,6 +34,31 @@ class Turn:
     text: str
 
 
+def _one_line(text: str) -> str:
+    """Stored text as one line: a newline in a transcript or a tool's output cannot start a line
+    that reads like another speaker or an instruction."""
+    return " ".join(text.split())
+
+
+def _turn_of(entry: dict[str, Any]) -> Turn | None:
+    """A stored entry as a line of the resumed conversation, or None for what is not one."""
+    turn = _stored_turn(entry)
+    return None if turn is None else Turn(turn.role, _one_line(turn.text))
+
+
+def _stored_turn(entry: dict[str, Any]) -> Turn | None:
+    kind = entry.get("kind")
+    if kind in ("caller", "assistant") and isinstance(entry.get("text"), str) and entry["text"].strip():
+        return Turn("Caller" if kind == "caller" else "Assistant", entry["text"])
+    if kind == "dtmf" and isinstance(entry.get("digits"), str):
+        return Turn("Caller (keypad)", f"entered {entry['digits']}")
+    if kind == "tool_call" and isinstance(entry.get("name"), str):
+        return Turn("Tool call", f"{entry['name']} {entry.get('arguments', '')}".strip())
+    if kind == "tool_result" and isinstance(entry.get("output"), str):
+        return Turn("Tool result", entry["output"])
+    return None
+
+
 class Conversation:
     """Turns, items and summary of one call, across its Realtime sessions."""
 
@@ -46,6 +71,7 @@ class Conversation:
         "instructions_suffix",
         "items",
         "last_input_tokens",
+        "resumed",
         "sessions_opened",
         "summary",
         "summary_in_flight",
@@ -76,12 +102,25 @@ class Conversation:
         self.summary: str | None = None
         self.summary_in_flight = False
         self.last_input_tokens = 0
+        self.resumed = False  # the call began on another stream (maybe another instance): see resume()
+
+    def resume(self, summary: str | None, entries: list[dict[str, Any]]) -> None:
+        """Carry on a call that began on another stream: its stored summary and latest entries (what
+        the caller and the assistant said, keys entered, tools called and what they returned) seed
+        every session's instructions from the first."""
+        self.resumed = True
+        self.summary = summary or None
+        for entry in entries:
+            turn = _turn_of(entry)
+            if turn is not None:
+                self.turns.append(turn)
+                self.turn_count += entry.get("kind") == "caller"
 
     def instructions(self) -> str:
         text = self.agent.instructions
         if self.instructions_suffix:
             text = f"{text}\n\n{self.instructions_suffix}"
-        if self.sessions_opened > 1:
+        if self.sessions_opened > 1 or self.resumed:
             text = f"{text}\n\n{self.resume_context()}"
         return text
 

@@ -102,6 +102,12 @@ class Call:
         """Everything produced since the last take_output(): (to_twilio, to_upstream, effects)."""
         return self._outbox.take()
 
+    def resume(self, summary: str | None, entries: list[dict[str, Any]]) -> None:
+        """This stream carries on a call begun on another (an instance that died or handed it off):
+        the stored conversation seeds the session, and there is no second greeting."""
+        self.conversation.resume(summary, entries)
+        self.greeted = True
+
     def note_event(self, event: str, **data: Any) -> None:
         """A system entry for the call's record, from the I/O side (reconnects, drain goodbye)."""
         self._outbox.effects.append(Entry("system", {"event": event, **data}))

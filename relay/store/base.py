@@ -255,6 +255,11 @@ class Store(Protocol):
         """What `set_disposition` recorded for the call, or None."""
         ...
 
+    async def count_continuation(self, call_sid: str, window_s: int) -> int:
+        """Count one continuation of the call; returns how many there were in the current window of
+        `window_s` seconds, this one included (the continuation webhook's loop guard)."""
+        ...
+
     async def claim_once(self, key: str, ttl_s: int) -> bool:
         """True for the first claim of `key` within `ttl_s` across all instances, else False."""
         ...

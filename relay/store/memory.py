@@ -39,7 +39,6 @@ class _Call:
     entries: list[dict[str, Any]] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=dict)
     summary: str | None = None
-    disposition: str | None = None
 
 
 def _meta_fields(meta: Mapping[str, str]) -> dict[str, str]:
@@ -75,6 +74,8 @@ class MemoryStore:
         self._calls: dict[str, _Call] = {}
         self._callers: dict[str, tuple[str, float]] = {}
         self._claims: dict[str, float] = {}
+        self._dispositions: dict[str, tuple[str, float]] = {}  # call SID -> (disposition, expires at)
+        self._continuations: dict[str, tuple[int, float]] = {}  # call SID -> (count, window ends at)
         self._live: dict[str, tuple[str, float]] = {}  # call SID -> (owner, expires at)
         self._live_calls: dict[str, tuple[LiveCallRecord, float]] = {}  # call SID -> (record, expires at)
         self._instances: dict[str, tuple[InstanceRecord, float]] = {}  # instance id -> (heartbeat, expires at)
@@ -160,11 +161,21 @@ class MemoryStore:
         return item[0]
 
     async def set_disposition(self, call_sid: str, disposition: str) -> None:
-        self._call(call_sid).disposition = str(disposition)
+        self._dispositions[call_sid] = (str(disposition), self._clock() + self._state_ttl)
 
     async def get_disposition(self, call_sid: str) -> str | None:
-        call = self._live_call(call_sid)
-        return None if call is None else call.disposition
+        item = self._dispositions.get(call_sid)
+        if item is None or item[1] <= self._clock():
+            return None
+        return item[0]
+
+    async def count_continuation(self, call_sid: str, window_s: int) -> int:
+        now = self._clock()
+        count, window_ends = self._continuations.get(call_sid, (0, now + window_s))
+        if window_ends <= now:
+            count, window_ends = 0, now + window_s
+        self._continuations[call_sid] = (count + 1, window_ends)
+        return count + 1
 
     async def claim_once(self, key: str, ttl_s: int) -> bool:
         now = self._clock()
@@ -316,6 +327,10 @@ class MemoryStore:
             del self._callers[key]
         for key in [k for k, exp in self._claims.items() if exp <= now]:
             del self._claims[key]
+        for sid in [s for s, (_, exp) in self._dispositions.items() if exp <= now]:
+            del self._dispositions[sid]
+        for sid in [s for s, (_, ends) in self._continuations.items() if ends <= now]:
+            del self._continuations[sid]
         for sid in [s for s, (_, exp) in self._live.items() if exp <= now]:
             del self._live[sid]
         for sid in [s for s, (_, exp) in self._live_calls.items() if exp <= now]:

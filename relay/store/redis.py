@@ -208,6 +208,17 @@ class RedisStore:
         raw = await self._read("get_disposition", read)
         return None if raw is None else text(raw)
 
+    async def count_continuation(self, call_sid: str, window_s: int) -> int:
+        key = self._keys.call(call_sid, "continuations")
+
+        async def count() -> list[Any]:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(key, b"0", ex=window_s, nx=True)  # the window starts with its first continuation
+                pipe.incr(key)
+                return await pipe.execute()
+
+        return int((await self._read("count_continuation", count))[1])
+
     async def claim_once(self, key: str, ttl_s: int) -> bool:
         if ttl_s < 1:
             raise ValueError("ttl_s must be >= 1")

@@ -11,6 +11,8 @@ Key layout (P is the prefix, default ``relay:``; every value is UTF-8)::
                                    append entries / add usage exactly once
     P call:{sid}:disposition string  "ended" once the relay ended the call on purpose, written before its
                                    stream closes (read by the continuation webhook); TTL state_ttl_s
+    P call:{sid}:continuations string  continuations of the call in the current loop-guard window (SET NX
+                                   EX window, then INCR)
     P caller:{hash}        string  caller memory; {hash} = HMAC-SHA256 hex of the normalized
                                    E.164 number, keyed by the caller-key secret; TTL caller_memory_ttl_s
     P once:{key}           string  claim_once marker (SET NX EX ttl)

@@ -177,6 +177,7 @@ class Admission:
                 params.get("token", ""),
                 caller=params.get("from", ""),
                 called=params.get("to", ""),
+                resumes=params.get("resume") == "1",
             )
         except StreamTokenError as exc:
             await self._refuse(CLOSE_POLICY, f"stream token rejected: {exc}")

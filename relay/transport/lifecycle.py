@@ -26,7 +26,7 @@ from relay.call import Call, Effect, Entry, Metric, RunTool, SummaryReady, Upstr
 from relay.logbound import RepeatLimiter
 from relay.ownership import CallHold
 from relay.security import frame_caller_notes
-from relay.store.base import caller_memory_refusal
+from relay.store.base import CallRecord, caller_memory_refusal
 from relay.tools import ToolContext
 from relay.transport.admission import Admission, Admitted, refuse
 from relay.transport.ending import CallEnd
@@ -45,8 +45,9 @@ CALLER_MEMORY_TIMEOUT_S = 0.5
 PLAYBACK_POLL_S = 0.02
 GOODBYE_START_S = 0.2  # for the goodbye's first audio to be sent before playback is awaited
 DISPOSITION_TIMEOUT_S = 1.0
-# Ends of a stream that leave the call to the continuation webhook's apology (not ended on purpose).
-LOST_STREAM_REASONS = frozenset({"realtime_unavailable", "superseded"})
+RESUME_READ_TIMEOUT_S = 1.0
+HANDOFF_FLUSH_TIMEOUT_S = 1.0
+RESUME_ENTRIES = 40  # the latest stored entries a resumed call's conversation is seeded with
 
 
 class MediaStreamCall(LiveHold):
@@ -78,6 +79,9 @@ class MediaStreamCall(LiveHold):
         self._effect_failures = RepeatLimiter(self.log)  # per kind of effect, bounded log lines
         self._hold: CallHold | None = None  # the call's one live stream across instances (relay/ownership.py)
 
+    def twilio_open(self) -> bool:
+        return self.twilio.open
+
     @property
     def _direct(self) -> DirectWebSocket | None:
         """The relay server's direct path for this socket's messages (None under plain ASGI)."""
@@ -106,7 +110,7 @@ class MediaStreamCall(LiveHold):
         self.call_sid = grant.call_sid
         self.caller = grant.caller  # the numbers the token was minted with, i.e. what Twilio signed
         self.called = grant.called
-        if not await self._take_call():
+        if not await self._take_call(resumes=grant.resumes):
             return
         if self.settings.caller_memory:
             refusal = caller_memory_refusal(self.caller)
@@ -117,6 +121,7 @@ class MediaStreamCall(LiveHold):
             self.agent = runtime.profile_for(self.called)
             self.allowed_tools = self.agent.tools
             memory = self.caller_memory = await self._caller_memory()
+            earlier = await self._earlier_streams() if grant.resumes else None
             call = self.call = Call(
                 call_sid=start.call_sid,
                 stream_sid=start.stream_sid,
@@ -132,6 +137,8 @@ class MediaStreamCall(LiveHold):
                 logger=logs.call_logger(start.call_sid, start.stream_sid),
                 transport_logger=self.log,
             )
+            if grant.resumes:
+                call.resume(earlier.summary if earlier else None, earlier.entries[-RESUME_ENTRIES:] if earlier else [])
         except BaseException:
             await self._release_call()
             raise
@@ -160,13 +167,21 @@ class MediaStreamCall(LiveHold):
             spawn=self._spawn,
         )
         runtime.metrics.calls_started.inc()
+        started = {"started": datetime.now(UTC).isoformat()}
+        if grant.resumes:  # the call's record goes on; "started" stays the call's first stream's
+            started = {
+                "ended": "",  # an earlier stream's end was not the call's
+                "end_reason": "",
+                "resumed": started["started"],
+                "streams": str(int((earlier.meta if earlier else {}).get("streams", "1") or 1) + 1),
+            }
         runtime.store.call_started(
             self.call_sid,
             {
+                **started,
                 "from": self.caller,
                 "to": self.called,
                 "stream_sid": start.stream_sid,
-                "started": datetime.now(UTC).isoformat(),
                 "instance": runtime.instance_id,
                 "dialect": runtime.dialect.name,
                 "model": call.model,
@@ -191,6 +206,22 @@ class MediaStreamCall(LiveHold):
                 raise
         finally:
             await self._teardown()
+
+    async def _earlier_streams(self) -> CallRecord | None:
+        """What the call's earlier streams stored (conversation, summary), for a resuming stream."""
+        try:
+            async with asyncio.timeout(RESUME_READ_TIMEOUT_S):
+                record = await self.runtime.store.get_call(self.call_sid)
+        except Exception as exc:
+            self.log.warning(
+                "the call's stored conversation is unavailable (%s); resuming without it", type(exc).__name__
+            )
+            return None
+        if record is None:
+            self.log.warning("nothing stored for this call; resuming without its conversation")
+        else:
+            self.log.info("resuming the call with %d stored entries", len(record.entries))
+        return record
 
     async def _caller_memory(self) -> str | None:
         if not self.memory_on:
@@ -320,27 +351,73 @@ class MediaStreamCall(LiveHold):
         Closing the stream makes Twilio fetch the continuation webhook (relay/app.py): a call ended on
         purpose is recorded as such first, so the continuation hangs up. A lost Realtime API or a
         superseded stream is not an ending on purpose: the continuation apologises (and dials the
-        fallback number) instead of leaving the caller in silence."""
+        fallback number) instead of leaving the caller in silence; a superseded stream records nothing
+        (the stream that superseded it carries the call)."""
         self.end.begin(reason)
-        if not (reason in LOST_STREAM_REASONS or reason.startswith("realtime_error")):
-            await self._ended_on_purpose()
+        if reason == "realtime_unavailable" or reason.startswith("realtime_error"):
+            await self._record_disposition("unavailable")  # a new stream would find it unreachable too
+        elif reason != "superseded":  # another stream carries the call on
+            await self._record_disposition("ended")
         await self.twilio.close(CLOSE_NORMAL, reason[:100])
         task = self._twilio_task
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
 
     async def _ended_on_purpose(self) -> None:
-        """Record, before the stream closes, that this call is over, for the continuation webhook on
-        whichever instance Twilio reaches; bounded, since the caller waits on it."""
+        await self._record_disposition("ended")
+
+    async def _record_disposition(self, disposition: str) -> None:
+        """Record, before the stream closes, how the call goes on (``ended``: it is over;
+        ``unavailable``: the Realtime API is not reachable), for the continuation webhook on whichever
+        instance Twilio reaches; bounded, since the caller waits on it."""
         try:
             async with asyncio.timeout(DISPOSITION_TIMEOUT_S):
-                await self.runtime.store.set_disposition(self.call_sid, "ended")
+                await self.runtime.store.set_disposition(self.call_sid, disposition)
         except Exception as exc:
             self.log.warning(
-                "could not record that the call ended on purpose (%s); the continuation webhook will "
-                "answer with the apology",
+                "could not record the call's disposition %r (%s); the continuation webhook cannot tell "
+                "and treats the stream as lost",
+                disposition,
                 type(exc).__name__,
             )
+
+    def _at_pause(self) -> bool:
+        """A natural pause: nothing playing or being generated, no tool running, the caller silent."""
+        call = self.call
+        return (
+            call is not None
+            and call.session_ready
+            and call.playback_idle
+            and not call.caller_speaking
+            and call.phase.value == "listening"
+        )
+
+    async def hand_off(self, max_wait_s: float) -> bool:
+        """Drain by hand-off: at the next natural pause (at the latest after `max_wait_s`) flush the
+        call's state to the store, let go of its hold and close the stream, so Twilio fetches the
+        continuation from another instance, which resumes the call. False if the call was ending."""
+        deadline = time.monotonic() + max_wait_s
+        while not self._at_pause() and time.monotonic() < deadline and not self.end.ending:
+            await asyncio.sleep(PLAYBACK_POLL_S)
+        call = self.call
+        if call is None or self.end.ending:
+            return False
+        at_pause = self._at_pause()
+        self.end.begin("handed_off")
+        try:
+            call.note_event("handed_off", at_pause=at_pause)
+            await self._flush()
+            if not await self.runtime.store.flush(HANDOFF_FLUSH_TIMEOUT_S):
+                self.log.warning("state not all written within %.1f s before the hand-off", HANDOFF_FLUSH_TIMEOUT_S)
+        finally:  # whatever failed above, the stream closes and the call goes on elsewhere
+            if self._hold is not None:
+                await self._hold.hand_off()
+            self.log.info("call handed off%s", "" if at_pause else " without a pause (the wait ran out)")
+            await self.twilio.close(CLOSE_NORMAL, "handed off")
+        task = self._twilio_task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
+        return True
 
     async def goodbye(self, text: str, timeout: float) -> None:
         """Shutdown: a short spoken goodbye where the session allows, then close."""
@@ -358,8 +435,11 @@ class MediaStreamCall(LiveHold):
         if call is None:
             return
         reason = self.end.begin("stream_closed")
+        if reason == "caller_hung_up":  # Twilio's stop: the call is over, nothing may resume it
+            await self._record_disposition("ended")
         if (
             self.memory_on
+            and reason != "handed_off"  # the call goes on elsewhere: its last instance writes the memory
             and self.upstream is not None
             and call.session_ready
             and (call.turn_count > 0 or call.summary)
@@ -394,17 +474,21 @@ class MediaStreamCall(LiveHold):
     def _record_end(self, call: Call, reason: str) -> dict[str, object]:
         """The call's record and metrics at its end; returns the fields of its last log line."""
         duration = time.monotonic() - self.started_at
-        self.runtime.store.call_updated(
-            self.call_sid,
-            {
-                "ended": datetime.now(UTC).isoformat(),
-                "end_reason": reason,
-                "duration_s": f"{duration:.1f}",
-                "frames_in": str(call.frames_in),
-                "frames_out": str(call.frames_out),
-                "cost_usd": f"{self.cost_usd:.4f}",
-            },
-        )
+        now = datetime.now(UTC).isoformat()
+        if reason == "handed_off":  # the call goes on elsewhere: its record is not ended
+            self.runtime.store.call_updated(self.call_sid, {"handed_off": now})
+        else:
+            self.runtime.store.call_updated(
+                self.call_sid,
+                {
+                    "ended": now,
+                    "end_reason": reason,
+                    "duration_s": f"{duration:.1f}",
+                    "frames_in": str(call.frames_in),
+                    "frames_out": str(call.frames_out),
+                    "cost_usd": f"{self.cost_usd:.4f}",
+                },
+            )
         self.runtime.metrics.call_ended(reason, duration)
         if self.settings.price_per_1k_tokens:
             self.runtime.metrics.call_cost.observe(self.cost_usd)

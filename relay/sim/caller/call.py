@@ -306,6 +306,19 @@ class SimulatedCaller:
             await asyncio.gather(self._receiver, return_exceptions=True)
         self._mark_closed(self._ws.close_code)
 
+    async def drop(self) -> None:
+        """The connection is lost: no ``stop`` and no close frame, as when a network path or the
+        relay's instance fails. Twilio would then run the TwiML after ``</Connect>``."""
+        if self._ws is None or self._closed.is_set():
+            return
+        if self._stream is not None:
+            self._stream.hanging_up = True
+        await self._stop_tasks()
+        self._ws.transport.abort()
+        if self._receiver is not None:
+            await asyncio.gather(self._receiver, return_exceptions=True)
+        self._mark_closed(self._ws.close_code)
+
     async def wait_closed(self, timeout: float) -> int | None:
         """Wait for the relay (or a hangup) to end the call; the close code, or None on timeout."""
         try:

@@ -68,7 +68,9 @@ async def post_webhook(config: CallerConfig, form: dict[str, str]) -> tuple[int,
 
 def redirect_form(config: CallerConfig, call_sid: str) -> dict[str, str]:
     """The form Twilio posts for a <Redirect> of a call in progress (every field is signed)."""
-    return {**webhook_form(config, call_sid), "CallStatus": "in-progress"}
+    form = {**webhook_form(config, call_sid), "CallStatus": "in-progress"}
+    form.update(config.extra_form)
+    return form
 
 
 async def post_redirect(config: CallerConfig, public_url: str, form: dict[str, str]) -> tuple[int, str]:
