@@ -109,11 +109,14 @@ async def _signed_form(request: Request, what: str) -> dict[str, str] | Response
     return form
 
 
-async def incoming_call(request: Request) -> Response:
-    """Twilio's voice webhook: verify the signature, answer with <Connect><Stream>."""
+async def _call_form(request: Request, what: str) -> dict[str, str] | Response:
+    """A signed webhook about one call (its CallSid checked and bound to the log lines), or the refusal.
+
+    A draining instance answers 503, not "all lines busy": another instance can take the call. The
+    proxy retries the next upstream on it (infra/nginx.conf) and, if every one refuses, Twilio
+    fetches the number's fallback URL."""
     runtime: Runtime = request.app.state.runtime
-    settings = runtime.settings
-    form = await _signed_form(request, "webhook")
+    form = await _signed_form(request, what)
     if isinstance(form, Response):
         return form
     call_sid = form.get("CallSid", "")
@@ -121,13 +124,22 @@ async def incoming_call(request: Request) -> Response:
         return PlainTextResponse("missing or invalid CallSid", status_code=400)
     logs.bind_call(call_sid)
     if runtime.draining:
-        # Not "all lines busy": another instance can take this call. A 503 makes the proxy retry the
-        # next upstream (infra/nginx.conf) and, if every one refuses, Twilio fetch the fallback URL.
         runtime.metrics.calls_refused.labels("draining").inc()
-        log.warning("webhook refused with 503: instance draining", extra={"call_sid": call_sid})
+        log.warning("%s refused with 503: instance draining", what, extra={"call_sid": call_sid})
         return PlainTextResponse(
             "instance draining", status_code=503, headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)}
         )
+    return form
+
+
+async def incoming_call(request: Request) -> Response:
+    """Twilio's voice webhook: verify the signature, answer with <Connect><Stream>."""
+    runtime: Runtime = request.app.state.runtime
+    settings = runtime.settings
+    form = await _call_form(request, "webhook")
+    if isinstance(form, Response):
+        return form
+    call_sid = form["CallSid"]
     if runtime.full:
         reason = "full"
         runtime.metrics.calls_refused.labels(reason).inc()
@@ -154,24 +166,17 @@ async def continue_call(request: Request) -> Response:
     <Redirect> after </Connect>), on whichever instance the load balancer picked.
 
     A call the relay ended on purpose (the assistant hung up, a transfer, the drain's goodbye, an
-    abusive stream) is hung up. Otherwise the stream was lost: its instance died or dropped the
-    connection, or the Realtime API stayed unreachable. Then the caller hears the apology and is
+    abusive stream) or the caller ended is hung up. A stream that was lost (its instance died or
+    handed the call off, the connection dropped) of a call that is stored and, as Twilio signed,
+    in progress resumes on a new stream, at most RELAY_MAX_CONTINUATIONS a minute. Otherwise (the
+    Realtime API unavailable, nothing stored, the loop guard) the caller hears the apology and is
     dialled to RELAY_FALLBACK_NUMBER (or hung up): never silence followed by a click."""
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
-    form = await _signed_form(request, "continuation webhook")
+    form = await _call_form(request, "continuation webhook")
     if isinstance(form, Response):
         return form
-    call_sid = form.get("CallSid", "")
-    if not _SID.fullmatch(call_sid):
-        return PlainTextResponse("missing or invalid CallSid", status_code=400)
-    logs.bind_call(call_sid)
-    if runtime.draining:
-        runtime.metrics.calls_refused.labels("draining").inc()
-        log.warning("continuation refused with 503: instance draining", extra={"call_sid": call_sid})
-        return PlainTextResponse(
-            "instance draining", status_code=503, headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)}
-        )
+    call_sid = form["CallSid"]
     disposition: str | None = None
     count = 0
     try:

@@ -92,25 +92,6 @@ class LiveHold(ABC):
         runtime.unregister(self)
         await self._refuse(CLOSE_POLICY, f"call already live: another stream of it is on {holder}")
         return False
-        deadline = time.monotonic() + (RESUME_HOLD_WAIT_S if resumes else 0.0)
-        while True:
-            self._hold = runtime.ownership.hold(
-                self.call_sid,
-                profile=runtime.profile_for(self.called).name,
-                direction="inbound",
-                phase=self._phase,
-                on_superseded=lambda: self._end("superseded"),
-                log=self.log,
-            )
-            holder = await self._hold.take()
-            if holder is None:
-                return True
-            if time.monotonic() >= deadline or not self.twilio_open():
-                break
-            await asyncio.sleep(RESUME_HOLD_POLL_S)
-        runtime.unregister(self)
-        await self._refuse(CLOSE_POLICY, f"call already live: another stream of it is on {holder}")
-        return False
 
     async def _release_call(self) -> None:
         """The stream is over: stop renewing and let go of the store's hold, then leave this instance's
