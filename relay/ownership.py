@@ -38,6 +38,10 @@ __all__ = ["CallHold", "Ownership"]
 
 log = logging.getLogger("relay.ownership")
 
+# An instance whose heartbeat is this old is gone even while its connections look open (a machine that
+# vanished without closing them): two beats missed.
+GONE_AFTER_S = LIVE_HEARTBEAT_S * 2.5
+
 CallLog = logging.Logger | logging.LoggerAdapter[logging.Logger]
 T = TypeVar("T")
 
@@ -52,19 +56,25 @@ class Ownership:
         self._draining = draining
         self._holds: dict[str, CallHold] = {}  # call SID -> the hold of its stream here (one: the runtime's registry)
         self._task: asyncio.Task[None] | None = None
+        self._presence: asyncio.Task[None] | None = None
         self._heartbeat_failing = False
 
     # the process ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Announce this instance at once, then beat every LIVE_HEARTBEAT_S until `stop()`."""
+        """Announce this instance at once, then beat every LIVE_HEARTBEAT_S until `stop()`; be present
+        (see `Store.keep_presence`) until then too."""
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._beat_loop(), name="ownership-beat")
+        if self._presence is None or self._presence.done():
+            self._presence = asyncio.create_task(self.store.keep_presence(self.instance_id), name="ownership-presence")
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
+        tasks = [task for task in (self._task, self._presence) if task is not None]
+        self._task = self._presence = None
+        for task in tasks:
             task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
@@ -197,12 +207,15 @@ class CallHold:
             self.call_sid, self._ownership.instance_id, self.started, self.direction, self.profile, self._phase()
         )
 
-    async def take(self) -> str | None:
+    async def take(self, *, resumes: bool = False) -> str | None:
         """Admission: hold the call unless another instance does. None: the stream may go on (held,
         or the store could not be asked and this instance's registry alone admits it); otherwise who
-        holds the call, and this hold is done."""
+        holds the call, and this hold is done.
+
+        A resuming stream (Twilio ran the continuation, so it ended the call's previous stream) takes
+        the call over from an instance that is gone, instead of waiting for that hold to lapse."""
         try:
-            holder = await asyncio.wait_for(self._claim(), timeout=LIVE_STORE_TIMEOUT_S)
+            holder = await asyncio.wait_for(self._claim(resumes=resumes), timeout=LIVE_STORE_TIMEOUT_S)
         except Exception as exc:  # admission must not stop with the store; this instance's registry still holds
             self._log.warning(
                 "could not check other instances for a live stream of this call (%s); "
@@ -216,7 +229,7 @@ class CallHold:
         self._ownership._add(self)  # renewed (or taken back) from the next beat on
         return None
 
-    async def _claim(self) -> str | None:
+    async def _claim(self, *, resumes: bool = False) -> str | None:
         """Hold the call in the store unless another instance does; returns who holds it now.
 
         This instance's id also comes back when it held the call already (a stream of it that ended
@@ -233,6 +246,14 @@ class CallHold:
                 break
         if holder == owner:
             await store.refresh_live(self.call_sid, owner, LIVE_TTL_S)
+        elif (
+            resumes
+            and holder is not None
+            and await store.instance_gone(holder, GONE_AFTER_S)
+            and await store.take_over_live(self.call_sid, holder, owner, LIVE_TTL_S, self.record())
+        ):
+            self._log.info("took the call over from instance %s, which is gone", holder)
+            return owner
         return holder
 
     def beat_came_back(self, renewed: bool, failure: Exception | None) -> None:

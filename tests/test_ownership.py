@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -15,9 +16,9 @@ import pytest
 import redis
 from conftest import RedisProcess, free_port, wait_for
 
-from relay.ownership import CallHold, Ownership
+from relay.ownership import GONE_AFTER_S, CallHold, Ownership
 from relay.store import MemoryStore, RedisStore, Store
-from relay.store.base import LIVE_RECORD_TTL_S, LIVE_TTL_S, LiveCall, LiveCallRecord
+from relay.store.base import LIVE_RECORD_TTL_S, LIVE_TTL_S, InstanceRecord, LiveCall, LiveCallRecord
 
 SECRET = b"test-caller-key-secret"
 SID = "CA" + "ab" * 16
@@ -231,6 +232,8 @@ async def main() -> None:
     hold = ownership.hold(sys.argv[3], profile="support", direction="inbound", phase=lambda: "live",
                           on_superseded=end, log=ownership_log)
     assert await hold.take() is None
+    while await store.instance_gone("instance-doomed", 10):  # present, heart-beating
+        await asyncio.sleep(0.01)
     print("held", flush=True)
     await asyncio.sleep(3600)
 
@@ -240,12 +243,9 @@ asyncio.run(main())
 """
 
 
-async def test_a_sigkilled_owner_is_reported_orphaned_within_seconds_then_its_call_is_claimable(
-    redis_url: str, store_prefix: str
-) -> None:
-    store = RedisStore(redis_url, prefix=store_prefix, caller_key_secret=SECRET)
-    await store.start()
-    survivor = Ownership(store, "instance-survivor")
+@contextlib.asynccontextmanager
+async def doomed_owner(redis_url: str, store_prefix: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Another process, "instance-doomed", holding SID with its beat and presence running."""
     doomed = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -260,33 +260,88 @@ async def test_a_sigkilled_owner_is_reported_orphaned_within_seconds_then_its_ca
     try:
         assert doomed.stdout is not None
         assert await asyncio.wait_for(doomed.stdout.readline(), timeout=20) == b"held\n"
-        await survivor.beat()
-        calls = await survivor.live_calls()
-        assert calls is not None and [(c.record.instance, c.orphaned) for c in calls] == [("instance-doomed", False)]
-        doomed.send_signal(signal.SIGKILL)
-        await asyncio.wait_for(doomed.wait(), timeout=5)
-        killed_at = time.monotonic()
-
-        async def orphaned() -> bool:
-            listed = await survivor.live_calls()
-            return listed is not None and [(c.record.instance, c.orphaned) for c in listed] == [
-                ("instance-doomed", True)
-            ]
-
-        while not await orphaned():
-            assert time.monotonic() - killed_at < LIVE_TTL_S + 1.0
-            await asyncio.sleep(0.1)
-        taker = hold_for(survivor, Stream())
-        while (holder := await taker.take()) is not None:
-            assert holder == "instance-doomed" and time.monotonic() - killed_at < LIVE_TTL_S + 1.0
-            await asyncio.sleep(0.1)
-        await survivor.beat()
-        assert await survivor.live_calls() == [live(taker, "instance-survivor")]
+        yield doomed
     finally:
         if doomed.returncode is None:
             doomed.kill()
             await asyncio.wait_for(doomed.wait(), timeout=5)
+
+
+async def test_a_sigkilled_owner_is_reported_orphaned_within_seconds_then_its_call_is_claimable(
+    redis_url: str, store_prefix: str
+) -> None:
+    store = RedisStore(redis_url, prefix=store_prefix, caller_key_secret=SECRET)
+    await store.start()
+    survivor = Ownership(store, "instance-survivor")
+    try:
+        async with doomed_owner(redis_url, store_prefix) as doomed:
+            await survivor.beat()
+            calls = await survivor.live_calls()
+            assert calls is not None and [(c.record.instance, c.orphaned) for c in calls] == [
+                ("instance-doomed", False)
+            ]
+            doomed.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(doomed.wait(), timeout=5)
+            killed_at = time.monotonic()
+
+            async def orphaned() -> bool:
+                listed = await survivor.live_calls()
+                return listed is not None and [(c.record.instance, c.orphaned) for c in listed] == [
+                    ("instance-doomed", True)
+                ]
+
+            while not await orphaned():
+                assert time.monotonic() - killed_at < LIVE_TTL_S + 1.0
+                await asyncio.sleep(0.1)
+            taker = hold_for(survivor, Stream())
+            while (holder := await taker.take()) is not None:
+                assert holder == "instance-doomed" and time.monotonic() - killed_at < LIVE_TTL_S + 1.0
+                await asyncio.sleep(0.1)
+            await survivor.beat()
+            assert await survivor.live_calls() == [live(taker, "instance-survivor")]
+    finally:
         await store.close()
+
+
+async def test_a_resumed_stream_takes_its_call_from_a_killed_owner_at_once(redis_url: str, store_prefix: str) -> None:
+    store = RedisStore(redis_url, prefix=store_prefix, caller_key_secret=SECRET)
+    await store.start()
+    survivor = Ownership(store, "instance-survivor")
+    try:
+        async with doomed_owner(redis_url, store_prefix) as doomed:
+            # while its owner lives, a resuming stream does not take the call (it waits for the hold)
+            assert await hold_for(survivor, Stream()).take(resumes=True) == "instance-doomed"
+            doomed.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(doomed.wait(), timeout=5)
+            assert await hold_for(survivor, Stream()).take() == "instance-doomed"  # a new call's stream still waits
+            taker = hold_for(survivor, Stream())
+            assert await taker.take(resumes=True) is None  # the hold itself has seconds left
+            assert await store.live_owner(SID) == "instance-survivor"
+            await survivor.beat()
+            assert await survivor.live_calls() == [live(taker, "instance-survivor")]
+    finally:
+        await store.close()
+
+
+async def test_a_resumed_stream_takes_its_call_from_an_owner_whose_heartbeat_stopped(
+    stores: tuple[Store, Store],
+) -> None:
+    """A machine gone without closing its connections: still subscribed, but no longer beating."""
+    a, b = Ownership(stores[0], "instance-a"), Ownership(stores[1], "instance-b")
+    presence = asyncio.create_task(stores[0].keep_presence("instance-a"))
+    try:
+        await a.beat()
+        await asyncio.sleep(0.05)  # subscribed
+        held = hold_for(a, Stream())
+        assert await held.take() is None
+        assert await hold_for(b, Stream()).take(resumes=True) == "instance-a"
+        await stores[0].beat(InstanceRecord("instance-a", "", "ready", time.time() - GONE_AFTER_S - 0.5), [], 5)
+        taker = hold_for(b, Stream())
+        assert await taker.take(resumes=True) is None
+        assert await stores[1].live_owner(SID) == "instance-b"
+    finally:
+        presence.cancel()
+        await asyncio.gather(presence, return_exceptions=True)
 
 
 async def test_the_redis_layout_of_holds_records_and_heartbeats(

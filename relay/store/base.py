@@ -300,6 +300,26 @@ class Store(Protocol):
         """Who holds the call now, or None when no stream of it is live."""
         ...
 
+    async def keep_presence(self, instance_id: str) -> None:
+        """Be present as `instance_id` until cancelled: a process's presence lasts exactly as long as
+        the process (Redis: a pub/sub subscription, which the server drops when the process's
+        connection closes, at once when the process dies). Never returns; a failure is logged and
+        retried."""
+        ...
+
+    async def instance_gone(self, instance_id: str, stale_s: float) -> bool:
+        """True when `instance_id` is certainly not serving: not present, or its heartbeat missing
+        or older than `stale_s` (a machine that vanished without closing its connections)."""
+        ...
+
+    async def take_over_live(
+        self, call_sid: str, gone: str, owner: str, ttl_s: float, record: LiveCallRecord | None = None
+    ) -> bool:
+        """Move the call's hold from `gone` (an instance `instance_gone` reported) to `owner`
+        (compare-and-set, with its record like `claim_live`); False, and nothing changed, if `gone` no
+        longer holds it."""
+        ...
+
     async def live_instances(self) -> list[InstanceRecord]:
         """The instances whose heartbeat has not expired, by id."""
         ...

@@ -8,6 +8,7 @@ holds, live-call records and instance heartbeats expire.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -79,6 +80,7 @@ class MemoryStore:
         self._live: dict[str, tuple[str, float]] = {}  # call SID -> (owner, expires at)
         self._live_calls: dict[str, tuple[LiveCallRecord, float]] = {}  # call SID -> (record, expires at)
         self._instances: dict[str, tuple[InstanceRecord, float]] = {}  # instance id -> (heartbeat, expires at)
+        self._present: dict[str, int] = {}  # instance id -> how many keep_presence() of it run
         self._writes = 0
         self._rejected = 0
         self._rejected_logged = False
@@ -230,6 +232,30 @@ class MemoryStore:
 
     async def live_owner(self, call_sid: str) -> str | None:
         return self._holder(call_sid)
+
+    async def keep_presence(self, instance_id: str) -> None:
+        self._present[instance_id] = self._present.get(instance_id, 0) + 1
+        try:
+            await asyncio.Event().wait()
+        finally:
+            left = self._present.pop(instance_id) - 1
+            if left:
+                self._present[instance_id] = left
+
+    async def instance_gone(self, instance_id: str, stale_s: float) -> bool:
+        if instance_id not in self._present:
+            return True
+        heartbeat = self._instances.get(instance_id)
+        now = self._clock()
+        return heartbeat is None or heartbeat[1] <= now or time.time() - heartbeat[0].beat > stale_s
+
+    async def take_over_live(
+        self, call_sid: str, gone: str, owner: str, ttl_s: float, record: LiveCallRecord | None = None
+    ) -> bool:
+        if self._holder(call_sid) != gone:
+            return False
+        del self._live[call_sid]
+        return await self.claim_live(call_sid, owner, ttl_s, record)
 
     async def live_instances(self) -> list[InstanceRecord]:
         now = self._clock()

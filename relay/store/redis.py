@@ -249,6 +249,18 @@ class RedisStore:
     async def live_owner(self, call_sid: str) -> str | None:
         return await self._read("live_owner", lambda: self._ownership.owner(call_sid))
 
+    async def keep_presence(self, instance_id: str) -> None:
+        await self._ownership.keep_presence(instance_id)
+
+    async def instance_gone(self, instance_id: str, stale_s: float) -> bool:
+        return await self._read("instance_gone", lambda: self._ownership.gone(instance_id, stale_s))
+
+    async def take_over_live(
+        self, call_sid: str, gone: str, owner: str, ttl_s: float, record: LiveCallRecord | None = None
+    ) -> bool:
+        taken = self._ownership.take_over
+        return await self._read("take_over_live", lambda: taken(call_sid, gone, owner, ttl_s, record))
+
     async def live_instances(self) -> list[InstanceRecord]:
         return await self._read("live_instances", self._ownership.instances)
 

@@ -25,6 +25,8 @@ Key layout (P is the prefix, default ``relay:``; every value is UTF-8)::
     P instance:{id}        hash    an instance's heartbeat: instance, started, state (ready/draining),
                                    beat (epoch s); TTL LIVE_TTL_S, so a dead instance is gone within it
     P instances            zset    instance ids with a heartbeat, scored by its last write (epoch ms)
+    P presence:{id}        channel subscribed by instance {id} for as long as its process lives (PUBSUB
+                                   NUMSUB 0: the process is gone; nothing is published on it)
 
 The two sorted sets are indexes so listing needs no SCAN; each has a LIVE_RECORD_TTL_S TTL renewed
 with every write, and its members outlive the keys they name by at most that (readers drop older ones).
@@ -64,6 +66,9 @@ class RedisKeys:
     @property
     def live_calls(self) -> str:
         return f"{self.prefix}livecalls"
+
+    def presence(self, instance_id: str) -> str:
+        return f"{self.prefix}presence:{instance_id}"
 
     def instance(self, instance_id: str) -> str:
         return f"{self.prefix}instance:{instance_id}"

@@ -10,16 +10,25 @@ See relay/store/redis_keys.py for the layout.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from .base import LIVE_RECORD_TTL_S, InstanceRecord, LiveCall, LiveCallRecord, is_listed
-from .redis_keys import RedisKeys, milliseconds, text
+from .redis_keys import RedisKeys, describe, milliseconds, text
 
 __all__ = ["RedisOwnership"]
+
+log = logging.getLogger("relay.store")
+
+PRESENCE_READ_S = 5.0
+PRESENCE_RETRY_S = 1.0
 
 # Written after a hold is taken or renewed, when the record's keys are given. KEYS: hold, record,
 # index. ARGV: owner, hold ttl ms, record ttl ms, now ms, call sid, field, value ...
@@ -60,6 +69,12 @@ if redis.call('HGET', KEYS[2], 'instance') == ARGV[1] then
 end
 return released
 """
+# A resuming stream takes the call from an instance that is gone (the compare, then the claim's set
+# and record). KEYS: hold[, record, index]. ARGV: gone, then the claim's ARGV.
+_TAKE_OVER: Final = (
+    "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end\ntable.remove(ARGV, 1)\n"
+    "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])" + _WRITE_RECORD
+)
 # The owner lets go on purpose: the hold goes at once, the record says so. KEYS: hold, record. ARGV: owner.
 _HAND_OFF: Final = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -91,6 +106,7 @@ class RedisOwnership:
         self._recorded: set[str] = set()
         self._release = redis.register_script(_RELEASE)
         self._hand_off = redis.register_script(_HAND_OFF)
+        self._take_over = redis.register_script(_TAKE_OVER)
 
     def _record_keys_args(self, record: LiveCallRecord) -> tuple[list[str], list[bytes | str | int]]:
         keys = self._keys
@@ -156,6 +172,58 @@ class RedisOwnership:
         self._recorded.discard(call_sid)
         keys = [self._keys.live(call_sid), self._keys.live_call(call_sid)]
         return bool(await self._hand_off(keys=keys, args=[owner.encode()]))
+
+    async def take_over(
+        self, call_sid: str, gone: str, owner: str, ttl_s: float, record: LiveCallRecord | None
+    ) -> bool:
+        head: list[bytes | str | int] = [gone.encode(), owner.encode(), milliseconds(ttl_s)]
+        if record is None:
+            return bool(await self._take_over(keys=[self._keys.live(call_sid)], args=head))
+        keys, tail = self._record_keys_args(record)
+        taken = bool(await self._take_over(keys=keys, args=head + tail))
+        if taken:
+            self._recorded.add(call_sid)
+        return taken
+
+    async def keep_presence(self, instance_id: str) -> None:
+        """Hold the instance's presence subscription open, re-subscribing after a lost connection."""
+        channel = self._keys.presence(instance_id)
+        failing = False
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                if failing:
+                    failing = False
+                    log.info("presence subscription back", extra={"instance": instance_id})
+                while True:  # nothing is published: reading only notices a lost connection
+                    await pubsub.get_message(timeout=PRESENCE_READ_S)
+            except (RedisError, OSError) as exc:
+                if not failing:
+                    failing = True
+                    log.warning(
+                        "lost this instance's presence subscription (%s); other instances may take over "
+                        "its calls' resumed streams until it is back",
+                        describe(exc),
+                        extra={"instance": instance_id},
+                    )
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(PRESENCE_RETRY_S)
+
+    async def gone(self, instance_id: str, stale_s: float) -> bool:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.pubsub_numsub(self._keys.presence(instance_id))
+            pipe.hget(self._keys.instance(instance_id), "beat")
+            numsub, beat = await pipe.execute()
+        subscribed = bool(numsub) and int(numsub[0][1]) > 0
+        if not subscribed or beat is None:
+            return True
+        try:
+            return time.time() - float(text(beat)) > stale_s
+        except ValueError:
+            return True
 
     async def owner(self, call_sid: str) -> str | None:
         raw = await self._redis.get(self._keys.live(call_sid))

@@ -63,8 +63,9 @@ class LiveHold(ABC):
         """Make this the call's one live stream, on this instance and (through the store) on all.
 
         A resuming stream (Twilio ran the continuation, so the call's previous stream is over) waits
-        up to RESUME_HOLD_WAIT_S for the previous stream's hold to go: at once after a hand-off, when
-        its hold expires after a crash."""
+        up to RESUME_HOLD_WAIT_S for the previous stream's hold to go: at once after a hand-off or when
+        its instance is gone (it crashed), else when that hold expires (an instance that lives on but
+        has not noticed yet that its stream was lost)."""
         runtime = self.runtime
         deadline = time.monotonic() + (RESUME_HOLD_WAIT_S if resumes else 0.0)
         # On this instance the previous stream stays registered until its teardown is over, and only
@@ -83,7 +84,7 @@ class LiveHold(ABC):
                 on_superseded=lambda: self._end("superseded"),
                 log=self.log,
             )
-            holder = await self._hold.take()
+            holder = await self._hold.take(resumes=resumes)
             if holder is None:
                 return True
             if time.monotonic() >= deadline or not self.twilio_open():
