@@ -10,6 +10,7 @@ Redis shared by two instances.
 
 from __future__ import annotations
 
+import time
 import xml.etree.ElementTree as ET
 from typing import Any
 
@@ -21,7 +22,7 @@ from twilio.request_validator import RequestValidator
 
 from relay.config import Settings
 from relay.sim import ulaw
-from relay.sim.caller import SimulatedCaller
+from relay.sim.caller import TWILIO_RECONNECT_S, CallerConfig, SimulatedCaller, TwilioCall
 from relay.sim.local import LocalRelay
 from relay.sim.realtime import RealtimeSimulator, SimConfig
 
@@ -51,6 +52,12 @@ def ending_sim() -> RealtimeSimulator:
             reply_ms=300,
         )
     )
+
+
+def twilio_call(relay: LocalRelay, delay_s: float = TWILIO_RECONNECT_S) -> TwilioCall:
+    """A call Twilio carries through the TwiML, all its requests to this one relay."""
+    config = CallerConfig(base_url=relay.base_url, auth_token=AUTH_TOKEN)
+    return TwilioCall(config, [relay.base_url], reconnect_delay_s=delay_s)
 
 
 async def greeted(relay: LocalRelay, **config: Any) -> SimulatedCaller:
@@ -88,31 +95,30 @@ async def test_a_call_the_assistant_ended_is_hung_up_by_the_continuation() -> No
 
 @pytest.mark.parametrize("fallback", [FALLBACK, None])
 async def test_a_lost_realtime_api_gives_the_apology_not_silence(sim: RealtimeSimulator, fallback: str | None) -> None:
+    """Default reconnect settings; Twilio follows the TwiML after </Connect> with its own delay."""
     with TwilioApiRecorder() as api:
         settings = relay_settings(
-            sim.url,
-            reconnect_attempts=1,
-            twilio_account_sid=ACCOUNT_SID,
-            twilio_api_base=api.url,
-            fallback_number=fallback,
+            sim.url, twilio_account_sid=ACCOUNT_SID, twilio_api_base=api.url, fallback_number=fallback
         )
         async with LocalRelay(settings) as relay:
-            caller = make_caller(relay)
-            await caller.connect()
-            await caller.wait_for_audio(100, timeout=5)
+            call = twilio_call(relay)
+            await call.start()
+            assert await call.leg.wait_for_audio(100, timeout=5)
             await sim.stop()
-            assert await caller.wait_closed(timeout=10) == 1000
+            lost = time.monotonic()
+            outcome = await call.wait_ended(timeout=15)
+            said_at = next(t for t, kind, _ in call.events if kind == "say")
             assert await wait_for(lambda: not relay.runtime.calls)
-            record = await relay.runtime.store.get_call(caller.call_sid)
-            status, body = await caller.continuation()
+            record = await relay.runtime.store.get_call(call.call_sid)
         rest_requests = list(api.requests)
     assert record is not None and record.meta["end_reason"] == "realtime_unavailable"
     assert rest_requests == []  # the continuation's TwiML does it, with or without REST credentials
-    assert status == 200
-    assert verbs(body) == apology_then(fallback)
-    if fallback:
-        dial = ET.fromstring(body).find("Dial")
-        assert dial is not None and [n.text for n in dial.findall("Number")] == [fallback]
+    assert outcome == ("dialled" if fallback else "hung_up")
+    assert call.said == [APOLOGY]
+    assert call.dialled == ([fallback] if fallback else [])
+    assert len(call.legs) == 1 and call.leg.close_code == 1000
+    print(f"\nRealtime API lost: the caller heard the apology {said_at - lost:.2f} s later")
+    assert said_at - lost < 5.0
 
 
 async def test_any_instance_answers_the_continuation_from_the_shared_store(redis_url: str, store_prefix: str) -> None:
@@ -236,13 +242,31 @@ async def test_a_call_whose_stream_keeps_dropping_gets_the_apology_after_the_loo
         sim.url, redis_url=redis_url, redis_prefix=store_prefix, max_continuations=2, fallback_number=FALLBACK
     )
     async with LocalRelay(settings) as relay:
-        caller = await greeted(relay)
-        await caller.drop()
-        assert await wait_for(lambda: not relay.runtime.calls, timeout=5)
-        assert await relay.runtime.store.flush(2.0)
-        answers = [verbs((await caller.continuation())[1]) for _ in range(3)]
-    assert [[tag for tag, _, _ in answer] for answer in answers[:2]] == [["Connect", "Redirect"]] * 2
-    assert answers[2] == apology_then(FALLBACK)
+        call = twilio_call(relay, delay_s=0.05)
+        await call.start()
+        for streams in (2, 3, 4):
+            assert await wait_for(lambda: call.call_sid in relay.runtime.calls, timeout=5)  # resumed: no greeting
+            await call.leg.drop()
+            if streams < 4:
+                assert await call.wait_legs(streams, timeout=10)
+        outcome = await call.wait_ended(timeout=10)
+    assert len(call.legs) == 3  # the first stream and two continuations
+    assert (outcome, call.said, call.dialled) == ("dialled", [APOLOGY], [FALLBACK])
+
+
+async def test_a_call_the_assistant_ended_is_hung_up_when_twilio_follows_the_twiml() -> None:
+    sim = ending_sim()
+    await sim.start()
+    try:
+        async with LocalRelay(relay_settings(sim.url, end_call_mark_timeout_s=1.0)) as relay:
+            call = twilio_call(relay)
+            await call.start()
+            assert await call.leg.wait_for_audio(200, timeout=5)
+            await call.leg.enter("5#")
+            outcome = await call.wait_ended(timeout=10)
+    finally:
+        await sim.stop()
+    assert (outcome, call.said, len(call.legs)) == ("hung_up", [], 1)
 
 
 async def test_a_replayed_continuation_after_the_caller_hung_up_resumes_nothing(

@@ -8,14 +8,27 @@ played (or was discarded by ``clear``). Both clocks run on absolute deadlines, s
 timings the relay sees — and the barge-in and latency numbers measured here — hold under load.
 /work/shared/PROTOCOLS.md §1–§4 govern it.
 
-Parts, one concept each: ``call`` (the call and its lifecycle), ``config``, ``webhook`` (webhook and
-TwiML), ``stream`` (the Media Stream messages), ``microphone``, ``speaker`` (playback and mark
-accounting), ``clock`` (the 20 ms deadlines) and ``record`` (the timeline and the utterances).
+Parts, one concept each: ``call`` (one stream of the call and its lifecycle), ``twilio`` (the
+call across its streams: the TwiML after ``</Connect>`` run as Twilio runs it, behind a balancer),
+``config``, ``webhook`` (webhook and TwiML), ``stream`` (the Media Stream messages), ``microphone``,
+``speaker`` (playback and mark accounting), ``clock`` (the 20 ms deadlines) and ``record`` (the
+timeline and the utterances).
 Used by ``python -m relay demo``, the test-suite and the load benchmark.
 """
 
 from relay.sim.caller.call import CallClosed, SimulatedCaller
 from relay.sim.caller.config import CallerConfig
+from relay.sim.caller.twilio import TWILIO_RECONNECT_S, Balancer, NoInstance, TwilioCall
 from relay.sim.caller.webhook import CallRejected, TwimlStream
 
-__all__ = ["CallClosed", "CallRejected", "CallerConfig", "SimulatedCaller", "TwimlStream"]
+__all__ = [
+    "TWILIO_RECONNECT_S",
+    "Balancer",
+    "CallClosed",
+    "CallRejected",
+    "CallerConfig",
+    "NoInstance",
+    "SimulatedCaller",
+    "TwilioCall",
+    "TwimlStream",
+]

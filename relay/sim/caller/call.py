@@ -105,6 +105,16 @@ class SimulatedCaller:
         return self._speaker.received_payloads
 
     @property
+    def first_frame_at(self) -> float | None:
+        """When the stream's first media frame went out (monotonic), or None before it."""
+        return self._microphone.first_sent
+
+    @property
+    def last_frame_at(self) -> float | None:
+        """When the stream's latest media frame went out (monotonic), or None before the first."""
+        return self._microphone.last_sent
+
+    @property
     def played_bytes(self) -> int:
         """µ-law bytes of the relay's audio played so far (cleared audio never plays)."""
         return self._speaker.played_bytes

@@ -34,6 +34,8 @@ class Microphone:
         self.utterances: list[Utterance] = []
         self._speech: deque[Utterance] = deque()
         self._closed = False
+        self.first_sent: float | None = None  # when the first and the latest frame went out
+        self.last_sent: float | None = None
 
     def say(self, ulaw_audio: bytes) -> Utterance:
         """Queue caller speech; it goes out after anything already queued, frame by frame."""
@@ -79,11 +81,14 @@ class Microphone:
                 payload = base64.b64encode(frame).decode("ascii")
                 chunk += 1
                 await stream.send(stream.media(chunk, (chunk - 1) * self.config.frame_ms, payload))
+                self.last_sent = time.monotonic()
+                if self.first_sent is None:
+                    self.first_sent = self.last_sent
                 if self.config.keep_audio:
                     self.sent_payloads.append(payload)
                 if utterance is None:
                     continue
-                now = time.monotonic()
+                now = self.last_sent
                 if first:
                     utterance.sent_start = now
                     self.log.record("speech_start", index=utterance.index, bytes=len(utterance.audio))
