@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -37,9 +37,42 @@ class Clock:
         return self.now
 
 
+@contextlib.asynccontextmanager
+async def present(store: Store, *instance_ids: str) -> AsyncIterator[None]:
+    """Each instance present on the store while the block runs, as a started Ownership makes it."""
+    tasks = [asyncio.create_task(store.keep_presence(instance_id)) for instance_id in instance_ids]
+    try:
+        for instance_id in instance_ids:
+            assert await wait_for_async(lambda i=instance_id: subscribed(store, i), True)
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def subscribed(store: Store, instance_id: str) -> bool:
+    """Whether the instance's presence has reached the store (its internals: only tests wait on this)."""
+    if isinstance(store, MemoryStore):
+        return instance_id in store._present
+    assert isinstance(store, RedisStore)
+    [(_, count)] = await store._redis.pubsub_numsub(store._keys.presence(instance_id))
+    return int(count) > 0
+
+
+async def wait_for_async(probe: Callable[[], Awaitable[bool]], wanted: bool, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while await probe() != wanted:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
 @pytest.fixture(params=["redis", "memory"])
 async def stores(request: pytest.FixtureRequest, store_prefix: str) -> AsyncIterator[tuple[Store, Store]]:
-    """Two clients of one store, as two instances have: two Redis connections, or one shared MemoryStore."""
+    """Two clients of one store, as two instances have: two Redis connections, or one shared MemoryStore;
+    instance-a present on the first, instance-b on the second."""
     pair: tuple[Store, Store]
     if request.param == "redis":
         url = request.getfixturevalue("redis_url")
@@ -52,7 +85,8 @@ async def stores(request: pytest.FixtureRequest, store_prefix: str) -> AsyncIter
         pair = (memory, memory)
     for store in pair:
         await store.start()
-    yield pair
+    async with present(pair[0], "instance-a"), present(pair[1], "instance-b"):
+        yield pair
     for store in pair:
         await store.close()
 
@@ -63,7 +97,8 @@ async def on_redis(redis_url: str, store_prefix: str) -> AsyncIterator[tuple[Red
     store = RedisStore(redis_url, prefix=store_prefix, caller_key_secret=SECRET)
     await store.start()
     client = redis.Redis.from_url(redis_url)
-    yield store, client
+    async with present(store, "instance-a"):
+        yield store, client
     client.close()
     await store.close()
 
@@ -201,21 +236,22 @@ async def test_an_owner_that_stops_beating_is_orphaned_then_its_call_is_claimabl
     clock = Clock()
     store = MemoryStore(caller_key_secret=SECRET, clock=clock)
     dead, alive = Ownership(store, "instance-dead"), Ownership(store, "instance-alive")
-    hold = hold_for(dead, Stream())
-    assert await hold.take() is None
-    await dead.beat()
-    await alive.beat()
-    assert await alive.live_calls() == [live(hold, "instance-dead")]
-    clock.now += LIVE_TTL_S  # no beat from the dead one since
-    await alive.beat()
-    assert await alive.live_calls() == [live(hold, "instance-dead", orphaned=True)]
-    instances = await alive.live_instances()
-    assert instances is not None and [i.instance for i in instances] == ["instance-alive"]
-    taker = hold_for(alive, Stream())
-    assert await taker.take() is None
-    assert await alive.live_calls() == [live(taker, "instance-alive")]
-    clock.now += LIVE_RECORD_TTL_S
-    assert await store.live_calls() == []
+    async with present(store, "instance-dead", "instance-alive"):
+        hold = hold_for(dead, Stream())
+        assert await hold.take() is None
+        await dead.beat()
+        await alive.beat()
+        assert await alive.live_calls() == [live(hold, "instance-dead")]
+        clock.now += LIVE_TTL_S  # no beat from the dead one since
+        await alive.beat()
+        assert await alive.live_calls() == [live(hold, "instance-dead", orphaned=True)]
+        instances = await alive.live_instances()
+        assert instances is not None and [i.instance for i in instances] == ["instance-alive"]
+        taker = hold_for(alive, Stream())
+        assert await taker.take() is None
+        assert await alive.live_calls() == [live(taker, "instance-alive")]
+        clock.now += LIVE_RECORD_TTL_S
+        assert await store.live_calls() == []
 
 
 _DOOMED_OWNER = """
@@ -274,7 +310,7 @@ async def test_a_sigkilled_owner_is_reported_orphaned_within_seconds_then_its_ca
     await store.start()
     survivor = Ownership(store, "instance-survivor")
     try:
-        async with doomed_owner(redis_url, store_prefix) as doomed:
+        async with present(store, "instance-survivor"), doomed_owner(redis_url, store_prefix) as doomed:
             await survivor.beat()
             calls = await survivor.live_calls()
             assert calls is not None and [(c.record.instance, c.orphaned) for c in calls] == [
@@ -290,9 +326,9 @@ async def test_a_sigkilled_owner_is_reported_orphaned_within_seconds_then_its_ca
                     ("instance-doomed", True)
                 ]
 
-            while not await orphaned():
-                assert time.monotonic() - killed_at < LIVE_TTL_S + 1.0
-                await asyncio.sleep(0.1)
+            while not await orphaned():  # at once: its presence went with its process
+                assert time.monotonic() - killed_at < 0.5
+                await asyncio.sleep(0.01)
             taker = hold_for(survivor, Stream())
             while (holder := await taker.take()) is not None:
                 assert holder == "instance-doomed" and time.monotonic() - killed_at < LIVE_TTL_S + 1.0
@@ -308,7 +344,7 @@ async def test_a_resumed_stream_takes_its_call_from_a_killed_owner_at_once(redis
     await store.start()
     survivor = Ownership(store, "instance-survivor")
     try:
-        async with doomed_owner(redis_url, store_prefix) as doomed:
+        async with present(store, "instance-survivor"), doomed_owner(redis_url, store_prefix) as doomed:
             # while its owner lives, a resuming stream does not take the call (it waits for the hold)
             assert await hold_for(survivor, Stream()).take(resumes=True) == "instance-doomed"
             doomed.send_signal(signal.SIGKILL)
@@ -328,20 +364,14 @@ async def test_a_resumed_stream_takes_its_call_from_an_owner_whose_heartbeat_sto
 ) -> None:
     """A machine gone without closing its connections: still subscribed, but no longer beating."""
     a, b = Ownership(stores[0], "instance-a"), Ownership(stores[1], "instance-b")
-    presence = asyncio.create_task(stores[0].keep_presence("instance-a"))
-    try:
-        await a.beat()
-        await asyncio.sleep(0.05)  # subscribed
-        held = hold_for(a, Stream())
-        assert await held.take() is None
-        assert await hold_for(b, Stream()).take(resumes=True) == "instance-a"
-        await stores[0].beat(InstanceRecord("instance-a", "", "ready", time.time() - GONE_AFTER_S - 0.5), [], 5)
-        taker = hold_for(b, Stream())
-        assert await taker.take(resumes=True) is None
-        assert await stores[1].live_owner(SID) == "instance-b"
-    finally:
-        presence.cancel()
-        await asyncio.gather(presence, return_exceptions=True)
+    await a.beat()
+    held = hold_for(a, Stream())
+    assert await held.take() is None
+    assert await hold_for(b, Stream()).take(resumes=True) == "instance-a"
+    await stores[0].beat(InstanceRecord("instance-a", "", "ready", time.time() - GONE_AFTER_S - 0.5), [], 5)
+    taker = hold_for(b, Stream())
+    assert await taker.take(resumes=True) is None
+    assert await stores[1].live_owner(SID) == "instance-b"
 
 
 async def test_the_redis_layout_of_holds_records_and_heartbeats(

@@ -321,12 +321,12 @@ class Store(Protocol):
         ...
 
     async def live_instances(self) -> list[InstanceRecord]:
-        """The instances whose heartbeat has not expired, by id."""
+        """The instances whose heartbeat has not expired and which are present (`keep_presence`), by id."""
         ...
 
     async def live_calls(self) -> list[LiveCall]:
-        """Every live-call record across instances, by call SID, orphaned where its instance's
-        heartbeat has expired."""
+        """Every live-call record across instances, by call SID, orphaned where its instance is not
+        live (`live_instances`: its heartbeat expired, or its process is gone)."""
         ...
 
     async def ping(self) -> bool:

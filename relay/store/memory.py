@@ -259,7 +259,8 @@ class MemoryStore:
 
     async def live_instances(self) -> list[InstanceRecord]:
         now = self._clock()
-        return sorted((r for r, expires in self._instances.values() if expires > now), key=lambda r: r.instance)
+        live = (r for r, expires in self._instances.values() if expires > now and r.instance in self._present)
+        return sorted(live, key=lambda r: r.instance)
 
     async def live_calls(self) -> list[LiveCall]:
         alive = {record.instance for record in await self.live_instances()}

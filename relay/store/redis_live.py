@@ -230,12 +230,21 @@ class RedisOwnership:
         return None if raw is None else text(raw)
 
     async def instances(self) -> list[InstanceRecord]:
+        """Instances with a heartbeat and a presence: one whose process died is left out at once."""
         ids = await self._indexed(self._keys.instances)
+        if not ids:
+            return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for instance_id in ids:
                 pipe.hgetall(self._keys.instance(instance_id))
-            raw = await pipe.execute()
-        found = (InstanceRecord.from_fields(_decoded(fields)) for fields in raw)
+            pipe.pubsub_numsub(*(self._keys.presence(instance_id) for instance_id in ids))
+            *raw, numsub = await pipe.execute()
+        present = {text(channel) for channel, count in numsub if int(count) > 0}
+        found = (
+            InstanceRecord.from_fields(_decoded(fields))
+            for instance_id, fields in zip(ids, raw, strict=True)
+            if self._keys.presence(instance_id) in present
+        )
         return sorted((record for record in found if record is not None), key=lambda r: r.instance)
 
     async def calls(self) -> list[LiveCall]:
