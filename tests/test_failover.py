@@ -1,20 +1,25 @@
-"""Calls outlive their instance: two real `python -m relay serve` processes behind one public URL,
-real Redis, the simulated Realtime API and callers. SIGTERM hands each call off at a natural pause;
-SIGKILL leaves the call to the continuation webhook, and the other instance resumes it once the dead
-instance's hold lapses. Figures are printed for the record (pytest -s)."""
+"""Calls outlive their instance: two real `python -m relay serve` processes behind one balancer, real
+Redis, the simulated Realtime API, and the simulated Twilio following each call's TwiML. SIGTERM hands
+each call off at a natural pause; after SIGKILL, Twilio's continuation reaches the other instance,
+which takes the calls over from the dead one. Figures are printed for the record (pytest -s)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import signal
 import statistics
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
+import pytest
 from conftest import AUTH_TOKEN, wait_for
 from ops_support import API_TOKEN, RelayProcess
 
 from relay.sim import ulaw
-from relay.sim.caller import CallerConfig, SimulatedCaller
+from relay.sim.caller import TWILIO_RECONNECT_S, Balancer, CallerConfig, SimulatedCaller, TwilioCall
 from relay.sim.realtime import RealtimeSimulator
 from relay.sim.realtime.record import SimSession
 
@@ -23,122 +28,157 @@ AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 CALLS = 20
 
 
-def pair(sim: RealtimeSimulator, redis_url: str, prefix: str) -> tuple[RelayProcess, RelayProcess]:
-    env = {"REDIS_URL": redis_url, "RELAY_REDIS_PREFIX": prefix, "PUBLIC_URL": PUBLIC, "DRAIN_SECONDS": "30"}
-    return RelayProcess(sim.url, **env), RelayProcess(sim.url, **env)
+def spread(values: list[float]) -> str:
+    return f"p50 {statistics.median(values) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms"
 
 
-def caller_on(relay: RelayProcess, call_sid: str | None = None) -> SimulatedCaller:
-    return SimulatedCaller(
-        CallerConfig(
-            base_url=relay.base_url, auth_token=AUTH_TOKEN, public_url=PUBLIC, call_sid=call_sid, keep_audio=False
-        )
-    )
+def speech(ms: int, seed: int) -> bytes:
+    return ulaw.synth_speech(ms, seed=seed)
 
 
-async def resume_on(relay: RelayProcess, lost: SimulatedCaller) -> tuple[SimulatedCaller, float]:
-    """Twilio's part once the stream is gone: the continuation (to the instance the balancer picked),
-    then the new stream; returns the new caller and when it was connected."""
-    lost.config.base_url = relay.base_url
-    status, body = await lost.continuation()
-    assert status == 200, body
-    resumed = caller_on(relay, lost.call_sid)
-    await resumed.connect(resumed.parse_twiml(body))
-    return resumed, time.monotonic()
-
-
-async def answered(caller: SimulatedCaller, seed: int) -> bool:
-    before = caller.played_bytes
-    await caller.say_and_wait(ulaw.synth_speech(400, seed=seed))
-    return await caller.wait_for_audio(before // 8 + 200, timeout=15)
+async def answered(leg: SimulatedCaller, audio: bytes) -> bool:
+    before = leg.played_bytes
+    await leg.say_and_wait(audio)
+    return await leg.wait_for_audio(before // 8 + 200, timeout=15)
 
 
 def configured(session: SimSession) -> bool:
     return any(e["type"] == "session.update" for _, e in session.received)
 
 
-def spread(values: list[float]) -> str:
-    return f"p50 {statistics.median(values) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms"
+def creates(session: SimSession) -> int:
+    return sum(e["type"] == "response.create" for _, e in session.received)
+
+
+async def listed(relay: RelayProcess) -> list[dict[str, Any]]:
+    response = await relay.get("/calls", headers=AUTH)
+    assert response.status_code == 200, response.text
+    calls: list[dict[str, Any]] = response.json()["calls"]
+    return calls
+
+
+@contextlib.asynccontextmanager
+async def twenty_calls_on_a(
+    sim: RealtimeSimulator, redis_url: str, prefix: str, delay_s: float
+) -> AsyncIterator[tuple[RelayProcess, RelayProcess, Balancer, list[TwilioCall]]]:
+    """Instances a and b; CALLS calls placed while the balancer knows only a, each greeted and with one
+    answered turn of its own length; then b joins the balancer. Everything is hung up and closed after."""
+    env = {"REDIS_URL": redis_url, "RELAY_REDIS_PREFIX": prefix, "PUBLIC_URL": PUBLIC, "DRAIN_SECONDS": "30"}
+    a, b = RelayProcess(sim.url, **env), RelayProcess(sim.url, **env)
+    balancer = Balancer([a.base_url])
+    config = {"auth_token": AUTH_TOKEN, "public_url": PUBLIC}
+    calls = [
+        TwilioCall(CallerConfig(base_url=a.base_url, **config), balancer, reconnect_delay_s=delay_s)
+        for _ in range(CALLS)
+    ]
+    try:
+        await a.start()
+        await b.start()
+        await asyncio.gather(*(call.start() for call in calls))
+        assert all(await asyncio.gather(*(call.leg.wait_for_audio(200, timeout=15) for call in calls)))
+        turns = [answered(call.leg, speech(300 + 100 * i, seed=i)) for i, call in enumerate(calls)]
+        assert all(await asyncio.gather(*turns))
+        await asyncio.sleep(0.3)  # the transcripts reach Redis (the writer lingers 100 ms)
+        balancer.instances.append(b.base_url)
+        yield a, b, balancer, calls
+    finally:
+        for call in calls:
+            await call.hangup()
+        await a.close()
+        await b.close()
+    assert "Traceback" not in b.output()
+
+
+@pytest.mark.parametrize("delay_s", [0.0, TWILIO_RECONNECT_S], ids=["no-reconnect-delay", "twilio-reconnect-delay"])
+async def test_sigkill_leaves_the_calls_to_the_other_instance(
+    fast_sim: RealtimeSimulator, redis_url: str, store_prefix: str, delay_s: float
+) -> None:
+    async with twenty_calls_on_a(fast_sim, redis_url, store_prefix, delay_s) as (a, b, _, calls):
+        rows = await listed(a)
+        assert await listed(b) == rows  # either instance lists the same live calls
+        assert sorted(r["call_sid"] for r in rows) == sorted(c.call_sid for c in calls)
+        assert {(r["instance"], r["orphaned"]) for r in rows} == {(rows[0]["instance"], False)}
+        records = {c.call_sid: (await b.get(f"/calls/{c.call_sid}", headers=AUTH)).json() for c in calls}
+        sessions_before = len(fast_sim.sessions)
+
+        a.signal(signal.SIGKILL)
+        killed = time.monotonic()
+        assert await a.wait(timeout=5) is not None
+        if delay_s:  # Twilio has not come back yet: b lists a's calls as orphaned
+            orphans = await listed(b)
+            assert time.monotonic() - killed < delay_s
+            assert [(r["call_sid"], r["orphaned"]) for r in orphans] == [(r["call_sid"], True) for r in rows]
+
+        assert all(await asyncio.gather(*(c.wait_legs(2, timeout=15) for c in calls)))
+        assert [c.leg_instances for c in calls] == [[a.base_url, b.base_url]] * CALLS
+        assert await wait_for(lambda: len(fast_sim.sessions) == sessions_before + CALLS, timeout=10)
+        new_sessions = fast_sim.sessions[sessions_before:]
+        assert await wait_for(lambda: all(configured(s) for s in new_sessions), timeout=15)
+        opened = [s.connected_at - killed for s in new_sessions]
+        taken_over = await listed(b)
+        assert {(r["instance"], r["orphaned"]) for r in taken_over} == {(taken_over[0]["instance"], False)}
+        assert len(taken_over) == CALLS and taken_over[0]["instance"] != rows[0]["instance"]
+
+        after = [speech(400, seed=100 + i) for i in range(CALLS)]
+        assert all(await asyncio.gather(*(answered(c.leg, audio) for c, audio in zip(calls, after, strict=True))))
+        first_frames = [base64.b64encode(audio[:160]).decode() for audio in after]
+
+    gaps = [gap for c in calls for gap in c.audio_gaps()]
+    assert len(gaps) == CALLS
+    for call, first_frame in zip(calls, first_frames, strict=True):
+        (session,) = [s for s in new_sessions if first_frame in s.appended]
+        update = next(e for _, e in session.received if e["type"] == "session.update")
+        instructions = update["session"]["instructions"]
+        assert "already in progress" in instructions
+        spoken = [e for e in records[call.call_sid]["entries"] if e["kind"] in ("caller", "assistant")]
+        assert [e["kind"] for e in spoken] == ["assistant", "caller", "assistant"]
+        assert all(e["text"] in instructions for e in spoken), (call.call_sid, spoken, instructions)
+        assert creates(session) == 0  # resumed, not restarted: no second greeting
+        # the new stream's caller audio reached the new session in order, none lost or repeated
+        assert session.appended == call.leg.sent_payloads[: len(session.appended)]
+        assert len(session.appended) >= len(call.leg.sent_payloads) - 10  # all but the last frames before hang-up
+    print(
+        f"\nafter SIGKILL (reconnect delay {delay_s * 1000:.0f} ms): the {CALLS} calls' new sessions opened "
+        f"{spread(opened)} after the kill; caller audio gap per call {spread(gaps)}"
+    )
 
 
 async def test_sigterm_hands_every_call_to_the_other_instance(
     fast_sim: RealtimeSimulator, redis_url: str, store_prefix: str
 ) -> None:
-    a, b = pair(fast_sim, redis_url, store_prefix)
-    callers = [caller_on(a) for _ in range(CALLS)]
-    resumed: list[SimulatedCaller] = []
-    try:
-        await a.start()
-        await b.start()
-        await asyncio.gather(*(c.connect() for c in callers))
-        assert all(await asyncio.gather(*(c.wait_for_audio(200, timeout=15) for c in callers)))
+    async with twenty_calls_on_a(fast_sim, redis_url, store_prefix, TWILIO_RECONNECT_S) as (a, b, _, calls):
         sessions_before = len(fast_sim.sessions)
         term = time.monotonic()
         a.signal(signal.SIGTERM)
-        codes = await asyncio.gather(*(c.wait_closed(timeout=10) for c in callers))
-        assert codes == [1000] * CALLS
+        assert all(await asyncio.gather(*(c.wait_legs(2, timeout=15) for c in calls)))
         exit_code = await a.wait(timeout=15)
         drained_s = time.monotonic() - term
         assert exit_code == 0
         assert drained_s < 10  # DRAIN_SECONDS is 30
-        resumed = [r for r, _ in await asyncio.gather(*(resume_on(b, c) for c in callers))]
+        assert [c.outcome for c in calls] == [None] * CALLS  # 0 calls ended
+        assert [c.legs[0].close_code for c in calls] == [1000] * CALLS
+        assert [c.leg_instances for c in calls] == [[a.base_url, b.base_url]] * CALLS
         assert await wait_for(lambda: len(fast_sim.sessions) == sessions_before + CALLS, timeout=10)
-        assert await wait_for(lambda: all(configured(s) for s in fast_sim.sessions[sessions_before:]), timeout=15)
-        assert all(await asyncio.gather(*(answered(r, i) for i, r in enumerate(resumed))))
         new_sessions = fast_sim.sessions[sessions_before:]
-        # resumed, not restarted: no greeting on any new session
-        assert [sum(e["type"] == "response.create" for _, e in s.received) for s in new_sessions] == [0] * CALLS
-        handed = [c.events[-1][0] - term for c in callers]
-        print(f"\nhand-off of {CALLS} calls after SIGTERM: {spread(handed)}; instance exited 0 after {drained_s:.2f} s")
-    finally:
-        for c in [*callers, *resumed]:
-            await c.hangup()
+        assert await wait_for(lambda: all(configured(s) for s in new_sessions), timeout=15)
+        after = [speech(400, seed=100 + i) for i in range(CALLS)]
+        assert all(await asyncio.gather(*(answered(c.leg, audio) for c, audio in zip(calls, after, strict=True))))
+        assert [creates(s) for s in new_sessions] == [0] * CALLS  # resumed, not restarted: no greeting
+        handed = [next(t for t, kind, _ in c.events if kind == "stream_closed") - term for c in calls]
+        gaps = [gap for c in calls for gap in c.audio_gaps()]
+        for call in calls:
+            await call.hangup()
         await asyncio.sleep(0.5)  # the last writes of b's calls
-        records = [(await b.get(f"/calls/{c.call_sid}", headers=AUTH)).json() for c in callers]
-        await a.close()
-        await b.close()
-    assert "Traceback" not in a.output() + b.output()
+        records = [(await b.get(f"/calls/{c.call_sid}", headers=AUTH)).json() for c in calls]
+    assert "Traceback" not in a.output()
     handed_off = [line for line in a.lines if line.get("msg", "").startswith("call handed off")]
     assert len(handed_off) == CALLS
     # one record per call across both streams, ended once (on b)
     assert [(r["meta"]["end_reason"], r["meta"]["streams"], "handed_off" in r["meta"]) for r in records] == [
         ("caller_hung_up", "2", True)
     ] * CALLS
-
-
-async def test_sigkill_leaves_the_calls_to_the_other_instance(
-    fast_sim: RealtimeSimulator, redis_url: str, store_prefix: str
-) -> None:
-    a, b = pair(fast_sim, redis_url, store_prefix)
-    callers = [caller_on(a) for _ in range(CALLS)]
-    resumed: list[SimulatedCaller] = []
-    try:
-        await a.start()
-        await b.start()
-        await asyncio.gather(*(c.connect() for c in callers))
-        assert all(await asyncio.gather(*(c.wait_for_audio(200, timeout=15) for c in callers)))
-        assert all(await asyncio.gather(*(answered(c, i) for i, c in enumerate(callers))))
-        await asyncio.sleep(0.3)  # the transcripts reach Redis (the writer lingers 100 ms)
-        sessions_before = len(fast_sim.sessions)
-        a.signal(signal.SIGKILL)
-        assert await a.wait(timeout=5) is not None
-        killed = time.monotonic()
-        await asyncio.gather(*(c.drop() for c in callers))  # Twilio sees the sockets go
-        resumed = [r for r, _ in await asyncio.gather(*(resume_on(b, c) for c in callers))]
-        assert await wait_for(lambda: len(fast_sim.sessions) == sessions_before + CALLS, timeout=15)
-        assert await wait_for(lambda: all(configured(s) for s in fast_sim.sessions[sessions_before:]), timeout=15)
-        opened = [s.connected_at - killed for s in fast_sim.sessions[sessions_before:]]
-        new_sessions = fast_sim.sessions[sessions_before:]
-        for session in new_sessions:
-            update = next(e for _, e in session.received if e["type"] == "session.update")
-            assert "already in progress" in update["session"]["instructions"]
-            assert "Caller: caller turn 1 (" in update["session"]["instructions"]
-        assert [sum(e["type"] == "response.create" for _, e in s.received) for s in new_sessions] == [0] * CALLS
-        assert all(await asyncio.gather(*(answered(r, i) for i, r in enumerate(resumed))))
-        print(f"\nafter SIGKILL, the {CALLS} resumed calls' new sessions opened {spread(opened)} after the kill")
-    finally:
-        for c in [*callers, *resumed]:
-            await c.hangup()
-        await a.close()
-        await b.close()
-    assert "Traceback" not in b.output()
+    print(
+        f"\nhand-off of {CALLS} calls after SIGTERM: stream closed {spread(handed)} after the signal; "
+        f"instance exited 0 after {drained_s:.2f} s; caller audio gap per call {spread(gaps)} "
+        f"(Twilio reconnect delay {TWILIO_RECONNECT_S * 1000:.0f} ms)"
+    )

@@ -54,7 +54,7 @@ async def test_any_instance_lists_every_live_call_and_an_orphan_once_its_owner_d
         assert row["instance"].endswith(f"-{a.proc.pid if a.proc else 0}")
         assert await listed(a) == rows  # the same from the owner
 
-        a.signal(signal.SIGKILL)  # the owner dies without a word: its heartbeat expires within 5 s
+        a.signal(signal.SIGKILL)  # the owner dies without a word: its presence in Redis goes with it
         assert await a.wait(timeout=5) is not None
         killed = time.monotonic()
         orphaned = False
@@ -65,7 +65,7 @@ async def test_any_instance_lists_every_live_call_and_an_orphan_once_its_owner_d
                 break
             await wait_for(lambda: False, timeout=0.25)
         assert orphaned, current
-        assert time.monotonic() - killed < 7
+        assert time.monotonic() - killed < 1
         assert [(c["call_sid"], c["instance"]) for c in current] == [(caller.call_sid, row["instance"])]
     finally:
         await caller.hangup()

@@ -8,6 +8,8 @@ to where the relay really listens.
 
 from __future__ import annotations
 
+import functools
+import ssl
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -20,6 +22,17 @@ from relay.sim.caller.config import CallerConfig
 WEBHOOK_PATH = "/incoming-call"
 # Twilio identifies itself with this; a relay that logs user agents sees the real thing.
 WEBHOOK_USER_AGENT = "TwilioProxy/1.1"
+
+
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """One TLS context for every request: building one loads the CA bundle, about 28 ms of CPU, which
+    twenty calls failing over at once would otherwise pay twice each."""
+    return httpx.create_ssl_context()
+
+
+def _client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(trust_env=False, timeout=10.0, verify=_tls())
 
 
 class CallRejected(RuntimeError):
@@ -61,7 +74,7 @@ async def post_webhook(config: CallerConfig, form: dict[str, str]) -> tuple[int,
     signature = RequestValidator(config.auth_token).compute_signature(config.public_base + WEBHOOK_PATH, form)
     headers = {"X-Twilio-Signature": signature, "User-Agent": WEBHOOK_USER_AGENT}
     url = config.base_url.rstrip("/") + WEBHOOK_PATH
-    async with httpx.AsyncClient(trust_env=False, timeout=10.0) as client:
+    async with _client() as client:
         response = await client.post(url, data=form, headers=headers)
     return response.status_code, response.text
 
@@ -80,7 +93,7 @@ async def post_redirect(config: CallerConfig, public_url: str, form: dict[str, s
     headers = {"X-Twilio-Signature": signature, "User-Agent": WEBHOOK_USER_AGENT}
     parts = urlsplit(public_url)
     url = config.base_url.rstrip("/") + parts.path + (f"?{parts.query}" if parts.query else "")
-    async with httpx.AsyncClient(trust_env=False, timeout=10.0) as client:
+    async with _client() as client:
         response = await client.post(url, data=form, headers=headers)
     return response.status_code, response.text
 
