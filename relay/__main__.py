@@ -46,6 +46,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.failover:
+        from relay.demo_failover import run_failover_demo
+
+        return asyncio.run(run_failover_demo(verbose=args.verbose))
     from relay.demo import run_demo
 
     return asyncio.run(run_demo(dialect=args.dialect, record=args.record, seconds=args.seconds, verbose=args.verbose))
@@ -81,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--record", default="demo-call.wav", help="WAV file of what the caller heard")
     demo.add_argument("--seconds", type=float, default=12.0, help="rough length of the demo call")
     demo.add_argument("--verbose", action="store_true", help="also print the relay's own log lines")
+    demo.add_argument(
+        "--failover",
+        action="store_true",
+        help="two relay processes sharing Redis: the one carrying the call is killed mid-sentence, the other "
+        "carries on (Redis from REDIS_URL, else a private redis-server)",
+    )
     demo.set_defaults(func=_demo)
     sim = sub.add_parser("simulator", help="run the offline Realtime API simulator on its own")
     sim.add_argument("--host", default="127.0.0.1")

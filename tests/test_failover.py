@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 import signal
 import statistics
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,6 +36,19 @@ def spread(values: list[float]) -> str:
 
 def speech(ms: int, seed: int) -> bytes:
     return ulaw.synth_speech(ms, seed=seed)
+
+
+def first_turn(index: int) -> bytes:
+    return speech(300 + 100 * index, seed=index)
+
+
+def frame_of(audio: bytes) -> str:
+    """The media payload of the audio's first frame, as it reaches the Realtime session."""
+    return base64.b64encode(audio[:160]).decode()
+
+
+def transcripts(items: list[dict[str, Any]]) -> list[str]:
+    return [item["text"] for item in items if item["type"] == "message" and item.get("text")]
 
 
 async def answered(leg: SimulatedCaller, audio: bytes) -> bool:
@@ -62,7 +77,8 @@ async def twenty_calls_on_a(
     sim: RealtimeSimulator, redis_url: str, prefix: str, delay_s: float
 ) -> AsyncIterator[tuple[RelayProcess, RelayProcess, Balancer, list[TwilioCall]]]:
     """Instances a and b; CALLS calls placed while the balancer knows only a, each greeted and with one
-    answered turn of its own length; then b joins the balancer. Everything is hung up and closed after."""
+    answered turn of its own length (`first_turn`); then b joins the balancer. Everything is hung up
+    and closed after."""
     env = {"REDIS_URL": redis_url, "RELAY_REDIS_PREFIX": prefix, "PUBLIC_URL": PUBLIC, "DRAIN_SECONDS": "30"}
     a, b = RelayProcess(sim.url, **env), RelayProcess(sim.url, **env)
     balancer = Balancer([a.base_url])
@@ -76,9 +92,9 @@ async def twenty_calls_on_a(
         await b.start()
         await asyncio.gather(*(call.start() for call in calls))
         assert all(await asyncio.gather(*(call.leg.wait_for_audio(200, timeout=15) for call in calls)))
-        turns = [answered(call.leg, speech(300 + 100 * i, seed=i)) for i, call in enumerate(calls)]
+        assert all(await asyncio.gather(*(call.leg.wait_idle(timeout=15) for call in calls)))  # the whole greeting
+        turns = [answered(call.leg, first_turn(i)) for i, call in enumerate(calls)]
         assert all(await asyncio.gather(*turns))
-        await asyncio.sleep(0.3)  # the transcripts reach Redis (the writer lingers 100 ms)
         balancer.instances.append(b.base_url)
         yield a, b, balancer, calls
     finally:
@@ -95,11 +111,14 @@ async def test_sigkill_leaves_the_calls_to_the_other_instance(
 ) -> None:
     async with twenty_calls_on_a(fast_sim, redis_url, store_prefix, delay_s) as (a, b, _, calls):
         rows = await listed(a)
-        assert await listed(b) == rows  # either instance lists the same live calls
+        # either instance lists the same live calls (their phases move on between the two requests)
+        assert [{**r, "phase": ""} for r in await listed(b)] == [{**r, "phase": ""} for r in rows]
         assert sorted(r["call_sid"] for r in rows) == sorted(c.call_sid for c in calls)
         assert {(r["instance"], r["orphaned"]) for r in rows} == {(rows[0]["instance"], False)}
-        records = {c.call_sid: (await b.get(f"/calls/{c.call_sid}", headers=AUTH)).json() for c in calls}
         sessions_before = len(fast_sim.sessions)
+        first_sessions = [
+            next(s for s in fast_sim.sessions if frame_of(first_turn(i)) in s.appended) for i in range(CALLS)
+        ]
 
         a.signal(signal.SIGKILL)
         killed = time.monotonic()
@@ -108,6 +127,15 @@ async def test_sigkill_leaves_the_calls_to_the_other_instance(
             orphans = await listed(b)
             assert time.monotonic() - killed < delay_s
             assert [(r["call_sid"], r["orphaned"]) for r in orphans] == [(r["call_sid"], True) for r in rows]
+        # what Redis had when a died, against what a's sessions had said and heard
+        records = {c.call_sid: (await b.get(f"/calls/{c.call_sid}", headers=AUTH)).json() for c in calls}
+        said = [transcripts(session.items()) for session in first_sessions]
+        stored = [
+            [e["text"] for e in records[c.call_sid]["entries"] if e["kind"] in ("caller", "assistant")] for c in calls
+        ]
+        lost = sum(len(set(texts) - set(kept)) for texts, kept in zip(said, stored, strict=True))
+        assert [len(texts) for texts in said] == [3] * CALLS  # greeting, the caller's turn, the answer
+        assert lost == 0
 
         assert all(await asyncio.gather(*(c.wait_legs(2, timeout=15) for c in calls)))
         assert [c.leg_instances for c in calls] == [[a.base_url, b.base_url]] * CALLS
@@ -121,12 +149,11 @@ async def test_sigkill_leaves_the_calls_to_the_other_instance(
 
         after = [speech(400, seed=100 + i) for i in range(CALLS)]
         assert all(await asyncio.gather(*(answered(c.leg, audio) for c, audio in zip(calls, after, strict=True))))
-        first_frames = [base64.b64encode(audio[:160]).decode() for audio in after]
 
     gaps = [gap for c in calls for gap in c.audio_gaps()]
     assert len(gaps) == CALLS
-    for call, first_frame in zip(calls, first_frames, strict=True):
-        (session,) = [s for s in new_sessions if first_frame in s.appended]
+    for call, audio in zip(calls, after, strict=True):
+        (session,) = [s for s in new_sessions if frame_of(audio) in s.appended]
         update = next(e for _, e in session.received if e["type"] == "session.update")
         instructions = update["session"]["instructions"]
         assert "already in progress" in instructions
@@ -139,7 +166,8 @@ async def test_sigkill_leaves_the_calls_to_the_other_instance(
         assert len(session.appended) >= len(call.leg.sent_payloads) - 10  # all but the last frames before hang-up
     print(
         f"\nafter SIGKILL (reconnect delay {delay_s * 1000:.0f} ms): the {CALLS} calls' new sessions opened "
-        f"{spread(opened)} after the kill; caller audio gap per call {spread(gaps)}"
+        f"{spread(opened)} after the kill; caller audio gap per call {spread(gaps)}; conversation entries "
+        f"lost to the kill: {lost} of {sum(map(len, said))}"
     )
 
 
@@ -182,3 +210,33 @@ async def test_sigterm_hands_every_call_to_the_other_instance(
         f"instance exited 0 after {drained_s:.2f} s; caller audio gap per call {spread(gaps)} "
         f"(Twilio reconnect delay {TWILIO_RECONNECT_S * 1000:.0f} ms)"
     )
+
+
+async def test_the_failover_demo_shows_a_call_surviving_its_instance(redis_url: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "OPENAI_", "TWILIO_"))}
+    demo = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relay",
+        "demo",
+        "--failover",
+        env={**env, "REDIS_URL": redis_url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(demo.communicate(), timeout=90)
+    text = out.decode()
+    assert demo.returncode == 0, text + err.decode()
+    lines = [line.split("s  ", 1)[-1] for line in text.splitlines()]
+    kill = next(i for i, line in enumerate(lines) if line.startswith("assistant is 1.5 s into its answer: SIGKILL"))
+    carrier = lines[kill].split("SIGKILL ")[1].split(" (")[0]
+    other = "instance A" if carrier == "instance B" else "instance B"
+    assert f"Twilio opens media stream 1 on {carrier}" in lines[:kill]
+    assert lines[kill + 1 : kill + 4] == [
+        f"media stream on {carrier} is gone (code 1006); Twilio goes on with the TwiML after </Connect>",
+        f"Twilio POSTs the <Redirect> /continue-call -> {other}: 200, a new <Connect><Stream>",
+        f"Twilio opens media stream 2 on {other}",
+    ]
+    assert f"assistant answers on {other}" in lines
+    assert "  greetings on the new session: 0; the caller heard a second greeting: False" in lines
+    assert "    Caller: caller turn 1 (" in text

@@ -260,21 +260,40 @@ async def test_call_ttls_are_refreshed_after_the_refresh_interval(redis_url: str
 
 
 async def test_writes_collect_for_the_linger_time_unless_flushed(redis_url: str, store_prefix: str) -> None:
-    key = f"{store_prefix}call:CA5:entries"
+    key = f"{store_prefix}call:CA5:usage"
     async with _started_store(redis_url, store_prefix, linger_s=0.3) as (store, client):
         await asyncio.sleep(0.05)  # the writer is waiting for work
-        store.add_entry("CA5", {"kind": "caller", "t": 1.0, "text": "one"})
+        store.add_usage("CA5", {"input_tokens": 1})
         await asyncio.sleep(0.1)
-        assert client.llen(key) == 0  # still collecting
-        store.add_entry("CA5", {"kind": "caller", "t": 2.0, "text": "two"})
+        assert client.hgetall(key) == {}  # still collecting
+        store.call_updated("CA5", {"model": "m"})
         await asyncio.sleep(0.4)
-        assert client.llen(key) == 2  # both, in one pipeline, without anyone asking
-        store.add_entry("CA5", {"kind": "caller", "t": 3.0, "text": "three"})
+        assert client.hgetall(key) == {"input_tokens": "1"}  # both, in one pipeline, without anyone asking
+        assert client.hgetall(f"{store_prefix}call:CA5:meta") == {"model": "m"}
+        store.add_usage("CA5", {"input_tokens": 2})
         loop = asyncio.get_running_loop()
         started = loop.time()
         assert await store.flush(5)
         assert loop.time() - started < 0.25  # flush() does not wait out the linger
-        assert client.llen(key) == 3
+        assert client.hgetall(key) == {"input_tokens": "3"}
+
+
+async def test_what_a_resumed_stream_is_seeded_with_is_not_held_back_by_the_linger(
+    redis_url: str, store_prefix: str
+) -> None:
+    """An instance killed mid-linger must not take the latest turns and the summary with it."""
+    async with _started_store(redis_url, store_prefix, linger_s=2.0) as (store, client):
+        await asyncio.sleep(0.05)  # the writer is waiting for work
+        store.add_usage("CA7", {"input_tokens": 5})
+        await asyncio.sleep(0.2)
+        assert client.hgetall(f"{store_prefix}call:CA7:usage") == {}  # still collecting
+        store.add_entry("CA7", {"kind": "caller", "t": 1.0, "text": "my order number is 42"})
+        await asyncio.sleep(0.2)  # well under the 2 s linger
+        assert client.llen(f"{store_prefix}call:CA7:entries") == 1
+        assert client.hgetall(f"{store_prefix}call:CA7:usage") == {"input_tokens": "5"}  # queued before it
+        store.set_summary("CA7", "The caller gave order 42.")
+        await asyncio.sleep(0.2)
+        assert client.get(f"{store_prefix}call:CA7:summary") == "The caller gave order 42."
 
 
 async def test_the_write_that_ends_a_call_is_not_held_back_by_the_linger(redis_url: str, store_prefix: str) -> None:
@@ -282,14 +301,14 @@ async def test_the_write_that_ends_a_call_is_not_held_back_by_the_linger(redis_u
     async with _started_store(redis_url, store_prefix, linger_s=2.0) as (store, client):
         await asyncio.sleep(0.05)  # the writer is waiting for work
         store.call_started("CA6", {"from": CALLER, "started": "1"})
-        store.add_entry("CA6", {"kind": "caller", "t": 1.0, "text": "bye"})
+        store.add_usage("CA6", {"input_tokens": 1})
         await asyncio.sleep(0.2)
         assert client.hgetall(f"{store_prefix}call:CA6:meta") == {}  # still collecting
         store.call_updated("CA6", {"ended": "2", "end_reason": "caller_hangup"})
         await asyncio.sleep(0.3)  # well under the 2 s linger
         meta = client.hgetall(f"{store_prefix}call:CA6:meta")
         assert meta["end_reason"] == "caller_hangup"
-        assert client.llen(f"{store_prefix}call:CA6:entries") == 1
+        assert client.hgetall(f"{store_prefix}call:CA6:usage") == {"input_tokens": "1"}
 
 
 async def test_a_burst_of_reads_waits_for_connections_instead_of_failing(redis_url: str, store_prefix: str) -> None:

@@ -135,12 +135,16 @@ class RedisStore:
 
     def add_entry(self, call_sid: str, entry: Mapping[str, Any]) -> None:
         self._writer.put_entry(call_sid, entry)
+        # What a resumed stream is seeded with (turns, tool results, the summary) goes out at once: an
+        # instance killed mid-linger would otherwise take up to linger_s of the conversation with it.
+        self._writer.write_now()
 
     def add_usage(self, call_sid: str, usage: Mapping[str, int]) -> None:
         self._writer.put_usage(call_sid, usage)
 
     def set_summary(self, call_sid: str, summary: str) -> None:
         self._writer.put_summary(call_sid, summary)
+        self._writer.write_now()
 
     def set_caller_memory(self, caller_number: str, summary: str) -> None:
         try:

@@ -2,12 +2,13 @@
 
 Writes only append to the queue, so the audio path never waits on Redis. One writer task sends
 what is queued (up to `batch_max` ops) as one non-transactional pipeline, after letting writes
-collect for `linger_s` (a call's turn produces several at once; ``flush()``, ``close()`` and the
-write that ends a call cut the wait short). A batch stays at the head of the queue until Redis
-confirms it, so per-call order survives retries (a replayed batch applies its appends and
-increments once: relay/store/redis_batch.py builds each pipeline and sets the TTLs); when the
-queue is full the oldest ops are dropped and counted. An outage is one warning and, when Redis
-answers again, one line with what was dropped meanwhile.
+collect for `linger_s` (a call's turn produces several at once; ``flush()``, ``close()``, the
+write that ends a call and the writes a resumed stream is seeded with cut the wait short). A
+batch stays at the head of the queue until Redis confirms it, so per-call order survives
+retries (a replayed batch applies its appends and increments once: relay/store/redis_batch.py
+builds each pipeline and sets the TTLs); when the queue is full the oldest ops are dropped and
+counted. An outage is one warning and, when Redis answers again, one line with what was dropped
+meanwhile.
 """
 
 from __future__ import annotations
