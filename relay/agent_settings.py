@@ -86,3 +86,8 @@ class AgentSettings:
     whisper_summary: bool = False
     name: str = "default"
     model: str | None = None  # None: Settings.model (OPENAI_REALTIME_MODEL / AZURE_OPENAI_DEPLOYMENT)
+    # outbound calls (POST /calls): what the assistant says first when the callee answers (None: the
+    # greeting); recording "off" or "dual" (None: RELAY_RECORDING); a line said first while recording
+    outbound_greeting: str | None = None
+    recording: str | None = None
+    recording_disclosure: str | None = None

@@ -11,7 +11,7 @@ import contextlib
 import hmac
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import parse_qsl
 
 import orjson
@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from relay import logs
+from relay import logs, outbound
 from relay.config import Settings
 from relay.logbound import clip
 from relay.metrics import CONTENT_TYPE
@@ -297,6 +297,76 @@ async def list_calls(request: Request) -> Response:
     return Response(orjson.dumps({"calls": calls}), media_type="application/json")
 
 
+async def place_call(request: Request) -> Response:
+    """POST /calls: place an outbound call (relay/outbound.py); 201 with its SID, 400 naming the field
+    that is wrong, 429 at the cluster-wide cap or rate."""
+    runtime: Runtime = request.app.state.runtime
+    refused = _unauthorized(runtime, request)
+    if refused is not None:
+        return refused
+    if runtime.draining:
+        return JSONResponse(
+            {"error": "instance draining"}, status_code=503, headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)}
+        )
+    try:
+        async with asyncio.timeout(runtime.settings.http_idle_timeout_s):
+            body = await _read_limited(request, outbound.MAX_REQUEST_BYTES)
+    except (TimeoutError, ClientDisconnect):
+        return JSONResponse({"error": "request body not received in time"}, status_code=408)
+    if body is None:
+        return JSONResponse({"error": f"the body is over {outbound.MAX_REQUEST_BYTES} bytes"}, status_code=413)
+    try:
+        call = outbound.parse_request(runtime, body)
+    except outbound.BadRequest as exc:
+        return JSONResponse({"error": str(exc)}, status_code=400)
+    try:
+        placed = await outbound.place(runtime, call, _public_base(runtime, request))
+    except Exception as exc:  # the store: nothing was dialled
+        log.warning("outbound call not placed: state store unavailable (%s)", type(exc).__name__)
+        return JSONResponse({"error": "state store unavailable"}, status_code=503)
+    return JSONResponse(placed.body, status_code=placed.status)
+
+
+async def _callback_form(request: Request, what: str) -> dict[str, str] | Response:
+    """A signed Twilio callback about one call. Unlike the voice webhooks it is taken while draining:
+    it only records what happened to a call."""
+    form = await _signed_form(request, what)
+    if isinstance(form, Response):
+        return form
+    call_sid = form.get("CallSid", "")
+    if not _SID.fullmatch(call_sid):
+        return PlainTextResponse("missing or invalid CallSid", status_code=400)
+    logs.bind_call(call_sid)
+    return form
+
+
+async def _stored(
+    request: Request, what: str, handle: Callable[[Runtime, dict[str, str]], Awaitable[None]]
+) -> Response:
+    form = await _callback_form(request, what)
+    if isinstance(form, Response):
+        return form
+    runtime: Runtime = request.app.state.runtime
+    try:
+        await handle(runtime, form)
+    except Exception as exc:  # Twilio retries a failed callback; the state store may be back by then
+        log.warning("%s not stored (%s)", what, type(exc).__name__, extra={"call_sid": form["CallSid"]})
+        return PlainTextResponse("state store unavailable", status_code=503)
+    return Response(status_code=204)
+
+
+async def call_status(request: Request) -> Response:
+    return await _stored(request, "call status callback", outbound.call_status)
+
+
+async def amd_status(request: Request) -> Response:
+    return await _stored(request, "answering machine detection callback", outbound.amd_status)
+
+
+async def recording_status(request: Request) -> Response:
+    return await _stored(request, "recording status callback", outbound.recording_status)
+
+
 async def get_call(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     refused = _unauthorized(runtime, request)
@@ -335,6 +405,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/calls", list_calls, methods=["GET"]),
+        Route("/calls", place_call, methods=["POST"]),
+        Route(outbound.CALL_STATUS_PATH, call_status, methods=["POST"]),
+        Route(outbound.AMD_STATUS_PATH, amd_status, methods=["POST"]),
+        Route(outbound.RECORDING_STATUS_PATH, recording_status, methods=["POST"]),
         Route("/calls/{call_sid}", get_call, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

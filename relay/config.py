@@ -26,6 +26,7 @@ from relay.agent_settings import (
     check_voice,
 )
 from relay.env import (
+    E164,
     ConfigError,
     check_secrets,
     read_bool,
@@ -126,6 +127,22 @@ def _drain_mode(env: Mapping[str, str]) -> str:
     return mode
 
 
+def _optional_e164(env: Mapping[str, str], name: str) -> str | None:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    if not E164.fullmatch(raw):
+        raise ConfigError(f"{name} must be an E.164 number like +15550001111, got {raw[:32]!r}")
+    return raw
+
+
+def _ring_timeout(env: Mapping[str, str]) -> int:
+    seconds = read_int(env, "RELAY_OUTBOUND_RING_TIMEOUT", 30, 5)
+    if seconds > 600:
+        raise ConfigError(f"RELAY_OUTBOUND_RING_TIMEOUT must be at most 600 (Twilio's limit), got {seconds}")
+    return seconds
+
+
 @dataclass(frozen=True)
 class Settings:
     openai_api_key: str | None = None
@@ -170,6 +187,11 @@ class Settings:
     drain_mode: str = "goodbye"  # "handoff": on SIGTERM each call moves to another instance (needs Redis)
     handoff_max_wait_s: float = 3.0  # a hand-off waits this long at most for a natural pause
     max_continuations: int = 3  # per call per CONTINUATION_WINDOW_S: beyond it the apology (a loop guard)
+    outbound_from: str | None = None  # the caller ID of POST /calls when the request names none
+    max_outbound_calls: int = 10  # outbound calls in progress at once, across all instances
+    outbound_per_minute: int = 30  # outbound calls placed per minute, across all instances
+    outbound_ring_timeout_s: int = 30  # how long an outbound call rings before it is no-answer
+    recording: str = "off"  # "dual": every call is recorded, one channel per party (a profile may differ)
     relay_api_token: str | None = None
     state_ttl_s: int = 7 * 24 * 3600
     caller_memory: bool = True
@@ -338,6 +360,11 @@ class Settings:
             fallback_number=env.get("RELAY_FALLBACK_NUMBER") or None,
             apology_say=env.get("RELAY_APOLOGY_SAY") or cls.apology_say,
             max_continuations=read_int(env, "RELAY_MAX_CONTINUATIONS", 3, 0),
+            outbound_from=_optional_e164(env, "RELAY_OUTBOUND_FROM"),
+            max_outbound_calls=read_int(env, "RELAY_MAX_OUTBOUND_CALLS", 10, 1),
+            outbound_per_minute=read_int(env, "RELAY_OUTBOUND_PER_MINUTE", 30, 1),
+            outbound_ring_timeout_s=_ring_timeout(env),
+            recording=read_choice(env, "RELAY_RECORDING", "off", ("off", "dual")),
             drain_mode=_drain_mode(env),
             handoff_max_wait_s=read_float(env, "RELAY_HANDOFF_MAX_WAIT", 3.0, 0.0),
             relay_api_token=env.get("RELAY_API_TOKEN") or None,

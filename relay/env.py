@@ -15,6 +15,10 @@ class ConfigError(ValueError):
     """A setting is missing or has a value the relay cannot run with."""
 
 
+# A phone number as E.164 writes it: "+", a country code that does not start with 0, at most 15 digits.
+E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+
+
 def read_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name)
     if raw is None or raw == "":

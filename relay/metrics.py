@@ -162,6 +162,12 @@ class Metrics:
             ["answer"],
             registry=r,
         )
+        self.outbound_calls = Counter(
+            "relay_outbound_calls_total",
+            "POST /calls requests by outcome: placed, cap or rate (429), failed (Twilio refused or unreachable)",
+            ["outcome"],
+            registry=r,
+        )
         self.hop_latency = Histogram(
             "relay_hop_latency_seconds",
             "Time from receiving a frame to handing it to the other socket (sampled)",

@@ -57,17 +57,40 @@ class Ownership:
         self._holds: dict[str, CallHold] = {}  # call SID -> the hold of its stream here (one: the runtime's registry)
         self._task: asyncio.Task[None] | None = None
         self._presence: asyncio.Task[None] | None = None
+        self._on_message: Callable[[bytes], None] | None = None
         self._heartbeat_failing = False
 
     # the process ---------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, on_message: Callable[[bytes], None] | None = None) -> None:
         """Announce this instance at once, then beat every LIVE_HEARTBEAT_S until `stop()`; be present
-        (see `Store.keep_presence`) until then too."""
+        (see `Store.keep_presence`) until then too. What `send` addresses to a call of this instance,
+        from any instance, goes to `on_message`."""
+        self._on_message = on_message
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._beat_loop(), name="ownership-beat")
         if self._presence is None or self._presence.done():
-            self._presence = asyncio.create_task(self.store.keep_presence(self.instance_id), name="ownership-presence")
+            self._presence = asyncio.create_task(
+                self.store.keep_presence(self.instance_id, on_message), name="ownership-presence"
+            )
+
+    async def send(self, call_sid: str, message: bytes) -> bool:
+        """Deliver `message` to the instance whose stream of `call_sid` is live (this one included), at
+        most once; False (logged by the caller) when no instance holds the call or none answered."""
+        try:
+            async with asyncio.timeout(LIVE_STORE_TIMEOUT_S):
+                owner = await self.store.live_owner(call_sid)
+                if owner is None:
+                    return False
+                if owner == self.instance_id:
+                    if self._on_message is None:
+                        return False
+                    asyncio.get_running_loop().call_soon(self._on_message, message)
+                    return True
+                return await self.store.send_to_instance(owner, message)
+        except Exception as exc:
+            log.warning("could not reach the instance of call %s (%s)", call_sid, type(exc).__name__)
+            return False
 
     async def stop(self) -> None:
         tasks = [task for task in (self._task, self._presence) if task is not None]

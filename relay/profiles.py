@@ -29,6 +29,9 @@ Every profile starts from the environment's agent settings (``RELAY_INSTRUCTIONS
     timeout_ms = 2000                     # so does this pause after the last key
     max_digits = 20                       # and this many keys
     interrupt = true                      # a key press cuts the assistant off, like speech
+    outbound_greeting = "Introduce yourself as ACME and say why you are calling."  # POST /calls
+    recording = "dual"                    # or off; omitted = RELAY_RECORDING
+    recording_disclosure = "This call is recorded."  # said first while recording
     [[profiles.support.mcp_servers]]
     server_label = "crm"
     server_url = "https://crm.example.com/mcp"
@@ -85,6 +88,9 @@ _PROFILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "vad": dict,
     "dtmf": dict,
     "mcp_servers": list,
+    "outbound_greeting": str,
+    "recording": str,
+    "recording_disclosure": str,
 }
 _VAD_KEYS: dict[str, type | tuple[type, ...]] = {
     "type": str,
@@ -113,6 +119,7 @@ _MCP_KEYS: dict[str, type | tuple[type, ...]] = {
     "require_approval": str,
 }
 _LABEL = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_LINE_CHARS = 1000  # a spoken line (outbound greeting, recording disclosure)
 
 
 def _type_name(expected: type | tuple[type, ...]) -> str:
@@ -224,6 +231,12 @@ def _profile(name: str, data: Any, base: AgentSettings, env: Mapping[str, str], 
     labels = [server["server_label"] for server in mcp]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"{where}.mcp_servers: server_label values must be unique")
+    recording = data.get("recording", base.recording)
+    if recording not in (None, "off", "dual"):
+        raise ConfigError(f"{where}.recording must be off or dual, got {recording!r}")
+    for key in ("outbound_greeting", "recording_disclosure"):
+        if len(data.get(key, "")) > MAX_LINE_CHARS:
+            raise ConfigError(f"{where}.{key} is longer than {MAX_LINE_CHARS} characters")
     noise = data.get("noise_reduction", base.noise_reduction)
     if noise not in (None, "near_field", "far_field", "off"):
         raise ConfigError(f"{where}.noise_reduction must be near_field, far_field or off, got {noise!r}")
@@ -244,6 +257,9 @@ def _profile(name: str, data: Any, base: AgentSettings, env: Mapping[str, str], 
         noise_reduction=None if noise == "off" else noise,
         mcp_servers=tuple(mcp) if "mcp_servers" in data else base.mcp_servers,
         model=model,
+        outbound_greeting=data.get("outbound_greeting", base.outbound_greeting),
+        recording=recording,
+        recording_disclosure=data.get("recording_disclosure", base.recording_disclosure) or None,
     )
 
 

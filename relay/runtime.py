@@ -6,13 +6,17 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import itertools
 import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 from datetime import date
 from typing import Protocol
 from urllib.parse import urlencode, urlsplit
+
+import orjson
 
 from relay import logs
 from relay.agent_settings import AgentSettings
@@ -42,9 +46,14 @@ WHISPER_TTL_S = 300  # a transfer rings for at most a few minutes before the hum
 WHISPER_CLOCK_SKEW_S = 30  # instances' clocks may differ this much
 
 
+MAX_CALL_MESSAGE_BYTES = 8 * 1024
+_RUNTIMES = itertools.count()
+
+
 class LiveStream(Protocol):
-    """What the runtime needs of a call's live stream: its SID and a way to end it with a spoken
-    goodbye (drain). Its hold across instances is the stream's own (relay/ownership.py)."""
+    """What the runtime needs of a call's live stream: its SID, a way to end it with a spoken
+    goodbye (drain) or to hand it off, and the commands other instances send it (`tell_call`). Its
+    hold across instances is the stream's own (relay/ownership.py)."""
 
     @property
     def call_sid(self) -> str: ...
@@ -52,6 +61,8 @@ class LiveStream(Protocol):
     async def goodbye(self, text: str, timeout: float) -> None: ...
 
     async def hand_off(self, max_wait_s: float) -> bool: ...
+
+    async def command(self, name: str, args: Mapping[str, str]) -> None: ...
 
 
 class WaitingStream(Protocol):
@@ -143,7 +154,9 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.dialect: Dialect = get_dialect(settings.dialect)
-        self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
+        # Unique per runtime: host and process, and a count when one process runs several (tests, embedding).
+        serial = next(_RUNTIMES)
+        self.instance_id = f"{socket.gethostname()}-{os.getpid()}" + (f"-{serial}" if serial else "")
         self.metrics = metrics or Metrics()
         self.metrics.set_build_info(settings.dialect, settings.model)
         self.store: Store = store or make_store(
@@ -165,6 +178,7 @@ class Runtime:
             )
         self.twilio_control = twilio_control
         self.calls: dict[str, LiveStream] = {}
+        self._commands: set[asyncio.Task[None]] = set()  # tell_call commands running on this instance's calls
         # Media Stream sockets accepted and waiting for their start message, the longest-waiting first
         self.pending_streams: dict[WaitingStream, None] = {}
         self.draining = False
@@ -183,7 +197,7 @@ class Runtime:
         await self.store.start()
         self.started = True
         self._metrics_task = asyncio.create_task(self._periodic(), name="runtime-periodic")
-        self.ownership.start()
+        self.ownership.start(self._call_message)
         if self.store.kind == "redis":
             self._store_watch_task = asyncio.create_task(self._watch_store(), name="store-watch")
 
@@ -260,6 +274,35 @@ class Runtime:
         self.calls[stream.call_sid] = stream
         self.metrics.active_calls.set(len(self.calls))
         return True
+
+    async def tell_call(self, call_sid: str, command: Mapping[str, str]) -> bool:
+        """Send a command to the call's live stream, on whichever instance holds it (relay/ownership.py);
+        False when none does (the call has no stream, or its instance is gone)."""
+        message = orjson.dumps({"call_sid": call_sid, **command})
+        return await self.ownership.send(call_sid, message)
+
+    def _call_message(self, message: bytes) -> None:
+        """A command from `tell_call` (this or another instance) for a stream held here."""
+        try:
+            data = orjson.loads(message) if len(message) <= MAX_CALL_MESSAGE_BYTES else None
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            log.warning("ignored a malformed call command (%d bytes)", len(message))
+            return
+        call_sid, name = data.pop("call_sid", ""), data.pop("command", "")
+        stream = self.calls.get(call_sid)
+        if stream is None:
+            log.info("call command %r for a stream no longer here", name[:40], extra={"call_sid": call_sid})
+            return
+        task = asyncio.create_task(stream.command(name, data), name=f"command-{call_sid}")
+        self._commands.add(task)
+        task.add_done_callback(self._command_done)
+
+    def _command_done(self, task: asyncio.Task[None]) -> None:
+        self._commands.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("call command %s failed", task.get_name(), exc_info=exc)
 
     def unregister(self, stream: LiveStream) -> None:
         if self.calls.get(stream.call_sid) is stream:

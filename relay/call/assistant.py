@@ -131,13 +131,14 @@ class Assistant:
             if self.playback.unplayed_bytes == 0 and self.responses.active is None and not self.remote_playing:
                 self.machine.fire("finished")
 
-    def cut_off(self, *, cancel: bool) -> bool:
+    def cut_off(self, *, cancel: bool, barge_in: bool = True) -> bool:
         """Clear Twilio, truncate each item at what was heard, drop the response's late deltas
         and, when `cancel` (the server won't), cancel it. False if nothing was playing."""
         responses = self.responses
         if not self.playback.has_pending and responses.active is None and not self.remote_playing:
             return False
-        self._outbox.effects.append(Metric("barge_ins", 1.0))
+        if barge_in:
+            self._outbox.effects.append(Metric("barge_ins", 1.0))
         responses.dropped.update(self.playback.cut())
         responses.cut_active(cancel=cancel)
         if self.remote_playing and cancel:  # the server stops what it plays only when it cancels itself

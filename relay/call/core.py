@@ -270,6 +270,14 @@ class Call:
             self.dialect.response_create(instructions=self.conversation.with_session_instructions(instructions))
         )
 
+    def stop_speaking(self) -> bool:
+        """Cut the assistant off now, as a barge-in does (Twilio cleared, each item truncated at what
+        was heard, the response cancelled) but without a caller turn: an answering machine picked up.
+        False if nothing was playing or being generated."""
+        cut = self.assistant.cut_off(cancel=True, barge_in=False)
+        self.assistant.settle()
+        return cut
+
     def request_summary(self, *, final: bool = False) -> bool:
         """Ask for an out-of-band text summary; never spoken, never relayed to the caller."""
         if self.conversation.summary_in_flight or not self.session_ready:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,6 +22,7 @@ __all__ = [
     "LIVE_RECORD_TTL_S",
     "LIVE_STORE_TIMEOUT_S",
     "LIVE_TTL_S",
+    "OUTBOUND_STALE_S",
     "CallRecord",
     "InstanceRecord",
     "LiveCall",
@@ -37,6 +38,9 @@ __all__ = [
 # One live stream per call across instances: the instance serving it holds the call in the store
 # for LIVE_TTL_S and renews that every LIVE_HEARTBEAT_S, so a crashed instance lets go within seconds.
 LIVE_TTL_S = 5.0
+# An outbound call's place under the cap is freed by its final status callback, or after this long
+# (longer than any call: the ring timeout, Twilio's 4 h default time limit and a margin).
+OUTBOUND_STALE_S = 5 * 3600
 LIVE_HEARTBEAT_S = 1.5
 LIVE_STORE_TIMEOUT_S = 1.0
 # An instance's heartbeat lives LIVE_TTL_S like its holds; a live-call record outlives both by far, so
@@ -264,6 +268,38 @@ class Store(Protocol):
         """True for the first claim of `key` within `ttl_s` across all instances, else False."""
         ...
 
+    # outbound calls (POST /calls): the cluster-wide cap and rate, idempotency keys, and the stream
+    # token's reference to the call SID Twilio gave the call once placed.
+    async def outbound_admit(self, ref: str, cap: int, per_minute: int) -> str | None:
+        """Take a place for the outbound call `ref` unless `cap` calls are in progress ("cap") or
+        `per_minute` were placed this minute ("rate"); None when taken, atomically across instances."""
+        ...
+
+    async def outbound_done(self, ref: str) -> None:
+        """The outbound call `ref` is over (or was never placed): its place is free again."""
+        ...
+
+    async def claim_idempotency_key(self, key: str, ttl_s: int) -> str | None:
+        """None when `key` is new (now claimed for `ttl_s`); else the call SID it names ("" while the
+        call is still being placed)."""
+        ...
+
+    async def set_idempotency_key(self, key: str, call_sid: str, ttl_s: int) -> None:
+        """The claimed `key` names `call_sid` from now on."""
+        ...
+
+    async def drop_idempotency_key(self, key: str) -> None:
+        """Forget a claimed `key` whose call could not be placed, so a retry may place it."""
+        ...
+
+    async def link_outbound(self, ref: str, call_sid: str, ttl_s: int) -> None:
+        """The outbound call whose stream token names `ref` has the SID `call_sid`."""
+        ...
+
+    async def outbound_call_sid(self, ref: str) -> str | None:
+        """The call SID `link_outbound` recorded for `ref`, or None."""
+        ...
+
     # live-stream ownership: at most one live stream per call across instances. The owner (an
     # instance id) holds ``live:{call_sid}`` for `ttl_s` and keeps refreshing it while its stream
     # lives; an owner that stops (crash, lost network) loses the call when the TTL runs out.
@@ -300,11 +336,16 @@ class Store(Protocol):
         """Who holds the call now, or None when no stream of it is live."""
         ...
 
-    async def keep_presence(self, instance_id: str) -> None:
+    async def keep_presence(self, instance_id: str, on_message: Callable[[bytes], None] | None = None) -> None:
         """Be present as `instance_id` until cancelled: a process's presence lasts exactly as long as
         the process (Redis: a pub/sub subscription, which the server drops when the process's
-        connection closes, at once when the process dies). Never returns; a failure is logged and
-        retried."""
+        connection closes, at once when the process dies). What `send_to_instance` sends to it goes
+        to `on_message`. Never returns; a failure is logged and retried."""
+        ...
+
+    async def send_to_instance(self, instance_id: str, message: bytes) -> bool:
+        """Send `message` to the live process of `instance_id` (at most once: pub/sub); False when
+        no process of it was listening."""
         ...
 
     async def instance_gone(self, instance_id: str, stale_s: float) -> bool:

@@ -19,6 +19,7 @@ import orjson
 
 from .base import (
     LIVE_RECORD_TTL_S,
+    OUTBOUND_STALE_S,
     CallRecord,
     InstanceRecord,
     LiveCall,
@@ -81,6 +82,11 @@ class MemoryStore:
         self._live_calls: dict[str, tuple[LiveCallRecord, float]] = {}  # call SID -> (record, expires at)
         self._instances: dict[str, tuple[InstanceRecord, float]] = {}  # instance id -> (heartbeat, expires at)
         self._present: dict[str, int] = {}  # instance id -> how many keep_presence() of it run
+        self._receivers: dict[str, list[Callable[[bytes], None]]] = {}  # instance id -> its on_message
+        self._outbound: dict[str, float] = {}  # outbound call reference -> when it was placed
+        self._outbound_rate: tuple[float, int] = (0.0, 0)  # (window start, calls placed in it)
+        self._idempotency: dict[str, tuple[str, float]] = {}  # key -> (call SID or "", expires at)
+        self._outbound_refs: dict[str, tuple[str, float]] = {}  # reference -> (call SID, expires at)
         self._writes = 0
         self._rejected = 0
         self._rejected_logged = False
@@ -187,6 +193,45 @@ class MemoryStore:
         self._claims[key] = now + ttl_s
         return True
 
+    async def outbound_admit(self, ref: str, cap: int, per_minute: int) -> str | None:
+        now = self._clock()
+        stale = now - OUTBOUND_STALE_S
+        self._outbound = {r: at for r, at in self._outbound.items() if at > stale}
+        if len(self._outbound) >= cap:
+            return "cap"
+        window, placed = self._outbound_rate
+        if now - window >= 60:
+            window, placed = now, 0
+        if placed >= per_minute:
+            return "rate"
+        self._outbound_rate = (window, placed + 1)
+        self._outbound[ref] = now
+        return None
+
+    async def outbound_done(self, ref: str) -> None:
+        self._outbound.pop(ref, None)
+
+    async def claim_idempotency_key(self, key: str, ttl_s: int) -> str | None:
+        now = self._clock()
+        held = self._idempotency.get(key)
+        if held is not None and held[1] > now:
+            return held[0]
+        self._idempotency[key] = ("", now + ttl_s)
+        return None
+
+    async def set_idempotency_key(self, key: str, call_sid: str, ttl_s: int) -> None:
+        self._idempotency[key] = (call_sid, self._clock() + ttl_s)
+
+    async def drop_idempotency_key(self, key: str) -> None:
+        self._idempotency.pop(key, None)
+
+    async def link_outbound(self, ref: str, call_sid: str, ttl_s: int) -> None:
+        self._outbound_refs[ref] = (call_sid, self._clock() + ttl_s)
+
+    async def outbound_call_sid(self, ref: str) -> str | None:
+        held = self._outbound_refs.get(ref)
+        return held[0] if held is not None and held[1] > self._clock() else None
+
     async def claim_live(self, call_sid: str, owner: str, ttl_s: float, record: LiveCallRecord | None = None) -> bool:
         if self._holder(call_sid) is not None:
             return False
@@ -233,14 +278,25 @@ class MemoryStore:
     async def live_owner(self, call_sid: str) -> str | None:
         return self._holder(call_sid)
 
-    async def keep_presence(self, instance_id: str) -> None:
+    async def keep_presence(self, instance_id: str, on_message: Callable[[bytes], None] | None = None) -> None:
         self._present[instance_id] = self._present.get(instance_id, 0) + 1
+        receivers = self._receivers.setdefault(instance_id, [])
+        if on_message is not None:
+            receivers.append(on_message)
         try:
             await asyncio.Event().wait()
         finally:
             left = self._present.pop(instance_id) - 1
             if left:
                 self._present[instance_id] = left
+            if on_message is not None:
+                receivers.remove(on_message)
+
+    async def send_to_instance(self, instance_id: str, message: bytes) -> bool:
+        receivers = list(self._receivers.get(instance_id, ()))
+        for receive in receivers:
+            asyncio.get_running_loop().call_soon(receive, message)  # delivered later, as over Redis
+        return bool(receivers)
 
     async def instance_gone(self, instance_id: str, stale_s: float) -> bool:
         if instance_id not in self._present:
@@ -354,6 +410,10 @@ class MemoryStore:
             del self._callers[key]
         for key in [k for k, exp in self._claims.items() if exp <= now]:
             del self._claims[key]
+        for key in [k for k, (_, exp) in self._idempotency.items() if exp <= now]:
+            del self._idempotency[key]
+        for key in [k for k, (_, exp) in self._outbound_refs.items() if exp <= now]:
+            del self._outbound_refs[key]
         for sid in [s for s, (_, exp) in self._dispositions.items() if exp <= now]:
             del self._dispositions[sid]
         for sid in [s for s, (_, ends) in self._continuations.items() if ends <= now]:

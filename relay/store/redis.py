@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from .base import CallRecord, InstanceRecord, LiveCall, LiveCallRecord, StoreUnavailable, hash_number
 from .redis_keys import RedisKeys, describe, text
 from .redis_live import RedisOwnership
+from .redis_outbound import RedisOutbound
 from .redis_writer import BatchWriter
 
 __all__ = ["RedisStore"]
@@ -89,6 +90,7 @@ class RedisStore:
         )
         self._redis: Redis = Redis.from_pool(pool)
         self._ownership = RedisOwnership(self._redis, self._keys)
+        self._outbound = RedisOutbound(self._redis, self._keys)
         self._writer = BatchWriter(
             self._redis,
             self._keys,
@@ -233,6 +235,29 @@ class RedisStore:
 
         return bool(await self._read("claim_once", claim))
 
+    # outbound calls (relay/store/redis_outbound.py) ---------------------------------------------
+
+    async def outbound_admit(self, ref: str, cap: int, per_minute: int) -> str | None:
+        return await self._read("outbound_admit", lambda: self._outbound.admit(ref, cap, per_minute))
+
+    async def outbound_done(self, ref: str) -> None:
+        await self._read("outbound_done", lambda: self._outbound.done(ref))
+
+    async def claim_idempotency_key(self, key: str, ttl_s: int) -> str | None:
+        return await self._read("claim_idempotency_key", lambda: self._outbound.claim_key(key, ttl_s))
+
+    async def set_idempotency_key(self, key: str, call_sid: str, ttl_s: int) -> None:
+        await self._read("set_idempotency_key", lambda: self._outbound.set_key(key, call_sid, ttl_s))
+
+    async def drop_idempotency_key(self, key: str) -> None:
+        await self._read("drop_idempotency_key", lambda: self._outbound.drop_key(key))
+
+    async def link_outbound(self, ref: str, call_sid: str, ttl_s: int) -> None:
+        await self._read("link_outbound", lambda: self._outbound.link(ref, call_sid, ttl_s))
+
+    async def outbound_call_sid(self, ref: str) -> str | None:
+        return await self._read("outbound_call_sid", lambda: self._outbound.call_sid(ref))
+
     # live-stream ownership (relay/store/redis_live.py) -------------------------------------------
 
     async def claim_live(self, call_sid: str, owner: str, ttl_s: float, record: LiveCallRecord | None = None) -> bool:
@@ -253,8 +278,11 @@ class RedisStore:
     async def live_owner(self, call_sid: str) -> str | None:
         return await self._read("live_owner", lambda: self._ownership.owner(call_sid))
 
-    async def keep_presence(self, instance_id: str) -> None:
-        await self._ownership.keep_presence(instance_id)
+    async def keep_presence(self, instance_id: str, on_message: Callable[[bytes], None] | None = None) -> None:
+        await self._ownership.keep_presence(instance_id, on_message)
+
+    async def send_to_instance(self, instance_id: str, message: bytes) -> bool:
+        return await self._read("send_to_instance", lambda: self._ownership.send(instance_id, message))
 
     async def instance_gone(self, instance_id: str, stale_s: float) -> bool:
         return await self._read("instance_gone", lambda: self._ownership.gone(instance_id, stale_s))

@@ -25,6 +25,11 @@ Key layout (P is the prefix, default ``relay:``; every value is UTF-8)::
     P instance:{id}        hash    an instance's heartbeat: instance, started, state (ready/draining),
                                    beat (epoch s); TTL LIVE_TTL_S, so a dead instance is gone within it
     P instances            zset    instance ids with a heartbeat, scored by its last write (epoch ms)
+    P outbound:active      zset    references of the outbound calls in progress, scored by when each was
+                                   placed (epoch ms): the cluster-wide RELAY_MAX_OUTBOUND_CALLS cap
+    P outbound:rate        string  outbound calls placed in the current minute (SET EX 60, then INCR)
+    P outbound:ref:{ref}   string  the call SID of the outbound call whose stream token names {ref}
+    P outbound:key:{hash}  string  an idempotency key's call SID ("" while it is being placed); one day
     P presence:{id}        channel subscribed by instance {id} for as long as its process lives (PUBSUB
                                    NUMSUB 0: the process is gone; nothing is published on it)
 
@@ -34,6 +39,7 @@ with every write, and its members outlive the keys they name by at most that (re
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -66,6 +72,20 @@ class RedisKeys:
     @property
     def live_calls(self) -> str:
         return f"{self.prefix}livecalls"
+
+    @property
+    def outbound_active(self) -> str:
+        return f"{self.prefix}outbound:active"
+
+    @property
+    def outbound_rate(self) -> str:
+        return f"{self.prefix}outbound:rate"
+
+    def outbound_ref(self, ref: str) -> str:
+        return f"{self.prefix}outbound:ref:{ref}"
+
+    def outbound_idempotency(self, key: str) -> str:
+        return f"{self.prefix}outbound:key:{hashlib.sha256(key.encode()).hexdigest()}"
 
     def presence(self, instance_id: str) -> str:
         return f"{self.prefix}presence:{instance_id}"

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from redis.asyncio import Redis
@@ -185,8 +185,9 @@ class RedisOwnership:
             self._recorded.add(call_sid)
         return taken
 
-    async def keep_presence(self, instance_id: str) -> None:
-        """Hold the instance's presence subscription open, re-subscribing after a lost connection."""
+    async def keep_presence(self, instance_id: str, on_message: Callable[[bytes], None] | None) -> None:
+        """Hold the instance's presence subscription open, re-subscribing after a lost connection;
+        what other instances send to this one (`send`) goes to `on_message`."""
         channel = self._keys.presence(instance_id)
         failing = False
         while True:
@@ -196,14 +197,18 @@ class RedisOwnership:
                 if failing:
                     failing = False
                     log.info("presence subscription back", extra={"instance": instance_id})
-                while True:  # nothing is published: reading only notices a lost connection
-                    await pubsub.get_message(timeout=PRESENCE_READ_S)
+                while True:  # reading also notices a lost connection
+                    message = await pubsub.get_message(timeout=PRESENCE_READ_S)
+                    if message is not None and message.get("type") == "message" and on_message is not None:
+                        data = message.get("data")
+                        if isinstance(data, bytes):
+                            on_message(data)
             except (RedisError, OSError) as exc:
                 if not failing:
                     failing = True
                     log.warning(
                         "lost this instance's presence subscription (%s); other instances may take over "
-                        "its calls' resumed streams until it is back",
+                        "its calls' resumed streams, and cannot reach its calls, until it is back",
                         describe(exc),
                         extra={"instance": instance_id},
                     )
@@ -211,6 +216,9 @@ class RedisOwnership:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(PRESENCE_RETRY_S)
+
+    async def send(self, instance_id: str, message: bytes) -> bool:
+        return bool(await self._redis.publish(self._keys.presence(instance_id), message))
 
     async def gone(self, instance_id: str, stale_s: float) -> bool:
         async with self._redis.pipeline(transaction=False) as pipe:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from relay import logs
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 # slack, and a socket that sends more without a valid start is closed.
 PRE_START_FRAMES = 4
 TOKEN_REUSE_CHECK_TIMEOUT_S = 1.0
+OUTBOUND_LINK_WAIT_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +164,23 @@ class Admission:
             await self._refuse(CLOSE_POLICY, "no valid start message in time")
             return None
 
+    async def _outbound_call_sid(self, ref: str) -> str | None:
+        """The SID POST /calls linked to `ref`, waiting a little: Twilio may dial before its answer
+        to calls.create reached the relay that placed the call."""
+        deadline = time.monotonic() + OUTBOUND_LINK_WAIT_S
+        while True:
+            try:
+                async with asyncio.timeout(TOKEN_REUSE_CHECK_TIMEOUT_S):
+                    sid = await self.runtime.store.outbound_call_sid(ref)
+            except Exception as exc:
+                logging.getLogger("relay.transport").warning(
+                    "could not look up an outbound call's reference (%s)", type(exc).__name__
+                )
+                sid = None
+            if sid is not None or time.monotonic() >= deadline:
+                return sid
+            await asyncio.sleep(0.05)
+
     async def _admit(self, start: tw.Start) -> Admitted | None:
         """The stream token (and the upgrade signature, when present) must match this call and the
         numbers Twilio signed for it; each token admits one stream."""
@@ -170,10 +188,12 @@ class Admission:
         log = logs.call_logger(start.call_sid, start.stream_sid, logs.TRANSPORT_LOGGER)
         logs.bind_call(start.call_sid, start.stream_sid)  # library lines of this call carry the SIDs too
         params = start.custom_parameters
+        # An outbound call's token names the reference POST /calls gave it (its SID did not exist yet).
+        ref = params.get("outbound", "")
         try:
             grant = verify_stream_token(
                 settings.stream_secret,
-                start.call_sid,
+                ref or start.call_sid,
                 params.get("token", ""),
                 caller=params.get("from", ""),
                 called=params.get("to", ""),
@@ -182,6 +202,11 @@ class Admission:
         except StreamTokenError as exc:
             await self._refuse(CLOSE_POLICY, f"stream token rejected: {exc}")
             return None
+        if ref:
+            if await self._outbound_call_sid(ref) != start.call_sid:
+                await self._refuse(CLOSE_POLICY, "stream token rejected: not the outbound call it was minted for")
+                return None
+            grant = replace(grant, call_sid=start.call_sid, outbound=True)
         signature = self.twilio.ws.headers.get("x-twilio-signature")
         if signature and settings.twilio_auth_token and settings.public_url:
             try:

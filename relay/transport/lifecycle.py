@@ -13,19 +13,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from starlette.websockets import WebSocket
 from websockets.asyncio.client import ClientConnection
 
 from relay import logs
+from relay.agent_settings import AgentSettings
 from relay.asgi_direct import DirectWebSocket
 from relay.call import Call, Effect, Entry, Metric, RunTool, SummaryReady, UpstreamFailed, UsageReport
 from relay.logbound import RepeatLimiter
+from relay.outbound import RECORDING_STATUS_PATH
 from relay.ownership import CallHold
-from relay.security import frame_caller_notes
+from relay.security import StreamGrant, frame_call_context, frame_caller_notes
 from relay.store.base import CallRecord, caller_memory_refusal
 from relay.tools import ToolContext
 from relay.transport.admission import Admission, Admitted, refuse
@@ -34,7 +38,7 @@ from relay.transport.live_hold import LiveHold
 from relay.transport.media_stream import MediaStream
 from relay.transport.output import Output
 from relay.transport.realtime_session import RealtimeSession
-from relay.transport.twilio_socket import CLOSE_NORMAL, TwilioSocket
+from relay.transport.twilio_socket import CLOSE_NORMAL, CLOSE_POLICY, TwilioSocket
 from relay.twilio import twiml
 
 if TYPE_CHECKING:
@@ -48,6 +52,28 @@ DISPOSITION_TIMEOUT_S = 1.0
 RESUME_READ_TIMEOUT_S = 1.0
 HANDOFF_FLUSH_TIMEOUT_S = 1.0
 RESUME_ENTRIES = 40  # the latest stored entries a resumed call's conversation is seeded with
+VOICEMAIL_MESSAGE_MAX_S = 60.0  # a voicemail message longer than this is cut by the hang-up
+
+
+def _stored_context(raw: str) -> dict[str, str]:
+    """An outbound call's context as POST /calls stored it (checked there); {} if unreadable."""
+    try:
+        value = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError:
+        return {}
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _opening(agent: AgentSettings, *, outbound: bool, disclosed: bool) -> AgentSettings:
+    """The agent as this call opens: an outbound call opens with the profile's outbound greeting, and a
+    recorded call with its recording disclosure."""
+    greeting = agent.greeting
+    if outbound and agent.outbound_greeting is not None:
+        greeting = agent.outbound_greeting or None
+    disclosure = agent.recording_disclosure if disclosed else None
+    if disclosure:
+        greeting = f'First say exactly: "{disclosure}" ' + (f"Then: {greeting}" if greeting else "Then stop.")
+    return agent if greeting == agent.greeting else replace(agent, greeting=greeting)
 
 
 class MediaStreamCall(LiveHold):
@@ -62,6 +88,8 @@ class MediaStreamCall(LiveHold):
         self.call_sid = ""
         self.caller = ""
         self.called = ""
+        self.direction = "inbound"  # "outbound" for a call placed with POST /calls
+        self.recording = False  # the call is recorded (dual channel, through the REST API)
         self.caller_memory: str | None = None  # notes from earlier calls: never passed on to a transfer whisper
         self.memory_on = False  # caller memory is read and written for this call (see _serve)
         self.end = CallEnd()
@@ -110,6 +138,20 @@ class MediaStreamCall(LiveHold):
         self.call_sid = grant.call_sid
         self.caller = grant.caller  # the numbers the token was minted with, i.e. what Twilio signed
         self.called = grant.called
+        # An outbound call's (POST /calls) and a resumed call's stream carry on a stored record.
+        earlier = await self._stored_call(resuming=grant.resumes) if grant.outbound or grant.resumes else None
+        meta = earlier.meta if earlier is not None else {}
+        agent = runtime.profile_for(self.called)
+        if meta.get("direction") == "outbound":
+            # The other party is the callee: caller memory is theirs; the profile is the request's.
+            self.direction = "outbound"
+            self.caller, self.called = grant.called, grant.caller
+            profiles = runtime.profiles
+            agent = profiles.by_name.get(meta.get("profile", ""), profiles.default)
+        elif grant.outbound:
+            await self._refuse(CLOSE_POLICY, "outbound call without its stored record")
+            return
+        self.agent = agent
         if not await self._take_call(resumes=grant.resumes):
             return
         if self.settings.caller_memory:
@@ -118,18 +160,20 @@ class MediaStreamCall(LiveHold):
             if refusal is not None:
                 self.log.info("caller memory off for this call: %s", refusal)
         try:
-            self.agent = runtime.profile_for(self.called)
             self.allowed_tools = self.agent.tools
             memory = self.caller_memory = await self._caller_memory()
-            earlier = await self._earlier_streams() if grant.resumes else None
+            recording = self.recording = self._records(grant)
+            suffix = [frame_caller_notes(memory)] if memory else []
+            if self.direction == "outbound":
+                suffix.append(frame_call_context(_stored_context(meta.get("context", ""))))
             call = self.call = Call(
                 call_sid=start.call_sid,
                 stream_sid=start.stream_sid,
                 dialect=runtime.dialect,
-                agent=self.agent,
+                agent=_opening(self.agent, outbound=self.direction == "outbound", disclosed=recording),
                 model=self.settings.model_for(self.agent),
                 tools=runtime.tools.specs(self.allowed_tools, self.agent),
-                instructions_suffix=frame_caller_notes(memory) if memory else "",
+                instructions_suffix="\n\n".join(suffix),
                 summary_max_turns=self.settings.summary_max_turns,
                 summary_max_tokens=self.settings.summary_max_tokens,
                 summary_keep_turns=self.settings.summary_keep_turns,
@@ -179,8 +223,9 @@ class MediaStreamCall(LiveHold):
             self.call_sid,
             {
                 **started,
-                "from": self.caller,
-                "to": self.called,
+                "direction": self.direction,
+                "from": grant.caller,  # as Twilio has them (for an outbound call: ours, then the callee's)
+                "to": grant.called,
                 "stream_sid": start.stream_sid,
                 "instance": runtime.instance_id,
                 "dialect": runtime.dialect.name,
@@ -195,6 +240,8 @@ class MediaStreamCall(LiveHold):
             self._skipped_note,
             extra={"caller_known": bool(memory), "profile": self.agent.name},
         )
+        if recording and not grant.resumes:  # a recording is the call's: it goes on across its streams
+            self._spawn(self._start_recording(), "recording")
         self._upstream_task = asyncio.create_task(session.supervise(), name=f"upstream-{self.call_sid}")
         # Its own task: each frame then resumes a 4-deep coroutine chain, not the ~20 frames of ASGI
         # middleware above this one (bench/RESULTS.md). Cancelling the ASGI task still cancels it.
@@ -207,21 +254,46 @@ class MediaStreamCall(LiveHold):
         finally:
             await self._teardown()
 
-    async def _earlier_streams(self) -> CallRecord | None:
-        """What the call's earlier streams stored (conversation, summary), for a resuming stream."""
+    async def _stored_call(self, *, resuming: bool) -> CallRecord | None:
+        """What is stored for the call: an outbound call's request, and, for a resuming stream, what its
+        earlier streams stored (conversation, summary)."""
         try:
             async with asyncio.timeout(RESUME_READ_TIMEOUT_S):
                 record = await self.runtime.store.get_call(self.call_sid)
         except Exception as exc:
-            self.log.warning(
-                "the call's stored conversation is unavailable (%s); resuming without it", type(exc).__name__
-            )
+            self.log.warning("the call's stored record is unavailable (%s); going on without it", type(exc).__name__)
             return None
         if record is None:
-            self.log.warning("nothing stored for this call; resuming without its conversation")
-        else:
+            self.log.warning("nothing stored for this call; going on without its record")
+        elif resuming:
             self.log.info("resuming the call with %d stored entries", len(record.entries))
         return record
+
+    def _records(self, grant: StreamGrant) -> bool:
+        """Whether this call is recorded (the profile's setting, else RELAY_RECORDING): only where the
+        REST API and a public URL for the recording's callback are there."""
+        mode = self.agent.recording or self.settings.recording
+        if mode == "off":
+            return False
+        if self.runtime.twilio_control is None or not self.settings.public_url:
+            if not grant.resumes:
+                self.log.warning("recording is on but needs TWILIO_ACCOUNT_SID and PUBLIC_URL; not recording")
+            return False
+        return True
+
+    async def _start_recording(self) -> None:
+        control, public = self.runtime.twilio_control, self.settings.public_url
+        assert control is not None and public is not None
+        try:
+            sid = await control.start_recording(
+                self.call_sid, channels="dual", status_callback=public.rstrip("/") + RECORDING_STATUS_PATH
+            )
+        except Exception as exc:
+            self.log.error("could not start the call's recording (%s)", type(exc).__name__)
+            self.runtime.store.call_updated(self.call_sid, {"recording_status": "failed"})
+            return
+        self.log.info("recording the call (dual channel)")
+        self.runtime.store.call_updated(self.call_sid, {"recording_sid": sid, "recording_status": "in-progress"})
 
     async def _caller_memory(self) -> str | None:
         if not self.memory_on:
@@ -325,6 +397,9 @@ class MediaStreamCall(LiveHold):
         if not played:
             self.log.info("goodbye not acknowledged within %.1f s; hanging up", self.settings.end_call_mark_timeout_s)
         control = self.runtime.twilio_control
+        # Before the REST call: Twilio's stop for the hang-up may come back before it returns, and the
+        # call ended for `reason`, not because the caller hung up.
+        self.end.begin(reason)
         if control is not None:
             try:
                 await control.hangup(self.call_sid)
@@ -418,6 +493,47 @@ class MediaStreamCall(LiveHold):
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
         return True
+
+    async def command(self, name: str, args: Mapping[str, str]) -> None:
+        """What another part of the service (any instance: Runtime.tell_call) asks of this stream:
+        the voicemail policy of an outbound call once answering-machine detection has answered."""
+        call = self.call
+        if call is None or self.end.ending:
+            return
+        if name == "voicemail_hangup":
+            self.log.info("answering machine (%s): hanging up", args.get("answered_by", "?"))
+            call.note_event("voicemail", policy="hangup", answered_by=args.get("answered_by", ""))
+            call.stop_speaking()
+            await self._flush()
+            await self.end_call("voicemail")
+        elif name == "leave_message":
+            self.log.info("answering machine greeting over: leaving the message")
+            call.note_event("voicemail", policy="leave_message")
+            call.stop_speaking()
+            call.say(
+                "You reached an answering machine and it is recording now. Leave this message, speaking to "
+                f"the person you called, then stop: {args.get('message', '')}",
+            )
+            await self._flush()
+            if not await self._message_played(VOICEMAIL_MESSAGE_MAX_S):
+                self.log.warning("the voicemail message did not finish within %.0f s", VOICEMAIL_MESSAGE_MAX_S)
+            await self.end_call("voicemail")
+        else:
+            self.log.warning("unknown call command %r ignored", name[:40])
+
+    async def _message_played(self, timeout: float) -> bool:
+        """Until the assistant started speaking, finished, and Twilio played it all (or the timeout)."""
+        call = self.call
+        assert call is not None
+        deadline = time.monotonic() + timeout
+        started = False
+        while time.monotonic() < deadline and self.twilio.open:
+            listening = call.phase.value == "listening"
+            started = started or not listening
+            if started and listening and call.playback_idle:
+                return True
+            await asyncio.sleep(PLAYBACK_POLL_S)
+        return False
 
     async def goodbye(self, text: str, timeout: float) -> None:
         """Shutdown: a short spoken goodbye where the session allows, then close."""

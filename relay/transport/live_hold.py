@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from relay import logs
@@ -23,6 +24,7 @@ RESUME_HOLD_WAIT_S = LIVE_TTL_S + LIVE_HEARTBEAT_S
 RESUME_HOLD_POLL_S = 0.1
 
 if TYPE_CHECKING:
+    from relay.agent_settings import AgentSettings
     from relay.call import Call
     from relay.runtime import Runtime
 
@@ -33,6 +35,8 @@ class LiveHold(ABC):
     runtime: Runtime
     call_sid: str
     called: str
+    direction: str
+    agent: AgentSettings
     call: Call | None
     end: CallEnd
     log: logs.CallLogger
@@ -52,6 +56,9 @@ class LiveHold(ABC):
 
     @abstractmethod
     async def hand_off(self, max_wait_s: float) -> bool: ...
+
+    @abstractmethod
+    async def command(self, name: str, args: Mapping[str, str]) -> None: ...
 
     def _phase(self) -> str:
         """What the live-call listing shows for this call (read with every beat)."""
@@ -78,8 +85,8 @@ class LiveHold(ABC):
         while True:
             self._hold = runtime.ownership.hold(
                 self.call_sid,
-                profile=runtime.profile_for(self.called).name,
-                direction="inbound",
+                profile=self.agent.name,
+                direction=self.direction,
                 phase=self._phase,
                 on_superseded=lambda: self._end("superseded"),
                 log=self.log,

@@ -1,4 +1,4 @@
-"""Live call control through Twilio's REST API (hang up, redirect to new TwiML).
+"""Call control through Twilio's REST API: hang up, redirect to new TwiML, place a call, record one.
 
 The official client is synchronous; calls run in a worker thread so audio never waits.
 ``TWILIO_API_BASE`` points the client at another host (a local recorder in tests)
@@ -39,3 +39,20 @@ class TwilioControl:
     async def redirect(self, call_sid: str, twiml: str) -> None:
         """Replace the live call's TwiML (ends the <Connect><Stream>)."""
         await asyncio.to_thread(lambda: self.client.calls(call_sid).update(twiml=twiml))
+
+    async def place_call(self, **create: Any) -> tuple[str, str]:
+        """``calls.create`` with these arguments; the new call's SID and status."""
+        call = await asyncio.to_thread(lambda: self.client.calls.create(**create))
+        return str(call.sid), str(call.status)
+
+    async def start_recording(self, call_sid: str, *, channels: str, status_callback: str) -> str:
+        """Record the live call from now on (``recordings.create``); the recording's SID."""
+        recording = await asyncio.to_thread(
+            lambda: self.client.calls(call_sid).recordings.create(
+                recording_channels=channels,
+                recording_status_callback=status_callback,
+                recording_status_callback_event=["completed"],
+                recording_status_callback_method="POST",
+            )
+        )
+        return str(recording.sid)
