@@ -292,3 +292,69 @@ async def test_a_dropped_stream_resumes_on_the_same_instance_while_the_old_one_w
 
 def configured(session: Any) -> bool:
     return any(e["type"] == "session.update" for _, e in session.received)
+
+
+RESUME_LINE = "Sorry about that, the line dropped for a moment. Where were we?"
+
+
+async def resumed_on_another_instance(
+    sim: RealtimeSimulator, redis_url: str, store_prefix: str, profiles: str | None
+) -> tuple[SimulatedCaller, int]:
+    """A greeted call whose stream is lost, resumed on a second instance; returns the new stream's
+    caller once the new session is configured, with the bytes it had heard by then."""
+    shared: dict[str, Any] = {
+        "redis_url": redis_url,
+        "redis_prefix": store_prefix,
+        "public_url": PUBLIC,
+        "profiles_file": profiles,
+    }
+    async with (
+        LocalRelay(relay_settings(sim.url, **shared)) as first,
+        LocalRelay(relay_settings(sim.url, **shared)) as second,
+    ):
+        caller = await greeted(first, public_url=PUBLIC)
+        await talk(caller, 400, seed=1)
+        assert await first.runtime.store.flush(2.0)
+        await caller.drop()
+        assert await wait_for(lambda: not first.runtime.calls, timeout=5)
+        caller.config.base_url = second.base_url
+        _, body = await caller.continuation()
+        resumed = make_caller(second, public_url=PUBLIC, call_sid=caller.call_sid)
+        await resumed.connect(resumed.parse_twiml(body))
+        assert await wait_for(lambda: len(sim.sessions) == 2 and configured(sim.sessions[1]), timeout=8)
+        await resumed.wait_for_audio(300, timeout=3)  # whatever the new session says by itself
+        await resumed.wait_idle(timeout=5)
+        heard = resumed.played_bytes
+        await resumed.hangup()
+        assert await wait_for(lambda: not second.runtime.calls, timeout=5)
+    return resumed, heard
+
+
+async def test_a_resumed_call_hears_the_profiles_resumption_line_once(
+    sim: RealtimeSimulator, redis_url: str, store_prefix: str, tmp_path: Any
+) -> None:
+    sim.config.greeting_reply_ms = 300
+    sim.config.reply_ms = 400
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text(f'[profiles.default]\nresume_line = "{RESUME_LINE}"\n', encoding="utf-8")
+    _, heard = await resumed_on_another_instance(sim, redis_url, store_prefix, str(profiles))
+    first_session, second_session = sim.sessions
+    creates = [e for _, e in second_session.received if e["type"] == "response.create"]
+    assert len(creates) == 1
+    instructions = creates[0]["response"]["instructions"]
+    assert instructions.endswith(f"Say exactly this and nothing else: {RESUME_LINE}")
+    assert "already in progress" in instructions and "Do not greet the caller again" in instructions
+    assert heard == 300 * 8  # the line, as long as the simulator's instructed replies
+    # the first stream's greeting was the call's only one
+    assert sum(e["type"] == "response.create" for _, e in first_session.received) == 1
+
+
+async def test_a_resumed_call_without_a_resumption_line_waits_for_the_caller(
+    sim: RealtimeSimulator, redis_url: str, store_prefix: str
+) -> None:
+    sim.config.greeting_reply_ms = 300
+    sim.config.reply_ms = 400
+    _, heard = await resumed_on_another_instance(sim, redis_url, store_prefix, None)
+    _, second_session = sim.sessions
+    assert [e for _, e in second_session.received if e["type"] == "response.create"] == []
+    assert heard == 0

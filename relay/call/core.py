@@ -37,6 +37,8 @@ from relay.realtime import client
 from relay.realtime import events as ev
 from relay.realtime.dialect import Dialect
 
+SAY_EXACTLY = "Say exactly this and nothing else: "
+
 
 class Call:
     """The logic of one call. Not thread-safe; driven by one transport."""
@@ -270,6 +272,10 @@ class Call:
             self.dialect.response_create(instructions=self.conversation.with_session_instructions(instructions))
         )
 
+    def say_exactly(self, text: str, *, interrupt: bool = False) -> None:
+        """Make the assistant speak `text` word for word (the drain goodbye, the resumption line)."""
+        self.say(f"{SAY_EXACTLY}{text}", interrupt=interrupt)
+
     def request_summary(self, *, final: bool = False) -> bool:
         """Ask for an out-of-band text summary; never spoken, never relayed to the caller."""
         if self.conversation.summary_in_flight or not self.session_ready:
@@ -351,10 +357,15 @@ class Call:
         first = not self.session_ready
         if not self.machines.session.fire("configured") or not first:
             return
-        if not self.greeted and self.conversation.sessions_opened == 1 and self.agent.greeting:
+        first_session = self.conversation.sessions_opened == 1
+        if not self.greeted and first_session and self.agent.greeting:
             self.assistant.greet()
             greeting = self.conversation.with_session_instructions(self.agent.greeting)
             self.request_response(self.dialect.response_create(instructions=greeting))
+        elif self.conversation.resumed and first_session and self.agent.resume_line:
+            # a call carried on from another stream: the caller was cut off for a moment and may
+            # wonder; the profile's line says so, once, and it is no greeting (that was the first stream's)
+            self.say_exactly(self.agent.resume_line)
         self.greeted = True
         if self.keypad.send_unsent() and not self.responses.has_plain_queued():
             # their response.create was queued in a session that was lost before it was ready

@@ -424,7 +424,7 @@ class MediaStreamCall(LiveHold):
         call = self.call
         if call is not None and call.session_ready and self.upstream is not None and not self.end.ending:
             call.note_event("drain_goodbye")
-            call.say(f"Say exactly this and nothing else: {text}", interrupt=True)
+            call.say_exactly(text, interrupt=True)
             await self._flush()
             await asyncio.sleep(GOODBYE_START_S)
             await self.wait_playback_idle(timeout)
