@@ -10,13 +10,21 @@ Redis shared by two instances.
 
 from __future__ import annotations
 
+import importlib
+import json
+import sys
+import textwrap
+import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import httpx
 import pytest
 from conftest import AUTH_TOKEN, make_caller, relay_settings, wait_for
-from tools_support import ACCOUNT_SID, TwilioApiRecorder
+from tools_support import ACCOUNT_SID, TwilioApiRecorder, outputs
 from twilio.request_validator import RequestValidator
 
 from relay.config import Settings
@@ -358,3 +366,88 @@ async def test_a_resumed_call_without_a_resumption_line_waits_for_the_caller(
     _, second_session = sim.sessions
     assert [e for _, e in second_session.received if e["type"] == "response.create"] == []
     assert heard == 0
+
+
+BOOKING_TOOL = """
+import asyncio
+from relay.tools import ToolContext, tool
+
+RUNS: list[str] = []
+
+
+@tool(description="Book a table (takes a second).")
+async def book_table(ctx: ToolContext, time: str) -> dict[str, str]:
+    RUNS.append("started")
+    await asyncio.sleep(1.0)
+    RUNS.append("finished")
+    return {"booked": time, "table": "7"}
+"""
+
+
+@pytest.fixture
+def booking_tool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    name = f"booking_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(BOOKING_TOOL))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    yield importlib.import_module(name)
+    sys.modules.pop(name, None)
+
+
+async def test_a_hand_off_while_a_tool_runs_waits_for_it_and_the_next_stream_gives_its_answer(
+    redis_url: str, store_prefix: str, booking_tool: ModuleType
+) -> None:
+    sim = RealtimeSimulator(
+        SimConfig(
+            function_calls_on_text={"entered 5 #": [("book_table", '{"time": "8pm"}')]},
+            realtime_factor=8.0,
+            greeting_reply_ms=300,
+            reply_ms=400,
+        )
+    )
+    await sim.start()
+    shared: dict[str, Any] = {
+        "redis_url": redis_url,
+        "redis_prefix": store_prefix,
+        "public_url": PUBLIC,
+        "handler_modules": (booking_tool.__name__,),
+    }
+    try:
+        async with (
+            LocalRelay(relay_settings(sim.url, **shared)) as first,
+            LocalRelay(relay_settings(sim.url, **shared)) as second,
+        ):
+            caller = await greeted(first, public_url=PUBLIC)
+            await caller.enter("5#")
+            assert await wait_for(lambda: booking_tool.RUNS == ["started"], timeout=5)
+            # the drain's bound (RELAY_HANDOFF_MAX_WAIT) runs out while the tool still runs
+            handed_off = await first.runtime.calls[caller.call_sid].hand_off(0.1)
+            tool_runs = list(booking_tool.RUNS)
+            assert await caller.wait_closed(timeout=5) == 1000
+            assert await wait_for(lambda: not first.runtime.calls, timeout=5)
+            caller.config.base_url = second.base_url
+            _, body = await caller.continuation()
+            resumed = make_caller(second, public_url=PUBLIC, call_sid=caller.call_sid)
+            await resumed.connect(resumed.parse_twiml(body))
+            assert await wait_for(lambda: len(sim.sessions) == 2 and configured(sim.sessions[1]), timeout=8)
+            assert await resumed.wait_for_audio(300, timeout=5)  # the booking's answer, from the new session
+            await resumed.wait_idle(timeout=5)
+            await resumed.hangup()
+            assert await wait_for(lambda: not second.runtime.calls, timeout=5)
+            record = await second.runtime.store.get_call(caller.call_sid)
+    finally:
+        await sim.stop()
+    assert handed_off is True
+    assert tool_runs == ["started", "finished"]  # it ran to its end before the stream closed
+    first_session, second_session = sim.sessions
+    assert outputs(first_session) == []  # the old session was not asked to answer a call it was leaving
+    assert record is not None
+    results = [e for e in record.entries if e["kind"] == "tool_result"]
+    assert [(json.loads(e["output"]), e["ok"]) for e in results] == [({"booked": "8pm", "table": "7"}, True)]
+    hand_off = next(e for e in record.entries if e.get("event") == "handed_off")
+    assert hand_off["waited_for_tools"] == 1
+    update = next(e for _, e in second_session.received if e["type"] == "session.update")
+    assert 'Tool result: {"booked":"8pm","table":"7"}' in update["session"]["instructions"]
+    creates = [e for _, e in second_session.received if e["type"] == "response.create"]
+    assert len(creates) == 1
+    assert creates[0]["response"]["instructions"].endswith("tell the caller what it means for them.")

@@ -78,6 +78,8 @@ class MediaStreamCall(LiveHold):
         self._skipped_note = ""
         self._effect_failures = RepeatLimiter(self.log)  # per kind of effect, bounded log lines
         self._hold: CallHold | None = None  # the call's one live stream across instances (relay/ownership.py)
+        self._tool_tasks: set[asyncio.Task[Any]] = set()
+        self._results_for_next_stream = False  # a hand-off waits for the running tools (see hand_off)
 
     def twilio_open(self) -> bool:
         return self.twilio.open
@@ -256,7 +258,9 @@ class MediaStreamCall(LiveHold):
             store.add_usage(self.call_sid, effect.usage)
             self.cost_usd += metrics.record_usage(effect.usage, self.settings.price_per_1k_tokens)
         elif isinstance(effect, RunTool):
-            self._spawn(self._run_tool(effect), f"tool-{effect.name}")
+            task = self._spawn(self._run_tool(effect), f"tool-{effect.name}")
+            self._tool_tasks.add(task)
+            task.add_done_callback(self._tool_tasks.discard)
         elif isinstance(effect, SummaryReady):
             store.set_summary(self.call_sid, effect.text)
             if effect.final:
@@ -306,7 +310,10 @@ class MediaStreamCall(LiveHold):
         self.runtime.metrics.tool_call(request.name, result.outcome, result.duration_s)
         if self.end.ending or self.call.phase.value == "closed":
             return  # the call ended (end_call, transfer, hang-up): no new response for a dead line
-        self.call.tool_result(request.call_id, result.output, ok=result.outcome == "ok")
+        if self._results_for_next_stream:
+            self.call.tool_result_for_next_stream(request.call_id, result.output, ok=result.outcome == "ok")
+        else:
+            self.call.tool_result(request.call_id, result.output, ok=result.outcome == "ok")
         await self._flush()
 
     async def wait_playback_idle(self, timeout: float) -> bool:
@@ -399,13 +406,24 @@ class MediaStreamCall(LiveHold):
         deadline = time.monotonic() + max_wait_s
         while not self._at_pause() and time.monotonic() < deadline and not self.end.ending:
             await asyncio.sleep(PLAYBACK_POLL_S)
+        waited_tools = len(self._tool_tasks)
+        if waited_tools and not self.end.ending:
+            # A tool still runs: cutting it off would lose what it did (an order placed, a booking
+            # made) and its answer. The hand-off waits for it (each tool has its own timeout, so it
+            # always comes back); its result is recorded instead of answered here, and the stream
+            # that resumes the call tells the caller.
+            self._results_for_next_stream = True
+            self.log.info("hand-off waits for %d running tool%s", waited_tools, "" if waited_tools == 1 else "s")
+            await asyncio.wait(set(self._tool_tasks))
         call = self.call
         if call is None or self.end.ending:
             return False
         at_pause = self._at_pause()
         self.end.begin("handed_off")
         try:
-            call.note_event("handed_off", at_pause=at_pause)
+            call.note_event(
+                "handed_off", at_pause=at_pause, **({"waited_for_tools": waited_tools} if waited_tools else {})
+            )
             await self._flush()
             if not await self.runtime.store.flush(HANDOFF_FLUSH_TIMEOUT_S):
                 self.log.warning("state not all written within %.1f s before the hand-off", HANDOFF_FLUSH_TIMEOUT_S)
