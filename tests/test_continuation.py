@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import sys
 import textwrap
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,6 +30,8 @@ from tools_support import ACCOUNT_SID, TwilioApiRecorder, outputs
 from twilio.request_validator import RequestValidator
 
 from relay.config import Settings
+from relay.metrics import usage_cost
+from relay.realtime.dialect import flatten_usage
 from relay.sim import ulaw
 from relay.sim.caller import SimulatedCaller
 from relay.sim.local import LocalRelay
@@ -451,3 +455,63 @@ async def test_a_hand_off_while_a_tool_runs_waits_for_it_and_the_next_stream_giv
     creates = [e for _, e in second_session.received if e["type"] == "response.create"]
     assert len(creates) == 1
     assert creates[0]["response"]["instructions"].endswith("tell the caller what it means for them.")
+
+
+PRICES = {"input_text": 0.004, "input_audio": 0.032, "cached": 0.0004, "output_text": 0.016, "output_audio": 0.064}
+
+
+async def test_a_resumed_calls_record_adds_up_both_streams(
+    sim: RealtimeSimulator, redis_url: str, store_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
+    sim.config.greeting_reply_ms = 300
+    sim.config.reply_ms = 400
+    shared: dict[str, Any] = {
+        "redis_url": redis_url,
+        "redis_prefix": store_prefix,
+        "public_url": PUBLIC,
+        "price_per_1k_tokens": PRICES,
+    }
+    async with (
+        LocalRelay(relay_settings(sim.url, **shared)) as first,
+        LocalRelay(relay_settings(sim.url, **shared)) as second,
+    ):
+        caller = await greeted(first, public_url=PUBLIC)
+        await talk(caller, 400, seed=1)
+        assert await first.runtime.store.flush(2.0)
+        await caller.drop()
+        assert await wait_for(lambda: not first.runtime.calls, timeout=5)
+        caller.config.base_url = second.base_url
+        _, body = await caller.continuation()
+        resumed = make_caller(second, public_url=PUBLIC, call_sid=caller.call_sid)
+        await resumed.connect(resumed.parse_twiml(body))
+        assert await wait_for(lambda: len(sim.sessions) == 2 and configured(sim.sessions[1]), timeout=8)
+        await talk(resumed, 400, seed=2)
+        await resumed.hangup()
+        assert await wait_for(lambda: not second.runtime.calls, timeout=5)
+        record = await second.runtime.store.get_call(caller.call_sid)
+    assert record is not None
+    usages = [
+        flatten_usage(e["response"]["usage"]) for s in sim.sessions for e in s.sent if e["type"] == "response.done"
+    ]
+    assert len(sim.sessions) == 2
+    total: dict[str, int] = {}
+    for usage in usages:
+        for kind, count in usage.items():
+            total[kind] = total.get(kind, 0) + count
+    assert record.usage == total
+    assert float(record.meta["cost_usd"]) == pytest.approx(sum(usage_cost(u, PRICES) for u in usages), rel=1e-9)
+    # each stream's own figures are on its "call ended" line; the record has their sums
+    streams = [
+        r for r in caplog.records if r.getMessage() == "call ended" and r.__dict__.get("call_sid") == caller.call_sid
+    ]
+    assert [r.__dict__["reason"] for r in streams] == ["caller_disconnected", "caller_hung_up"]
+    assert int(record.meta["frames_in"]) == sum(r.__dict__["frames_in"] for r in streams)
+    assert int(record.meta["frames_out"]) == sum(r.__dict__["frames_out"] for r in streams)
+    assert int(record.meta["frames_out"]) == len(caller.received_payloads) + len(resumed.received_payloads)
+    # the call lasted from its first stream's start to its last stream's end
+    call_s = (
+        datetime.fromisoformat(record.meta["ended"]) - datetime.fromisoformat(record.meta["started"])
+    ).total_seconds()
+    assert float(record.meta["duration_s"]) == round(call_s, 1)
+    assert float(record.meta["duration_s"]) > sum(r.__dict__["duration_s"] for r in streams[1:])

@@ -30,6 +30,7 @@ __all__ = [
     "StoreUnavailable",
     "caller_memory_refusal",
     "encode_entry",
+    "format_total",
     "hash_number",
     "normalize_number",
 ]
@@ -162,6 +163,11 @@ def encode_entry(entry: Mapping[str, Any]) -> bytes:
     return orjson.dumps(as_dict, default=str, option=orjson.OPT_NON_STR_KEYS)
 
 
+def format_total(value: float) -> str:
+    """A summed metadata field as stored (``add_totals``): ``12`` for whole numbers, else up to 15 digits."""
+    return f"{value:.15g}"
+
+
 def normalize_number(number: str) -> str:
     """Strip formatting so "+1 (415) 555-0100" and "+14155550100" hash the same."""
     return number.strip().translate(_NUMBER_NOISE)
@@ -222,6 +228,11 @@ class Store(Protocol):
 
     def add_usage(self, call_sid: str, usage: Mapping[str, int]) -> None:
         """Add token counts by kind to the call's running totals."""
+        ...
+
+    def add_totals(self, call_sid: str, amounts: Mapping[str, float]) -> None:
+        """Add amounts to numeric metadata fields of the call (``cost_usd``, ``frames_in`` …), so each
+        stream of a call, on whichever instance, adds its share instead of overwriting the others'."""
         ...
 
     def set_summary(self, call_sid: str, summary: str) -> None:

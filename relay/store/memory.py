@@ -23,6 +23,7 @@ from .base import (
     LiveCall,
     LiveCallRecord,
     encode_entry,
+    format_total,
     hash_number,
     is_listed,
 )
@@ -114,6 +115,15 @@ class MemoryStore:
             totals = self._call(call_sid).usage
             for k, v in deltas.items():
                 totals[k] = totals.get(k, 0) + v
+
+        self._apply(apply)
+
+    def add_totals(self, call_sid: str, amounts: Mapping[str, float]) -> None:
+        def apply() -> None:
+            deltas = {str(k): float(v) for k, v in amounts.items()}
+            meta = self._call(call_sid).meta
+            for k, v in deltas.items():
+                meta[k] = format_total(float(meta.get(k) or 0) + v)
 
         self._apply(apply)
 

@@ -139,6 +139,9 @@ class RedisStore:
     def add_usage(self, call_sid: str, usage: Mapping[str, int]) -> None:
         self._writer.put_usage(call_sid, usage)
 
+    def add_totals(self, call_sid: str, amounts: Mapping[str, float]) -> None:
+        self._writer.put_totals(call_sid, amounts)
+
     def set_summary(self, call_sid: str, summary: str) -> None:
         self._writer.put_summary(call_sid, summary)
 

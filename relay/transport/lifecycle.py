@@ -50,6 +50,15 @@ HANDOFF_FLUSH_TIMEOUT_S = 1.0
 RESUME_ENTRIES = 40  # the latest stored entries a resumed call's conversation is seeded with
 
 
+def _first_start(earlier: CallRecord | None, fallback: datetime) -> datetime:
+    """When the call's first stream started, from what the earlier streams stored (else `fallback`)."""
+    try:
+        began = datetime.fromisoformat((earlier.meta if earlier else {})["started"])
+    except (KeyError, ValueError):
+        return fallback
+    return began if began.tzinfo is not None else fallback
+
+
 class MediaStreamCall(LiveHold):
     """A call's Media Stream; ``await MediaStreamCall(runtime, websocket).run()`` serves it."""
 
@@ -73,6 +82,7 @@ class MediaStreamCall(LiveHold):
         self._session: RealtimeSession | None = None
         self.cost_usd = 0.0
         self.started_at = time.monotonic()
+        self.call_began = datetime.now(UTC)  # the call's first stream's start (see _serve)
         self.agent = self.settings.agent
         self.allowed_tools: tuple[str, ...] | None = None
         self._skipped_note = ""
@@ -169,8 +179,10 @@ class MediaStreamCall(LiveHold):
             spawn=self._spawn,
         )
         runtime.metrics.calls_started.inc()
-        started = {"started": datetime.now(UTC).isoformat()}
+        self.call_began = datetime.now(UTC)
+        started = {"started": self.call_began.isoformat()}
         if grant.resumes:  # the call's record goes on; "started" stays the call's first stream's
+            self.call_began = _first_start(earlier, self.call_began)
             started = {
                 "ended": "",  # an earlier stream's end was not the call's
                 "end_reason": "",
@@ -256,7 +268,10 @@ class MediaStreamCall(LiveHold):
             store.add_entry(self.call_sid, {"kind": effect.kind, "t": time.time(), **effect.data})
         elif isinstance(effect, UsageReport):
             store.add_usage(self.call_sid, effect.usage)
-            self.cost_usd += metrics.record_usage(effect.usage, self.settings.price_per_1k_tokens)
+            cost = metrics.record_usage(effect.usage, self.settings.price_per_1k_tokens)
+            if cost:  # as it is spent: an instance that dies mid-call has added its share already
+                store.add_totals(self.call_sid, {"cost_usd": cost})
+            self.cost_usd += cost
         elif isinstance(effect, RunTool):
             task = self._spawn(self._run_tool(effect), f"tool-{effect.name}")
             self._tool_tasks.add(task)
@@ -490,22 +505,23 @@ class MediaStreamCall(LiveHold):
         self.log.info("call ended", extra=ended)
 
     def _record_end(self, call: Call, reason: str) -> dict[str, object]:
-        """The call's record and metrics at its end; returns the fields of its last log line."""
+        """The call's record and metrics at this stream's end; returns the fields of its last log line.
+
+        A call may have had several streams (resumed after a drop or a hand-off, maybe on other
+        instances): each adds its frames (and its cost as it is spent) to the record's totals, and
+        ``duration_s`` runs from the call's first stream's start, so the record of a resumed call
+        describes the whole call, not its last stream."""
+        store = self.runtime.store
         duration = time.monotonic() - self.started_at
-        now = datetime.now(UTC).isoformat()
+        now = datetime.now(UTC)
+        store.add_totals(self.call_sid, {"frames_in": call.frames_in, "frames_out": call.frames_out, "cost_usd": 0.0})
         if reason == "handed_off":  # the call goes on elsewhere: its record is not ended
-            self.runtime.store.call_updated(self.call_sid, {"handed_off": now})
+            store.call_updated(self.call_sid, {"handed_off": now.isoformat()})
         else:
-            self.runtime.store.call_updated(
+            call_duration = max(duration, (now - self.call_began).total_seconds())
+            store.call_updated(
                 self.call_sid,
-                {
-                    "ended": now,
-                    "end_reason": reason,
-                    "duration_s": f"{duration:.1f}",
-                    "frames_in": str(call.frames_in),
-                    "frames_out": str(call.frames_out),
-                    "cost_usd": f"{self.cost_usd:.4f}",
-                },
+                {"ended": now.isoformat(), "end_reason": reason, "duration_s": f"{call_duration:.1f}"},
             )
         self.runtime.metrics.call_ended(reason, duration)
         if self.settings.price_per_1k_tokens:
