@@ -515,3 +515,65 @@ async def test_a_resumed_calls_record_adds_up_both_streams(
     ).total_seconds()
     assert float(record.meta["duration_s"]) == round(call_s, 1)
     assert float(record.meta["duration_s"]) > sum(r.__dict__["duration_s"] for r in streams[1:])
+
+
+def tags(body: str) -> list[str]:
+    return [tag for tag, _, _ in verbs(body)]
+
+
+def next_stream(caller: SimulatedCaller, relay: LocalRelay, body: str) -> SimulatedCaller:
+    """The caller of the call's next stream, which Twilio opens from the continuation's TwiML and
+    follows, when it ends, with that TwiML's <Redirect> (the same continuation URL)."""
+    following = make_caller(relay, public_url=PUBLIC, call_sid=caller.call_sid)
+    following.continue_url = caller.continue_url
+    return following
+
+
+async def test_hand_offs_do_not_count_toward_the_loop_guard_but_lost_streams_do(
+    sim: RealtimeSimulator, redis_url: str, store_prefix: str
+) -> None:
+    shared: dict[str, Any] = {
+        "redis_url": redis_url,
+        "redis_prefix": store_prefix,
+        "public_url": PUBLIC,
+        "max_continuations": 1,
+        "fallback_number": FALLBACK,
+    }
+    async with (
+        LocalRelay(relay_settings(sim.url, **shared)) as first,
+        LocalRelay(relay_settings(sim.url, **shared)) as second,
+    ):
+
+        def serving(relay: LocalRelay, call_sid: str) -> bool:
+            call = relay.runtime.calls.get(call_sid)
+            return call is not None and call.call is not None and call.call.session_ready
+
+        moved = await greeted(first, public_url=PUBLIC)
+        sid = moved.call_sid
+        handed_off_answers = []
+        for owner, other in [(first, second), (second, first)]:  # two deploys within the minute
+            assert await owner.runtime.calls[sid].hand_off(1.0) is True
+            assert await moved.wait_closed(timeout=5) == 1000
+            moved.config.base_url = other.base_url
+            _, body = await moved.continuation()
+            handed_off_answers.append(tags(body))
+            moved = next_stream(moved, other, body)
+            await moved.connect(moved.parse_twiml(body))
+            assert await wait_for(lambda other=other: serving(other, sid), timeout=8)
+        await moved.hangup()
+
+        lost = await greeted(first, public_url=PUBLIC)
+        sid_lost = lost.call_sid
+        lost_answers = []
+        for _ in range(2):  # the connection drops twice within the minute
+            await lost.drop()
+            assert await wait_for(lambda: sid_lost not in first.runtime.calls, timeout=5)
+            _, body = await lost.continuation()
+            lost_answers.append(verbs(body))
+            if tags(body) == ["Connect", "Redirect"]:
+                lost = next_stream(lost, first, body)
+                await lost.connect(lost.parse_twiml(body))
+                assert await wait_for(lambda: serving(first, sid_lost), timeout=8)
+    assert handed_off_answers == [["Connect", "Redirect"]] * 2
+    assert [[tag for tag, _, _ in answer] for answer in lost_answers[:1]] == [["Connect", "Redirect"]]
+    assert lost_answers[1] == apology_then(FALLBACK)

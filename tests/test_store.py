@@ -163,6 +163,16 @@ async def test_totals_add_up_across_writers(store: Store) -> None:
     assert store.dropped_writes == 1
 
 
+async def test_a_disposition_is_taken_only_while_it_is_the_one_expected(store: Store) -> None:
+    await store.set_disposition("CA5", "handed_off")
+    assert await store.take_disposition("CA5", "ended") is False
+    assert await store.get_disposition("CA5") == "handed_off"
+    assert await store.take_disposition("CA5", "handed_off") is True
+    assert await store.take_disposition("CA5", "handed_off") is False  # a second reader gets nothing
+    assert await store.get_disposition("CA5") is None
+    assert await store.take_disposition("CA-none", "handed_off") is False
+
+
 async def test_get_call_json_shape(store: Store) -> None:
     store.call_started("CA2", {"from": CALLER_E164})
     store.add_entry("CA2", {"kind": "tool_call", "t": 1.5, "name": "lookup", "args": {"id": [1, 2]}})

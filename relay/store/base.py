@@ -257,13 +257,20 @@ class Store(Protocol):
         ...
 
     async def set_disposition(self, call_sid: str, disposition: str) -> None:
-        """Record at once (awaited, not queued behind other writes) that the call was ended on purpose
-        (``ended``), before its stream closes: Twilio asks the continuation webhook, on any instance,
-        what to do next as soon as the stream is gone. Raises StoreUnavailable."""
+        """Record at once (awaited, not queued behind other writes) how the call goes on, before its
+        stream closes: ended on purpose (``ended``), the Realtime API unreachable (``unavailable``) or
+        handed off to another instance (``handed_off``, taken by the continuation that resumes it).
+        Twilio asks the continuation webhook, on any instance, what to do next as soon as the stream
+        is gone. Raises StoreUnavailable."""
         ...
 
     async def get_disposition(self, call_sid: str) -> str | None:
         """What `set_disposition` recorded for the call, or None."""
+        ...
+
+    async def take_disposition(self, call_sid: str, disposition: str) -> bool:
+        """Remove the call's disposition if it is `disposition` (compare-and-delete); True if this
+        call removed it, so of two readers only one acts on it. Raises StoreUnavailable."""
         ...
 
     async def count_continuation(self, call_sid: str, window_s: int) -> int:

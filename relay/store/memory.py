@@ -179,6 +179,12 @@ class MemoryStore:
             return None
         return item[0]
 
+    async def take_disposition(self, call_sid: str, disposition: str) -> bool:
+        if await self.get_disposition(call_sid) != disposition:
+            return False
+        del self._dispositions[call_sid]
+        return True
+
     async def count_continuation(self, call_sid: str, window_s: int) -> int:
         now = self._clock()
         count, window_ends = self._continuations.get(call_sid, (0, now + window_s))

@@ -24,6 +24,9 @@ from .redis_keys import RedisKeys, describe, text
 from .redis_live import RedisOwnership
 from .redis_writer import BatchWriter
 
+# Compare-and-delete: the disposition goes only if it is still the one expected.
+_TAKE_DISPOSITION = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
 __all__ = ["RedisStore"]
 
 _T = TypeVar("_T")
@@ -89,6 +92,7 @@ class RedisStore:
         )
         self._redis: Redis = Redis.from_pool(pool)
         self._ownership = RedisOwnership(self._redis, self._keys)
+        self._take_disposition = self._redis.register_script(_TAKE_DISPOSITION)
         self._writer = BatchWriter(
             self._redis,
             self._keys,
@@ -210,6 +214,14 @@ class RedisStore:
 
         raw = await self._read("get_disposition", read)
         return None if raw is None else text(raw)
+
+    async def take_disposition(self, call_sid: str, disposition: str) -> bool:
+        key = self._keys.call(call_sid, "disposition")
+
+        async def take() -> Any:
+            return await self._take_disposition(keys=[key], args=[disposition.encode()])
+
+        return bool(await self._read("take_disposition", take))
 
     async def count_continuation(self, call_sid: str, window_s: int) -> int:
         key = self._keys.call(call_sid, "continuations")

@@ -390,8 +390,9 @@ class MediaStreamCall(LiveHold):
 
     async def _record_disposition(self, disposition: str) -> None:
         """Record, before the stream closes, how the call goes on (``ended``: it is over;
-        ``unavailable``: the Realtime API is not reachable), for the continuation webhook on whichever
-        instance Twilio reaches; bounded, since the caller waits on it."""
+        ``unavailable``: the Realtime API is not reachable; ``handed_off``: resume it elsewhere), for
+        the continuation webhook on whichever instance Twilio reaches; bounded, since the caller
+        waits on it."""
         try:
             async with asyncio.timeout(DISPOSITION_TIMEOUT_S):
                 await self.runtime.store.set_disposition(self.call_sid, disposition)
@@ -436,6 +437,7 @@ class MediaStreamCall(LiveHold):
         at_pause = self._at_pause()
         self.end.begin("handed_off")
         try:
+            await self._record_disposition("handed_off")  # its continuation resumes it without counting a loss
             call.note_event(
                 "handed_off", at_pause=at_pause, **({"waited_for_tools": waited_tools} if waited_tools else {})
             )
