@@ -577,3 +577,96 @@ async def test_hand_offs_do_not_count_toward_the_loop_guard_but_lost_streams_do(
     assert handed_off_answers == [["Connect", "Redirect"]] * 2
     assert [[tag for tag, _, _ in answer] for answer in lost_answers[:1]] == [["Connect", "Redirect"]]
     assert lost_answers[1] == apology_then(FALLBACK)
+
+
+EARLIER_NOTES = "Ana, prefers Spanish, asked about a refund last week."
+
+
+def final_summaries(record: Any) -> list[str]:
+    return [e["text"] for e in record.entries if e["kind"] == "summary" and e["final"]]
+
+
+async def test_a_dropped_stream_leaves_the_caller_memory_to_the_stream_that_ends_the_call(
+    sim: RealtimeSimulator, redis_url: str, store_prefix: str
+) -> None:
+    sim.config.greeting_reply_ms = 300
+    sim.config.reply_ms = 400
+    shared: dict[str, Any] = {
+        "redis_url": redis_url,
+        "redis_prefix": store_prefix,
+        "public_url": PUBLIC,
+        "caller_memory": True,
+        "stream_token_ttl_s": 2,
+        "start_timeout_s": 0.5,
+    }
+    async with (
+        LocalRelay(relay_settings(sim.url, **shared)) as first,
+        LocalRelay(relay_settings(sim.url, **shared)) as second,
+    ):
+        store = first.runtime.store
+        store.set_caller_memory("+15550001111", EARLIER_NOTES)
+        caller = await greeted(first, public_url=PUBLIC)
+        await talk(caller, 400, seed=1)
+        await talk(caller, 400, seed=2)
+        await caller.drop()
+        assert await wait_for(lambda: not first.runtime.calls, timeout=8)
+        assert await store.flush(2.0)
+        after_drop = await store.get_caller_memory("+15550001111")
+        caller.config.base_url = second.base_url
+        _, body = await caller.continuation()
+        resumed = make_caller(second, public_url=PUBLIC, call_sid=caller.call_sid)
+        await resumed.connect(resumed.parse_twiml(body))
+        assert await wait_for(lambda: len(sim.sessions) == 2 and configured(sim.sessions[1]), timeout=8)
+        await talk(resumed, 400, seed=3)
+        await resumed.hangup()
+        assert await wait_for(lambda: not second.runtime.calls, timeout=8)
+        assert await second.runtime.store.flush(2.0)
+        record = await store.get_call(caller.call_sid)
+        at_the_end = await store.get_caller_memory("+15550001111")
+        # the dropped stream's summary waited on the first instance; it sees the call resumed
+        assert await wait_for(lambda: first.runtime.later_memory.waiting == 0, timeout=15)
+        assert await store.flush(2.0)
+        settled = await store.get_caller_memory("+15550001111")
+    assert after_drop == EARLIER_NOTES  # not this call's notes, mid-call
+    update = next(e for _, e in sim.sessions[1].received if e["type"] == "session.update")
+    assert EARLIER_NOTES in update["session"]["instructions"]  # the resumed stream knows the earlier calls
+    assert record is not None
+    dropped_summary, last_summary = final_summaries(record)
+    assert dropped_summary != last_summary
+    assert at_the_end == settled == last_summary  # the whole call's, from its last stream
+
+
+async def test_a_dropped_stream_nobody_resumes_still_becomes_the_callers_memory(sim: RealtimeSimulator) -> None:
+    sim.config.greeting_reply_ms = 300
+    sim.config.reply_ms = 400
+    settings = relay_settings(sim.url, caller_memory=True, stream_token_ttl_s=2, start_timeout_s=0.5)
+    async with LocalRelay(settings) as relay:
+        store = relay.runtime.store
+        store.set_caller_memory("+15550001111", EARLIER_NOTES)
+        caller = await greeted(relay)
+        await talk(caller, 400, seed=1)
+        await caller.drop()  # and Twilio never asks for the continuation: the call ended with it
+        assert await wait_for(lambda: not relay.runtime.calls, timeout=8)
+        right_after = await store.get_caller_memory("+15550001111")
+        assert await wait_for(lambda: relay.runtime.later_memory.waiting == 0, timeout=20)
+        later = await store.get_caller_memory("+15550001111")
+        record = await store.get_call(caller.call_sid)
+    assert right_after == EARLIER_NOTES
+    assert record is not None
+    assert later == final_summaries(record)[0]
+
+
+async def test_a_summary_still_waiting_when_the_instance_stops_is_written_then(sim: RealtimeSimulator) -> None:
+    sim.config.greeting_reply_ms = 300
+    sim.config.reply_ms = 400
+    async with LocalRelay(relay_settings(sim.url, caller_memory=True)) as relay:  # a wait of over a minute
+        store = relay.runtime.store
+        caller = await greeted(relay)
+        await talk(caller, 400, seed=1)
+        await caller.drop()
+        assert await wait_for(lambda: not relay.runtime.calls, timeout=8)
+        before_stop = await store.get_caller_memory("+15550001111")
+    record = await store.get_call(caller.call_sid)
+    assert before_stop is None
+    assert record is not None
+    assert await store.get_caller_memory("+15550001111") == final_summaries(record)[0]

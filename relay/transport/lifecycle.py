@@ -23,6 +23,7 @@ from websockets.asyncio.client import ClientConnection
 from relay import logs
 from relay.asgi_direct import DirectWebSocket
 from relay.call import Call, Effect, Entry, Metric, RunTool, SummaryReady, UpstreamFailed, UsageReport
+from relay.caller_memory import WaitingMemory
 from relay.logbound import RepeatLimiter
 from relay.ownership import CallHold
 from relay.security import frame_caller_notes
@@ -48,6 +49,11 @@ DISPOSITION_TIMEOUT_S = 1.0
 RESUME_READ_TIMEOUT_S = 1.0
 HANDOFF_FLUSH_TIMEOUT_S = 1.0
 RESUME_ENTRIES = 40  # the latest stored entries a resumed call's conversation is seeded with
+# Stream ends after which the continuation webhook may resume the call on a new stream (no stop from
+# Twilio, nothing recorded as an ending): the caller's memory waits until it is known that none did.
+MAY_RESUME = frozenset({"caller_disconnected", "stream_closed"})
+# Stream ends where another stream of the call goes on (and writes the caller's memory at its end).
+GOES_ON = frozenset({"handed_off", "superseded"})
 
 
 def _first_start(earlier: CallRecord | None, fallback: datetime) -> datetime:
@@ -73,6 +79,8 @@ class MediaStreamCall(LiveHold):
         self.called = ""
         self.caller_memory: str | None = None  # notes from earlier calls: never passed on to a transfer whisper
         self.memory_on = False  # caller memory is read and written for this call (see _serve)
+        self.memory_later = False  # the final summary waits to become the caller's memory (see _teardown)
+        self.stream_number = 1  # this stream's place among the call's streams (a resumed call has several)
         self.end = CallEnd()
         self.tasks: set[asyncio.Task[Any]] = set()
         self._twilio_task: asyncio.Task[None] | None = None
@@ -183,11 +191,12 @@ class MediaStreamCall(LiveHold):
         started = {"started": self.call_began.isoformat()}
         if grant.resumes:  # the call's record goes on; "started" stays the call's first stream's
             self.call_began = _first_start(earlier, self.call_began)
+            self.stream_number = int((earlier.meta if earlier else {}).get("streams", "1") or 1) + 1
             started = {
                 "ended": "",  # an earlier stream's end was not the call's
                 "end_reason": "",
                 "resumed": started["started"],
-                "streams": str(int((earlier.meta if earlier else {}).get("streams", "1") or 1) + 1),
+                "streams": str(self.stream_number),
             }
         runtime.store.call_started(
             self.call_sid,
@@ -279,7 +288,10 @@ class MediaStreamCall(LiveHold):
         elif isinstance(effect, SummaryReady):
             store.set_summary(self.call_sid, effect.text)
             if effect.final:
-                if self.memory_on:
+                if self.memory_on and self.memory_later:
+                    waiting = WaitingMemory(self.call_sid, self.caller, effect.text, self.stream_number)
+                    self.runtime.later_memory.defer(waiting)
+                elif self.memory_on:
                     store.set_caller_memory(self.caller, effect.text)
                 self._final_summary.set()
         elif isinstance(effect, UpstreamFailed):
@@ -472,9 +484,12 @@ class MediaStreamCall(LiveHold):
         reason = self.end.begin("stream_closed")
         if reason == "caller_hung_up":  # Twilio's stop: the call is over, nothing may resume it
             await self._record_disposition("ended")
+        # A dropped stream may be resumed: its summary becomes the caller's memory only once no new
+        # stream did (relay/caller_memory.py), else the resumed call's last stream writes the memory.
+        self.memory_later = reason in MAY_RESUME
         if (
             self.memory_on
-            and reason != "handed_off"  # the call goes on elsewhere: its last instance writes the memory
+            and reason not in GOES_ON  # another stream carries the call on and writes the memory at its end
             and self.upstream is not None
             and call.session_ready
             and (call.turn_count > 0 or call.summary)
