@@ -44,6 +44,10 @@ class LaterMemory:
         self.window_s = window_s
         self.log = log
         self._waiting: dict[str, tuple[WaitingMemory, asyncio.Task[None]]] = {}
+        self._stopped = False
+
+    def start(self) -> None:
+        self._stopped = False
 
     @property
     def waiting(self) -> int:
@@ -51,6 +55,9 @@ class LaterMemory:
 
     def defer(self, memory: WaitingMemory) -> None:
         """Write `memory` as the caller's memory unless a stream resumes its call within the window."""
+        if self._stopped:  # a stream torn down as the instance stops: nobody would be left to wait
+            self._settle(memory, None)
+            return
         earlier = self._waiting.pop(memory.call_sid, None)
         if earlier is not None:
             earlier[1].cancel()
@@ -100,6 +107,7 @@ class LaterMemory:
 
     async def stop(self) -> None:
         """Shutdown: settle every waiting summary now (a call resumed already is left to its stream)."""
+        self._stopped = True
         waiting = list(self._waiting.values())
         self._waiting.clear()
         for memory, task in waiting:

@@ -187,6 +187,7 @@ class Runtime:
 
     async def start(self) -> None:
         await self.store.start()
+        self.later_memory.start()
         self.started = True
         self._metrics_task = asyncio.create_task(self._periodic(), name="runtime-periodic")
         self.ownership.start()
