@@ -20,6 +20,7 @@ DEFAULT_INSTRUCTIONS = (
     "You are a friendly, concise phone assistant. Speak naturally, keep answers short, and ask one question at a time."
 )
 DEFAULT_GREETING = "Greet the caller warmly in one short sentence and ask how you can help."
+RESUME_LINE_MAX_CHARS = 300  # spoken word for word while the caller waits: one or two sentences
 
 
 def check_voice(dialect: str, voice: str | None, speed: float, *, voice_key: str, speed_key: str) -> None:
@@ -55,6 +56,13 @@ class DtmfSettings:
     interrupt: bool = True  # a key press cuts off the assistant like speech does
 
 
+def check_resume_line(line: str, key: str) -> None:
+    """A resumption line is spoken as written, so it must be short enough to say in one breath."""
+    if len(line) > RESUME_LINE_MAX_CHARS:
+        limit = RESUME_LINE_MAX_CHARS
+        raise ConfigError(f"{key} must be at most {limit} characters (it is said as is), got {len(line)}")
+
+
 def check_dtmf(dtmf: DtmfSettings, names: Mapping[str, str]) -> None:
     """``names`` maps each field to what the operator wrote (an env variable, a profile key)."""
     if dtmf.terminator and (len(dtmf.terminator) != 1 or dtmf.terminator not in DTMF_KEYS):
@@ -73,6 +81,7 @@ class AgentSettings:
 
     instructions: str = DEFAULT_INSTRUCTIONS
     greeting: str | None = DEFAULT_GREETING
+    resume_line: str | None = None  # said word for word when a call resumes on a new stream; None: nothing
     voice: str | None = None  # None: the dialect's default (GA marin, beta alloy)
     speed: float = 1.0
     vad: VadSettings = field(default_factory=VadSettings)

@@ -168,7 +168,8 @@ async def continue_call(request: Request) -> Response:
     A call the relay ended on purpose (the assistant hung up, a transfer, the drain's goodbye, an
     abusive stream) or the caller ended is hung up. A stream that was lost (its instance died or
     handed the call off, the connection dropped) of a call that is stored and, as Twilio signed,
-    in progress resumes on a new stream, at most RELAY_MAX_CONTINUATIONS a minute. Otherwise (the
+    in progress resumes on a new stream, at most RELAY_MAX_CONTINUATIONS lost streams a minute (a
+    hand-off is not counted: it is a deploy moving the call, not a failing one). Otherwise (the
     Realtime API unavailable, nothing stored, the loop guard) the caller hears the apology and is
     dialled to RELAY_FALLBACK_NUMBER (or hung up): never silence followed by a click."""
     runtime: Runtime = request.app.state.runtime
@@ -179,14 +180,18 @@ async def continue_call(request: Request) -> Response:
     call_sid = form["CallSid"]
     disposition: str | None = None
     count = 0
+    handed_off = False
     try:
         async with asyncio.timeout(CONTINUATION_STORE_TIMEOUT_S):
             disposition = await runtime.store.get_disposition(call_sid)
+            if disposition == "handed_off":  # a deliberate move (a drain), no sign of a failing call
+                handed_off = await runtime.store.take_disposition(call_sid, "handed_off")  # once per hand-off
+                disposition = None
             if disposition is None:
                 record = await runtime.store.get_call(call_sid)
                 if record is None or "started" not in record.meta:
                     disposition = "unknown"  # nothing to resume: not a call of ours, or its state is gone
-                else:
+                elif not handed_off:  # the loop guard counts lost streams, not hand-offs
                     count = await runtime.store.count_continuation(call_sid, CONTINUATION_WINDOW_S)
     except Exception as exc:  # unknown: the apology is right for a lost stream and harmless after an ending
         disposition = "unknown"
@@ -210,9 +215,14 @@ async def continue_call(request: Request) -> Response:
         )
         parameters = {"token": token, "from": caller, "to": called, "resume": "1"}
         runtime.metrics.continuations.labels("resume").inc()
-        log.info(
-            "continuation: the call resumes on a new stream (%d in this window)", count, extra={"call_sid": call_sid}
-        )
+        if handed_off:
+            log.info("continuation: the handed-off call resumes on a new stream", extra={"call_sid": call_sid})
+        else:
+            log.info(
+                "continuation: the call resumes on a new stream (%d in this window)",
+                count,
+                extra={"call_sid": call_sid},
+            )
         return Response(
             twiml.connect_stream(twiml.stream_url(base), parameters, then=twiml.continue_url(base)), media_type=XML
         )

@@ -23,6 +23,7 @@ from relay.agent_settings import (
     DtmfSettings,
     VadSettings,
     check_dtmf,
+    check_resume_line,
     check_voice,
 )
 from relay.env import (
@@ -298,6 +299,8 @@ class Settings:
             },
         )
         greeting = env.get("RELAY_GREETING", DEFAULT_GREETING)
+        resume_line = env.get("RELAY_RESUME_LINE", "").strip()
+        check_resume_line(resume_line, "RELAY_RESUME_LINE")
         # On Azure the name is a deployment, which no default can guess: off until one is named.
         default_transcription = "" if upstream["provider"] == "azure" else models.DEFAULT_TRANSCRIPTION_MODEL
         voice = env.get("RELAY_VOICE") or models.DEFAULT_VOICE[dialect]
@@ -306,6 +309,7 @@ class Settings:
         agent = AgentSettings(
             instructions=env.get("RELAY_INSTRUCTIONS", DEFAULT_INSTRUCTIONS),
             greeting=greeting or None,
+            resume_line=resume_line or None,
             voice=voice,
             speed=speed,
             vad=vad,

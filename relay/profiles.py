@@ -11,6 +11,7 @@ Every profile starts from the environment's agent settings (``RELAY_INSTRUCTIONS
     [profiles.support]
     instructions = "You answer for ACME support…"
     greeting = "Greet the caller as ACME support."      # "" = no greeting, wait for the caller
+    resume_line = "Sorry, the line dropped for a moment."  # said as is when a call resumes; "" = nothing
     voice = "marin"                       # beta dialect: alloy, ash, ballad, coral, echo, sage, shimmer, verse
     speed = 1.0                           # 0.25 to 1.5
     model = "gpt-realtime-2.1"            # omitted = OPENAI_REALTIME_MODEL (on Azure: a deployment name)
@@ -69,13 +70,14 @@ from typing import Any
 
 import yaml
 
-from relay.agent_settings import AgentSettings, check_dtmf, check_voice
+from relay.agent_settings import AgentSettings, check_dtmf, check_resume_line, check_voice
 from relay.env import ConfigError
 
 _NUMBER = (int, float)
 _PROFILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "instructions": str,
     "greeting": str,
+    "resume_line": str,
     "voice": str,
     "speed": _NUMBER,
     "model": str,
@@ -237,6 +239,8 @@ def _profile(name: str, data: Any, base: AgentSettings, env: Mapping[str, str], 
     for key in ("outbound_greeting", "recording_disclosure"):
         if len(data.get(key, "")) > MAX_LINE_CHARS:
             raise ConfigError(f"{where}.{key} is longer than {MAX_LINE_CHARS} characters")
+    resume_line = data.get("resume_line", base.resume_line or "").strip()
+    check_resume_line(resume_line, f"{where}.resume_line")
     noise = data.get("noise_reduction", base.noise_reduction)
     if noise not in (None, "near_field", "far_field", "off"):
         raise ConfigError(f"{where}.noise_reduction must be near_field, far_field or off, got {noise!r}")
@@ -245,6 +249,7 @@ def _profile(name: str, data: Any, base: AgentSettings, env: Mapping[str, str], 
         name=name,
         instructions=data.get("instructions", base.instructions),
         greeting=data.get("greeting", base.greeting) or None,
+        resume_line=resume_line or None,
         voice=voice,
         speed=float(speed),
         vad=vad,

@@ -20,6 +20,7 @@ import orjson
 
 from relay import logs
 from relay.agent_settings import AgentSettings
+from relay.caller_memory import LaterMemory
 from relay.config import INSECURE_STREAM_SECRET, Settings
 from relay.logbound import RepeatLimiter
 from relay.metrics import Metrics
@@ -29,6 +30,7 @@ from relay.realtime.dialect import Dialect, get_dialect
 from relay.realtime.models import shutdown_notice
 from relay.security import parse_expiry
 from relay.store import Store, make_store
+from relay.store.base import LIVE_HEARTBEAT_S, LIVE_TTL_S
 from relay.tools import ToolRegistry, whisper_text
 from relay.twilio.rest import TwilioControl
 
@@ -169,6 +171,10 @@ class Runtime:
         )
         # which instance holds which call: this instance's heartbeat and the holds of its calls
         self.ownership = Ownership(self.store, self.instance_id, draining=lambda: self.draining)
+        # a dropped stream's caller memory waits until no new stream of its call can start: the
+        # continuation's token expires, its start message is due, its wait for the old hold is over
+        resume_window_s = settings.stream_token_ttl_s + settings.start_timeout_s + LIVE_TTL_S + LIVE_HEARTBEAT_S + 1.0
+        self.later_memory = LaterMemory(self.store, resume_window_s, logging.getLogger("relay.call"))
         self.tools, self.profiles = check_configuration(settings, tools=tools, profiles=profiles)
         for notice in [*interface_notices(settings), *model_notices(settings, self.profiles)]:
             log.warning(notice)
@@ -195,6 +201,7 @@ class Runtime:
 
     async def start(self) -> None:
         await self.store.start()
+        self.later_memory.start()
         self.started = True
         self._metrics_task = asyncio.create_task(self._periodic(), name="runtime-periodic")
         self.ownership.start(self._call_message)
@@ -206,6 +213,7 @@ class Runtime:
             if task is not None:
                 task.cancel()
         self._metrics_task = self._store_watch_task = None
+        await self.later_memory.stop()
         await self.ownership.stop()
         await self.store.close()
         self.metrics.sync_store(self.store.queue_depth, self.store.dropped_writes)

@@ -115,3 +115,23 @@ def test_a_final_summary_or_one_without_a_session_trims_nothing() -> None:
         assert upstream == []
         assert effects == [SummaryReady("S.", final), Entry("summary", {"text": "S.", "final": final})]
         assert conv.summary == "S."
+
+
+def test_a_resumed_conversation_knows_which_tools_finished_and_which_result_is_unanswered() -> None:
+    call = {"kind": "tool_call", "call_id": "call_1", "name": "book_table", "arguments": '{"time": "8pm"}'}
+    booked = {"kind": "tool_result", "call_id": "call_1", "output": '{"booked": true}', "ok": True}
+    said = {"kind": "assistant", "text": "Your table is booked."}
+    hand_off = {"kind": "system", "event": "handed_off", "at_pause": False}
+    waiting, _ = conversation()
+    waiting.resume(None, [{"kind": "caller", "text": "A table at eight"}, call, booked, hand_off])
+    assert waiting.answer_pending
+    answered, _ = conversation()
+    answered.resume(None, [call, booked, said, hand_off])
+    assert not answered.answer_pending
+    cut_off, _ = conversation()  # the instance died while the tool ran: nothing came back
+    cut_off.resume(None, [call])
+    assert not cut_off.answer_pending
+    assert [(t.role, t.text) for t in cut_off.turns] == [
+        ("Tool call", 'book_table {"time": "8pm"}'),
+        ("Tool result", "none: the call moved to a new connection before it finished, so its outcome is unknown"),
+    ]

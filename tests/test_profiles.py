@@ -233,6 +233,30 @@ def test_keypad_settings_per_profile_and_from_the_environment() -> None:
         assert message in str(info.value)
 
 
+def test_the_resumption_line_per_profile_over_the_environments() -> None:
+    env = {"RELAY_INSECURE_DEV": "1"}
+    assert Settings.from_env(env).agent.resume_line is None
+    base = Settings.from_env({**env, "RELAY_RESUME_LINE": "  We are back.  "}).agent
+    assert base.resume_line == "We are back."
+    own, empty = {"resume_line": "Sorry, the line dropped."}, {"resume_line": ""}
+    document = {"profiles": {"own": own, "none": empty, "same": {}}}
+    profiles = parse_profiles(document, base, {}).by_name
+    assert [profiles[name].resume_line for name in ("own", "none", "same")] == [
+        "Sorry, the line dropped.",
+        None,
+        "We are back.",
+    ]
+    with pytest.raises(ConfigError) as info:
+        parse_profiles({"profiles": {"a": {"resume_line": "x" * 301}}}, base, {})
+    assert str(info.value) == "profiles.a.resume_line must be at most 300 characters (it is said as is), got 301"
+    with pytest.raises(ConfigError) as info:
+        parse_profiles({"profiles": {"a": {"resume_line": 3}}}, base, {})
+    assert str(info.value) == "profiles.a.resume_line: expected a string, got 3"
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({**env, "RELAY_RESUME_LINE": "y" * 301})
+    assert str(info.value) == "RELAY_RESUME_LINE must be at most 300 characters (it is said as is), got 301"
+
+
 def test_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"must end in \.toml, \.yaml or \.yml"):
         load_profiles(write(tmp_path, "p.json", "{}"), BASE)

@@ -148,6 +148,31 @@ async def test_call_record_round_trip(store: Store) -> None:
     assert store.dropped_writes == 0
 
 
+async def test_totals_add_up_across_writers(store: Store) -> None:
+    store.call_started("CA4", {"from": CALLER_E164, "frames_in": "5"})
+    store.add_totals("CA4", {"frames_in": 120, "cost_usd": 0.0125})
+    store.add_totals("CA4", {"frames_in": 30, "cost_usd": 0.0075, "frames_out": 44})
+    store.add_totals("CA4", {})
+    store.add_totals("CA4", {"cost_usd": "lots"})  # type: ignore[dict-item]
+    assert await store.flush(5)
+    record = await store.get_call("CA4")
+    assert record is not None
+    meta = record.meta
+    assert (meta["from"], meta["frames_in"], meta["frames_out"]) == (CALLER_E164, "155", "44")
+    assert float(meta["cost_usd"]) == pytest.approx(0.02, rel=1e-12)
+    assert store.dropped_writes == 1
+
+
+async def test_a_disposition_is_taken_only_while_it_is_the_one_expected(store: Store) -> None:
+    await store.set_disposition("CA5", "handed_off")
+    assert await store.take_disposition("CA5", "ended") is False
+    assert await store.get_disposition("CA5") == "handed_off"
+    assert await store.take_disposition("CA5", "handed_off") is True
+    assert await store.take_disposition("CA5", "handed_off") is False  # a second reader gets nothing
+    assert await store.get_disposition("CA5") is None
+    assert await store.take_disposition("CA-none", "handed_off") is False
+
+
 async def test_get_call_json_shape(store: Store) -> None:
     store.call_started("CA2", {"from": CALLER_E164})
     store.add_entry("CA2", {"kind": "tool_call", "t": 1.5, "name": "lookup", "args": {"id": [1, 2]}})
@@ -203,6 +228,7 @@ async def test_observability_and_ping(store: Store) -> None:
         "call_updated",
         "add_entry",
         "add_usage",
+        "add_totals",
         "set_summary",
         "set_caller_memory",
     ):

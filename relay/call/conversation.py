@@ -46,6 +46,21 @@ def _turn_of(entry: dict[str, Any]) -> Turn | None:
     return None if turn is None else Turn(turn.role, _one_line(turn.text))
 
 
+UNFINISHED_TOOL = "none: the call moved to a new connection before it finished, so its outcome is unknown"
+
+
+def _unanswered_tool_result(entries: list[dict[str, Any]]) -> bool:
+    """Whether the conversation stops at a tool's result nobody has told the caller about yet (a
+    hand-off waited for the tool; an instance died between the result and the answer)."""
+    for entry in reversed(entries):
+        kind = entry.get("kind")
+        if kind == "tool_result":
+            return True
+        if kind in ("caller", "assistant", "dtmf", "tool_call"):
+            return False
+    return False
+
+
 def _stored_turn(entry: dict[str, Any]) -> Turn | None:
     kind = entry.get("kind")
     if kind in ("caller", "assistant") and isinstance(entry.get("text"), str) and entry["text"].strip():
@@ -68,6 +83,7 @@ class Conversation:
         "_max_turns",
         "_outbox",
         "agent",
+        "answer_pending",
         "instructions_suffix",
         "items",
         "last_input_tokens",
@@ -103,6 +119,7 @@ class Conversation:
         self.summary_in_flight = False
         self.last_input_tokens = 0
         self.resumed = False  # the call began on another stream (maybe another instance): see resume()
+        self.answer_pending = False  # resumed at a tool result the caller was not told yet
 
     def resume(self, summary: str | None, entries: list[dict[str, Any]]) -> None:
         """Carry on a call that began on another stream: its stored summary and latest entries (what
@@ -110,11 +127,15 @@ class Conversation:
         every session's instructions from the first."""
         self.resumed = True
         self.summary = summary or None
+        answered = {entry.get("call_id") for entry in entries if entry.get("kind") == "tool_result"}
         for entry in entries:
             turn = _turn_of(entry)
             if turn is not None:
                 self.turns.append(turn)
                 self.turn_count += entry.get("kind") == "caller"
+                if entry.get("kind") == "tool_call" and entry.get("call_id") not in answered:
+                    self.turns.append(Turn("Tool result", UNFINISHED_TOOL))  # not to be taken for pending
+        self.answer_pending = _unanswered_tool_result(entries)
 
     def instructions(self) -> str:
         text = self.agent.instructions

@@ -37,6 +37,12 @@ from relay.realtime import client
 from relay.realtime import events as ev
 from relay.realtime.dialect import Dialect
 
+SAY_EXACTLY = "Say exactly this and nothing else: "
+ANSWER_TOOL_RESULT = (
+    "The result of your last tool call, the last of the most recent turns above, arrived as the call moved "
+    "to this connection and the caller has not heard it yet: tell the caller what it means for them."
+)
+
 
 class Call:
     """The logic of one call. Not thread-safe; driven by one transport."""
@@ -278,6 +284,10 @@ class Call:
         self.assistant.settle()
         return cut
 
+    def say_exactly(self, text: str, *, interrupt: bool = False) -> None:
+        """Make the assistant speak `text` word for word (the drain goodbye, the resumption line)."""
+        self.say(f"{SAY_EXACTLY}{text}", interrupt=interrupt)
+
     def request_summary(self, *, final: bool = False) -> bool:
         """Ask for an out-of-band text summary; never spoken, never relayed to the caller."""
         if self.conversation.summary_in_flight or not self.session_ready:
@@ -359,10 +369,18 @@ class Call:
         first = not self.session_ready
         if not self.machines.session.fire("configured") or not first:
             return
-        if not self.greeted and self.conversation.sessions_opened == 1 and self.agent.greeting:
+        first_session = self.conversation.sessions_opened == 1
+        if not self.greeted and first_session and self.agent.greeting:
             self.assistant.greet()
             greeting = self.conversation.with_session_instructions(self.agent.greeting)
             self.request_response(self.dialect.response_create(instructions=greeting))
+        elif self.conversation.resumed and first_session:
+            if self.agent.resume_line:
+                # a call carried on from another stream: the caller was cut off for a moment and may
+                # wonder; the profile's line says so, once, and it is no greeting (that was the first stream's)
+                self.say_exactly(self.agent.resume_line)
+            if self.conversation.answer_pending:  # the tool's result came in as the call moved here
+                self.say(ANSWER_TOOL_RESULT)
         self.greeted = True
         if self.keypad.send_unsent() and not self.responses.has_plain_queued():
             # their response.create was queued in a session that was lost before it was ready
@@ -413,6 +431,11 @@ class Call:
         if response_id is not None:
             self._continue_after_tools(response_id)
             self.assistant.settle()
+
+    def tool_result_for_next_stream(self, call_id: str, output: str, *, ok: bool = True) -> None:
+        """A handler finished while the call is being handed off: its result is recorded (the stream
+        that resumes the call answers it, see Conversation.resume); this session is asked nothing."""
+        self.tool_batches.result(call_id, output, ok=ok, session_ready=False)
 
     def _continue_after_tools(self, response_id: str) -> None:
         if self.tool_batches.take_complete(response_id) and self.session_ready:

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import secrets
 import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -36,6 +34,7 @@ from relay.env import E164
 from relay.sim import ulaw
 from relay.sim.caller import CallerConfig, SimulatedCaller
 from relay.sim.caller.webhook import parse_twiml, post_redirect
+from relay.uvicorn_internals.server import SideServer
 
 __all__ = ["OutboundCall", "TwilioApiSimulator"]
 
@@ -66,12 +65,6 @@ class OutboundCall:
     played_at_amd: int = 0  # µ-law bytes of the relay's audio the callee had played when AMD answered
     recordings: list[tuple[str, str]] = field(default_factory=list)  # (recording SID, its status callback URL)
     callbacks: list[tuple[str, dict[str, str], int]] = field(default_factory=list)  # url, form, relay's status
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # the host program keeps its signal handlers
-        yield
 
 
 class TwilioApiSimulator:
@@ -117,15 +110,11 @@ class TwilioApiSimulator:
                 Route(f"{base}/Calls/{{sid}}/Recordings.json", self._record, methods=["POST"]),
             ]
         )
-        self._server = _Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self._server = SideServer(uvicorn.Config(app, log_level="warning", lifespan="off"))
         self._serving: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> TwilioApiSimulator:
-        self._serving = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="twilio-api-sim")
-        while not self._server.started:
-            if self._serving.done():
-                self._serving.result()
-            await asyncio.sleep(0.01)
+        self._serving = await self._server.start([self._sock])
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -135,9 +124,8 @@ class TwilioApiSimulator:
         for call in self.calls.values():
             if call.callee is not None:
                 await call.callee.hangup()
-        self._server.should_exit = True
         if self._serving is not None:
-            await self._serving
+            await self._server.stop(self._serving)
         self._sock.close()
 
     # ------------------------------------------------------------------ the REST API

@@ -31,6 +31,7 @@ __all__ = [
     "StoreUnavailable",
     "caller_memory_refusal",
     "encode_entry",
+    "format_total",
     "hash_number",
     "normalize_number",
 ]
@@ -166,6 +167,11 @@ def encode_entry(entry: Mapping[str, Any]) -> bytes:
     return orjson.dumps(as_dict, default=str, option=orjson.OPT_NON_STR_KEYS)
 
 
+def format_total(value: float) -> str:
+    """A summed metadata field as stored (``add_totals``): ``12`` for whole numbers, else up to 15 digits."""
+    return f"{value:.15g}"
+
+
 def normalize_number(number: str) -> str:
     """Strip formatting so "+1 (415) 555-0100" and "+14155550100" hash the same."""
     return number.strip().translate(_NUMBER_NOISE)
@@ -228,6 +234,11 @@ class Store(Protocol):
         """Add token counts by kind to the call's running totals."""
         ...
 
+    def add_totals(self, call_sid: str, amounts: Mapping[str, float]) -> None:
+        """Add amounts to numeric metadata fields of the call (``cost_usd``, ``frames_in`` …), so each
+        stream of a call, on whichever instance, adds its share instead of overwriting the others'."""
+        ...
+
     def set_summary(self, call_sid: str, summary: str) -> None:
         """Replace the call's rolling summary."""
         ...
@@ -250,13 +261,20 @@ class Store(Protocol):
         ...
 
     async def set_disposition(self, call_sid: str, disposition: str) -> None:
-        """Record at once (awaited, not queued behind other writes) that the call was ended on purpose
-        (``ended``), before its stream closes: Twilio asks the continuation webhook, on any instance,
-        what to do next as soon as the stream is gone. Raises StoreUnavailable."""
+        """Record at once (awaited, not queued behind other writes) how the call goes on, before its
+        stream closes: ended on purpose (``ended``), the Realtime API unreachable (``unavailable``) or
+        handed off to another instance (``handed_off``, taken by the continuation that resumes it).
+        Twilio asks the continuation webhook, on any instance, what to do next as soon as the stream
+        is gone. Raises StoreUnavailable."""
         ...
 
     async def get_disposition(self, call_sid: str) -> str | None:
         """What `set_disposition` recorded for the call, or None."""
+        ...
+
+    async def take_disposition(self, call_sid: str, disposition: str) -> bool:
+        """Remove the call's disposition if it is `disposition` (compare-and-delete); True if this
+        call removed it, so of two readers only one acts on it. Raises StoreUnavailable."""
         ...
 
     async def count_continuation(self, call_sid: str, window_s: int) -> int:

@@ -25,6 +25,7 @@ from .base import (
     LiveCall,
     LiveCallRecord,
     encode_entry,
+    format_total,
     hash_number,
     is_listed,
 )
@@ -125,6 +126,15 @@ class MemoryStore:
 
         self._apply(apply)
 
+    def add_totals(self, call_sid: str, amounts: Mapping[str, float]) -> None:
+        def apply() -> None:
+            deltas = {str(k): float(v) for k, v in amounts.items()}
+            meta = self._call(call_sid).meta
+            for k, v in deltas.items():
+                meta[k] = format_total(float(meta.get(k) or 0) + v)
+
+        self._apply(apply)
+
     def set_summary(self, call_sid: str, summary: str) -> None:
         def apply() -> None:
             self._call(call_sid).summary = str(summary)
@@ -176,6 +186,12 @@ class MemoryStore:
         if item is None or item[1] <= self._clock():
             return None
         return item[0]
+
+    async def take_disposition(self, call_sid: str, disposition: str) -> bool:
+        if await self.get_disposition(call_sid) != disposition:
+            return False
+        del self._dispositions[call_sid]
+        return True
 
     async def count_continuation(self, call_sid: str, window_s: int) -> int:
         now = self._clock()

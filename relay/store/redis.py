@@ -25,6 +25,9 @@ from .redis_live import RedisOwnership
 from .redis_outbound import RedisOutbound
 from .redis_writer import BatchWriter
 
+# Compare-and-delete: the disposition goes only if it is still the one expected.
+_TAKE_DISPOSITION = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
 __all__ = ["RedisStore"]
 
 _T = TypeVar("_T")
@@ -91,6 +94,7 @@ class RedisStore:
         self._redis: Redis = Redis.from_pool(pool)
         self._ownership = RedisOwnership(self._redis, self._keys)
         self._outbound = RedisOutbound(self._redis, self._keys)
+        self._take_disposition = self._redis.register_script(_TAKE_DISPOSITION)
         self._writer = BatchWriter(
             self._redis,
             self._keys,
@@ -143,6 +147,9 @@ class RedisStore:
 
     def add_usage(self, call_sid: str, usage: Mapping[str, int]) -> None:
         self._writer.put_usage(call_sid, usage)
+
+    def add_totals(self, call_sid: str, amounts: Mapping[str, float]) -> None:
+        self._writer.put_totals(call_sid, amounts)
 
     def set_summary(self, call_sid: str, summary: str) -> None:
         self._writer.put_summary(call_sid, summary)
@@ -213,6 +220,14 @@ class RedisStore:
 
         raw = await self._read("get_disposition", read)
         return None if raw is None else text(raw)
+
+    async def take_disposition(self, call_sid: str, disposition: str) -> bool:
+        key = self._keys.call(call_sid, "disposition")
+
+        async def take() -> Any:
+            return await self._take_disposition(keys=[key], args=[disposition.encode()])
+
+        return bool(await self._read("take_disposition", take))
 
     async def count_continuation(self, call_sid: str, window_s: int) -> int:
         key = self._keys.call(call_sid, "continuations")

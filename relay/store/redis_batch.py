@@ -20,16 +20,18 @@ from redis.asyncio.client import Pipeline
 
 from .redis_keys import CALL_KEY_SUFFIXES, RedisKeys
 
-__all__ = ["CALLER", "ENTRY", "META", "SUMMARY", "USAGE", "BatchBuilder", "Op"]
+__all__ = ["CALLER", "ENTRY", "META", "SUMMARY", "TOTALS", "USAGE", "BatchBuilder", "Op"]
 
-# Appends an entry ("e") or adds usage counts ("u") unless this writer already applied `seq`
-# for this call. KEYS: target, applied-hash. ARGV: writer id, seq, mode, payload...
+# Appends an entry ("e"), adds usage counts ("u") or adds to metadata totals ("f") unless this
+# writer already applied `seq` for this call. KEYS: target, applied-hash. ARGV: writer id, seq, mode, payload...
 _APPLY_ONCE: Final = b"""
 local seen = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 local seq = tonumber(ARGV[2])
 if seq <= seen then return 0 end
 if ARGV[3] == 'e' then
   redis.call('RPUSH', KEYS[1], ARGV[4])
+elseif ARGV[3] == 'f' then
+  for i = 4, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
 else
   for i = 4, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
@@ -38,11 +40,12 @@ return 1
 """
 _APPLY_ONCE_SHA: Final = hashlib.sha1(_APPLY_ONCE).hexdigest()
 
-META, ENTRY, USAGE, SUMMARY, CALLER = "meta", "entry", "usage", "summary", "caller"
+META, ENTRY, USAGE, TOTALS, SUMMARY, CALLER = "meta", "entry", "usage", "totals", "summary", "caller"
 _SUFFIXES_WRITTEN: Final = {
     META: frozenset({"meta"}),
     ENTRY: frozenset({"entries", "applied"}),
     USAGE: frozenset({"usage", "applied"}),
+    TOTALS: frozenset({"meta", "applied"}),
     SUMMARY: frozenset({"summary"}),
 }
 _TTL_STATE_MAX: Final = 100_000
@@ -58,6 +61,7 @@ class Op:
     value: bytes = b""
     fields: dict[str, str] | None = None
     counts: dict[str, int] | None = None
+    totals: dict[str, float] | None = None
 
 
 class BatchBuilder:
@@ -108,6 +112,11 @@ class BatchBuilder:
                 for name, count in op.counts.items():
                     flat += [name, count]
                 self._apply_once(pipe, op, "usage", b"u", flat)
+            elif op.kind == TOTALS and op.totals:
+                amounts: list[bytes | str | int] = []
+                for name, amount in op.totals.items():
+                    amounts += [name, repr(amount)]
+                self._apply_once(pipe, op, "meta", b"f", amounts)
             elif op.kind == SUMMARY:
                 pipe.set(self._keys.call(op.target, "summary"), op.value)
             else:

@@ -3,14 +3,18 @@
 Key layout (P is the prefix, default ``relay:``; every value is UTF-8)::
 
     P call:{sid}:meta      hash    call metadata: from, to, started (ISO 8601), instance, dialect,
-                                   model, stream_sid, ended, end_reason ... (HSET merges fields)
+                                   model, stream_sid, ended, end_reason ... (HSET merges fields);
+                                   cost_usd, frames_in, frames_out summed over the call's streams
+                                   (HINCRBYFLOAT, applied once like usage)
     P call:{sid}:entries   list    conversation entries, one JSON object each, oldest first (RPUSH)
     P call:{sid}:usage     hash    token counts by kind, summed (HINCRBY)
     P call:{sid}:summary   string  rolling conversation summary
     P call:{sid}:applied   hash    writer id -> last applied write sequence; makes a retried batch
-                                   append entries / add usage exactly once
-    P call:{sid}:disposition string  "ended" once the relay ended the call on purpose, written before its
-                                   stream closes (read by the continuation webhook); TTL state_ttl_s
+                                   append entries / add usage and totals exactly once
+    P call:{sid}:disposition string  "ended" once the relay ended the call on purpose ("unavailable": the
+                                   Realtime API is unreachable; "handed_off": a hand-off, deleted by the
+                                   continuation that resumes it), written before its stream closes
+                                   (read by the continuation webhook); TTL state_ttl_s
     P call:{sid}:continuations string  continuations of the call in the current loop-guard window (SET NX
                                    EX window, then INCR)
     P caller:{hash}        string  caller memory; {hash} = HMAC-SHA256 hex of the normalized

@@ -39,7 +39,7 @@ from redis.exceptions import (
 )
 
 from .base import encode_entry
-from .redis_batch import CALLER, ENTRY, META, SUMMARY, USAGE, BatchBuilder, Op
+from .redis_batch import CALLER, ENTRY, META, SUMMARY, TOTALS, USAGE, BatchBuilder, Op
 from .redis_keys import RedisKeys, describe
 
 __all__ = ["BatchWriter"]
@@ -192,6 +192,14 @@ class BatchWriter:
         except Exception as exc:
             self.reject(exc)
 
+    def put_totals(self, call_sid: str, amounts: Mapping[str, float]) -> None:
+        try:
+            totals = {str(k): float(v) for k, v in amounts.items()}
+            if totals:
+                self._enqueue(TOTALS, call_sid, totals=totals)
+        except Exception as exc:
+            self.reject(exc)
+
     def put_summary(self, call_sid: str, summary: str) -> None:
         try:
             self._enqueue(SUMMARY, call_sid, value=str(summary).encode("utf-8"))
@@ -223,6 +231,7 @@ class BatchWriter:
         value: bytes = b"",
         fields: dict[str, str] | None = None,
         counts: dict[str, int] | None = None,
+        totals: dict[str, float] | None = None,
     ) -> None:
         """Append without awaiting; evict the oldest op when full (fresh state matters more)."""
         if self._closed:
@@ -236,7 +245,7 @@ class BatchWriter:
             if evicted.seq <= self._inflight_last:
                 self._inflight_evicted += 1
             self._overflowed = True  # reported by the writer: no logging on the audio path
-        queue.append(Op(self._seq, kind, str(target), value, fields, counts))
+        queue.append(Op(self._seq, kind, str(target), value, fields, counts, totals))
         self._wakeup.set()
         if len(queue) >= self._batch_max:
             self._write_now.set()  # a full batch is waiting: no point lingering

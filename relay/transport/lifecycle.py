@@ -26,6 +26,7 @@ from relay import logs
 from relay.agent_settings import AgentSettings
 from relay.asgi_direct import DirectWebSocket
 from relay.call import Call, Effect, Entry, Metric, RunTool, SummaryReady, UpstreamFailed, UsageReport
+from relay.caller_memory import WaitingMemory
 from relay.logbound import RepeatLimiter
 from relay.outbound import RECORDING_STATUS_PATH
 from relay.ownership import CallHold
@@ -76,6 +77,22 @@ def _opening(agent: AgentSettings, *, outbound: bool, disclosed: bool) -> AgentS
     return agent if greeting == agent.greeting else replace(agent, greeting=greeting)
 
 
+# Stream ends after which the continuation webhook may resume the call on a new stream (no stop from
+# Twilio, nothing recorded as an ending): the caller's memory waits until it is known that none did.
+MAY_RESUME = frozenset({"caller_disconnected", "stream_closed"})
+# Stream ends where another stream of the call goes on (and writes the caller's memory at its end).
+GOES_ON = frozenset({"handed_off", "superseded"})
+
+
+def _first_start(earlier: CallRecord | None, fallback: datetime) -> datetime:
+    """When the call's first stream started, from what the earlier streams stored (else `fallback`)."""
+    try:
+        began = datetime.fromisoformat((earlier.meta if earlier else {})["started"])
+    except (KeyError, ValueError):
+        return fallback
+    return began if began.tzinfo is not None else fallback
+
+
 class MediaStreamCall(LiveHold):
     """A call's Media Stream; ``await MediaStreamCall(runtime, websocket).run()`` serves it."""
 
@@ -92,6 +109,8 @@ class MediaStreamCall(LiveHold):
         self.recording = False  # the call is recorded (dual channel, through the REST API)
         self.caller_memory: str | None = None  # notes from earlier calls: never passed on to a transfer whisper
         self.memory_on = False  # caller memory is read and written for this call (see _serve)
+        self.memory_later = False  # the final summary waits to become the caller's memory (see _teardown)
+        self.stream_number = 1  # this stream's place among the call's streams (a resumed call has several)
         self.end = CallEnd()
         self.tasks: set[asyncio.Task[Any]] = set()
         self._twilio_task: asyncio.Task[None] | None = None
@@ -101,11 +120,14 @@ class MediaStreamCall(LiveHold):
         self._session: RealtimeSession | None = None
         self.cost_usd = 0.0
         self.started_at = time.monotonic()
+        self.call_began = datetime.now(UTC)  # the call's first stream's start (see _serve)
         self.agent = self.settings.agent
         self.allowed_tools: tuple[str, ...] | None = None
         self._skipped_note = ""
         self._effect_failures = RepeatLimiter(self.log)  # per kind of effect, bounded log lines
         self._hold: CallHold | None = None  # the call's one live stream across instances (relay/ownership.py)
+        self._tool_tasks: set[asyncio.Task[Any]] = set()
+        self._results_for_next_stream = False  # a hand-off waits for the running tools (see hand_off)
 
     def twilio_open(self) -> bool:
         return self.twilio.open
@@ -211,13 +233,16 @@ class MediaStreamCall(LiveHold):
             spawn=self._spawn,
         )
         runtime.metrics.calls_started.inc()
-        started = {"started": datetime.now(UTC).isoformat()}
+        self.call_began = datetime.now(UTC)
+        started = {"started": self.call_began.isoformat()}
         if grant.resumes:  # the call's record goes on; "started" stays the call's first stream's
+            self.call_began = _first_start(earlier, self.call_began)
+            self.stream_number = int((earlier.meta if earlier else {}).get("streams", "1") or 1) + 1
             started = {
                 "ended": "",  # an earlier stream's end was not the call's
                 "end_reason": "",
                 "resumed": started["started"],
-                "streams": str(int((earlier.meta if earlier else {}).get("streams", "1") or 1) + 1),
+                "streams": str(self.stream_number),
             }
         runtime.store.call_started(
             self.call_sid,
@@ -326,13 +351,21 @@ class MediaStreamCall(LiveHold):
             store.add_entry(self.call_sid, {"kind": effect.kind, "t": time.time(), **effect.data})
         elif isinstance(effect, UsageReport):
             store.add_usage(self.call_sid, effect.usage)
-            self.cost_usd += metrics.record_usage(effect.usage, self.settings.price_per_1k_tokens)
+            cost = metrics.record_usage(effect.usage, self.settings.price_per_1k_tokens)
+            if cost:  # as it is spent: an instance that dies mid-call has added its share already
+                store.add_totals(self.call_sid, {"cost_usd": cost})
+            self.cost_usd += cost
         elif isinstance(effect, RunTool):
-            self._spawn(self._run_tool(effect), f"tool-{effect.name}")
+            task = self._spawn(self._run_tool(effect), f"tool-{effect.name}")
+            self._tool_tasks.add(task)
+            task.add_done_callback(self._tool_tasks.discard)
         elif isinstance(effect, SummaryReady):
             store.set_summary(self.call_sid, effect.text)
             if effect.final:
-                if self.memory_on:
+                if self.memory_on and self.memory_later:
+                    waiting = WaitingMemory(self.call_sid, self.caller, effect.text, self.stream_number)
+                    self.runtime.later_memory.defer(waiting)
+                elif self.memory_on:
                     store.set_caller_memory(self.caller, effect.text)
                 self._final_summary.set()
         elif isinstance(effect, UpstreamFailed):
@@ -378,7 +411,10 @@ class MediaStreamCall(LiveHold):
         self.runtime.metrics.tool_call(request.name, result.outcome, result.duration_s)
         if self.end.ending or self.call.phase.value == "closed":
             return  # the call ended (end_call, transfer, hang-up): no new response for a dead line
-        self.call.tool_result(request.call_id, result.output, ok=result.outcome == "ok")
+        if self._results_for_next_stream:
+            self.call.tool_result_for_next_stream(request.call_id, result.output, ok=result.outcome == "ok")
+        else:
+            self.call.tool_result(request.call_id, result.output, ok=result.outcome == "ok")
         await self._flush()
 
     async def wait_playback_idle(self, timeout: float) -> bool:
@@ -443,8 +479,9 @@ class MediaStreamCall(LiveHold):
 
     async def _record_disposition(self, disposition: str) -> None:
         """Record, before the stream closes, how the call goes on (``ended``: it is over;
-        ``unavailable``: the Realtime API is not reachable), for the continuation webhook on whichever
-        instance Twilio reaches; bounded, since the caller waits on it."""
+        ``unavailable``: the Realtime API is not reachable; ``handed_off``: resume it elsewhere), for
+        the continuation webhook on whichever instance Twilio reaches; bounded, since the caller
+        waits on it."""
         try:
             async with asyncio.timeout(DISPOSITION_TIMEOUT_S):
                 await self.runtime.store.set_disposition(self.call_sid, disposition)
@@ -474,13 +511,25 @@ class MediaStreamCall(LiveHold):
         deadline = time.monotonic() + max_wait_s
         while not self._at_pause() and time.monotonic() < deadline and not self.end.ending:
             await asyncio.sleep(PLAYBACK_POLL_S)
+        waited_tools = len(self._tool_tasks)
+        if waited_tools and not self.end.ending:
+            # A tool still runs: cutting it off would lose what it did (an order placed, a booking
+            # made) and its answer. The hand-off waits for it (each tool has its own timeout, so it
+            # always comes back); its result is recorded instead of answered here, and the stream
+            # that resumes the call tells the caller.
+            self._results_for_next_stream = True
+            self.log.info("hand-off waits for %d running tool%s", waited_tools, "" if waited_tools == 1 else "s")
+            await asyncio.wait(set(self._tool_tasks))
         call = self.call
         if call is None or self.end.ending:
             return False
         at_pause = self._at_pause()
         self.end.begin("handed_off")
         try:
-            call.note_event("handed_off", at_pause=at_pause)
+            await self._record_disposition("handed_off")  # its continuation resumes it without counting a loss
+            call.note_event(
+                "handed_off", at_pause=at_pause, **({"waited_for_tools": waited_tools} if waited_tools else {})
+            )
             await self._flush()
             if not await self.runtime.store.flush(HANDOFF_FLUSH_TIMEOUT_S):
                 self.log.warning("state not all written within %.1f s before the hand-off", HANDOFF_FLUSH_TIMEOUT_S)
@@ -540,7 +589,7 @@ class MediaStreamCall(LiveHold):
         call = self.call
         if call is not None and call.session_ready and self.upstream is not None and not self.end.ending:
             call.note_event("drain_goodbye")
-            call.say(f"Say exactly this and nothing else: {text}", interrupt=True)
+            call.say_exactly(text, interrupt=True)
             await self._flush()
             await asyncio.sleep(GOODBYE_START_S)
             await self.wait_playback_idle(timeout)
@@ -553,9 +602,12 @@ class MediaStreamCall(LiveHold):
         reason = self.end.begin("stream_closed")
         if reason == "caller_hung_up":  # Twilio's stop: the call is over, nothing may resume it
             await self._record_disposition("ended")
+        # A dropped stream may be resumed: its summary becomes the caller's memory only once no new
+        # stream did (relay/caller_memory.py), else the resumed call's last stream writes the memory.
+        self.memory_later = reason in MAY_RESUME
         if (
             self.memory_on
-            and reason != "handed_off"  # the call goes on elsewhere: its last instance writes the memory
+            and reason not in GOES_ON  # another stream carries the call on and writes the memory at its end
             and self.upstream is not None
             and call.session_ready
             and (call.turn_count > 0 or call.summary)
@@ -588,22 +640,23 @@ class MediaStreamCall(LiveHold):
         self.log.info("call ended", extra=ended)
 
     def _record_end(self, call: Call, reason: str) -> dict[str, object]:
-        """The call's record and metrics at its end; returns the fields of its last log line."""
+        """The call's record and metrics at this stream's end; returns the fields of its last log line.
+
+        A call may have had several streams (resumed after a drop or a hand-off, maybe on other
+        instances): each adds its frames (and its cost as it is spent) to the record's totals, and
+        ``duration_s`` runs from the call's first stream's start, so the record of a resumed call
+        describes the whole call, not its last stream."""
+        store = self.runtime.store
         duration = time.monotonic() - self.started_at
-        now = datetime.now(UTC).isoformat()
+        now = datetime.now(UTC)
+        store.add_totals(self.call_sid, {"frames_in": call.frames_in, "frames_out": call.frames_out, "cost_usd": 0.0})
         if reason == "handed_off":  # the call goes on elsewhere: its record is not ended
-            self.runtime.store.call_updated(self.call_sid, {"handed_off": now})
+            store.call_updated(self.call_sid, {"handed_off": now.isoformat()})
         else:
-            self.runtime.store.call_updated(
+            call_duration = max(duration, (now - self.call_began).total_seconds())
+            store.call_updated(
                 self.call_sid,
-                {
-                    "ended": now,
-                    "end_reason": reason,
-                    "duration_s": f"{duration:.1f}",
-                    "frames_in": str(call.frames_in),
-                    "frames_out": str(call.frames_out),
-                    "cost_usd": f"{self.cost_usd:.4f}",
-                },
+                {"ended": now.isoformat(), "end_reason": reason, "duration_s": f"{call_duration:.1f}"},
             )
         self.runtime.metrics.call_ended(reason, duration)
         if self.settings.price_per_1k_tokens:

@@ -98,6 +98,28 @@ class InProcessServer(DrainingServer):
             await serving
 
 
+class SideServer(uvicorn.Server):
+    """A plain uvicorn server inside another program, for the simulators that stand in for other
+    services (no drain, the host's signal handlers left alone)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def start(self, sockets: list[socket.socket]) -> asyncio.Task[None]:
+        """Serve on `sockets` from a task; returns it once the server listens."""
+        serving = asyncio.create_task(self.serve(sockets=sockets), name="side-server")
+        while not self.started:
+            if serving.done():
+                serving.result()
+            await asyncio.sleep(0.01)
+        return serving
+
+    async def stop(self, serving: asyncio.Task[None]) -> None:
+        self.should_exit = True
+        await serving
+
+
 def listening_socket(config: uvicorn.Config) -> socket.socket:
     """The socket `config` describes, bound and listening, to share with worker processes."""
     return config.bind_socket()
