@@ -519,10 +519,10 @@ def test_deploy_md_describes_the_state_redis_really_holds() -> None:
     text = (INFRA / "DEPLOY.md").read_text()
     redis_section = " ".join(text.split("## Redis (managed)", 1)[1].split("\n## ", 1)[0].split())
     assert "active-calls registry" not in redis_section
-    # the one pub/sub use is the presence subscription, on which nothing is published
-    assert "pub/sub subscription open (`{prefix}presence:{id}`, nothing is published on it)" in redis_section
+    # the one pub/sub use is each instance's presence channel, which also carries commands to its calls
+    assert "one pub/sub subscription open (`{prefix}presence:{id}`)" in redis_section
     store_code = "\n".join(p.read_text() for p in (ROOT / "relay" / "store").glob("*.py"))
-    assert "publish(" not in store_code.lower()
+    assert store_code.count(".publish(") == 1
     assert store_code.count(".subscribe(") == 1
 
 
@@ -610,9 +610,12 @@ def test_the_example_ingress_publishes_only_what_twilio_calls() -> None:
     (ingress,) = k8s_docs("ingress.yaml")
     paths = [(p["path"], p["pathType"]) for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
     assert sorted(paths) == [
+        ("/amd-status", "Exact"),
+        ("/call-status", "Exact"),
         ("/continue-call", "Exact"),
         ("/incoming-call", "Exact"),
         ("/media-stream", "Exact"),
+        ("/recording-status", "Exact"),
         ("/transfer-whisper", "Exact"),
     ]
 
@@ -624,7 +627,7 @@ def test_the_example_ingress_publishes_only_what_twilio_calls() -> None:
                 return True
         return False
 
-    for internal in ("/metrics", "/readyz", "/healthz", "/calls/CA0123"):
+    for internal in ("/metrics", "/readyz", "/healthz", "/calls", "/calls/CA0123"):
         assert not published(internal), internal
     annotations = ingress["metadata"]["annotations"]
     retry = annotations["nginx.ingress.kubernetes.io/proxy-next-upstream"].split()
