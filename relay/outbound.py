@@ -16,6 +16,7 @@ nothing. /work/shared/PROTOCOLS.md §5.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from collections.abc import Mapping
@@ -159,25 +160,41 @@ def _now() -> str:
 
 
 async def place(runtime: Runtime, request: OutboundRequest, public_base: str) -> Placed:
-    """Place the call (or find the one its idempotency key already placed)."""
-    store, settings = runtime.store, runtime.settings
-    control = runtime.twilio_control
-    if control is None:
+    """Place the call (or find the one its idempotency key already placed). Raises what the store
+    raised when it could not be asked; nothing was dialled then, and the key is free again."""
+    store = runtime.store
+    if runtime.twilio_control is None:
         return Placed(503, {"error": "outbound calls need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN"})
     key = request.idempotency_key
-    if key is not None:
-        existing = await store.claim_idempotency_key(key, IDEMPOTENCY_TTL_S)
-        if existing == "":
-            return Placed(409, {"error": "a call with this idempotency_key is being placed"})
-        if existing is not None:
-            record = await store.get_call(existing)
-            status = record.meta.get("status", "queued") if record is not None else "queued"
-            return Placed(200, {"call_sid": existing, "status": status})
+    if key is None:
+        return await _place(runtime, request, public_base)
+    existing = await store.claim_idempotency_key(key, IDEMPOTENCY_TTL_S)
+    if existing == "":
+        return Placed(409, {"error": "a call with this idempotency_key is being placed"})
+    if existing is not None:
+        record = await store.get_call(existing)
+        status = record.meta.get("status", "queued") if record is not None else "queued"
+        return Placed(200, {"call_sid": existing, "status": status})
+    try:
+        placed = await _place(runtime, request, public_base)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await store.drop_idempotency_key(key)
+        raise
+    if placed.status == 201:
+        await store.set_idempotency_key(key, placed.body["call_sid"], IDEMPOTENCY_TTL_S)
+    else:
+        await store.drop_idempotency_key(key)
+    return placed
+
+
+async def _place(runtime: Runtime, request: OutboundRequest, public_base: str) -> Placed:
+    store, settings = runtime.store, runtime.settings
+    control = runtime.twilio_control
+    assert control is not None
     ref = secrets.token_urlsafe(16)
     refused = await store.outbound_admit(ref, settings.max_outbound_calls, settings.outbound_per_minute)
     if refused is not None:
-        if key is not None:
-            await store.drop_idempotency_key(key)
         runtime.metrics.outbound_calls.labels(refused).inc()
         what = (
             f"{settings.max_outbound_calls} outbound calls are in progress (RELAY_MAX_OUTBOUND_CALLS)"
@@ -212,8 +229,6 @@ async def place(runtime: Runtime, request: OutboundRequest, public_base: str) ->
         call_sid, status = await control.place_call(**create)
     except Exception as exc:
         await store.outbound_done(ref)
-        if key is not None:
-            await store.drop_idempotency_key(key)
         runtime.metrics.outbound_calls.labels("failed").inc()
         if isinstance(exc, TwilioRestException) and exc.status is not None and 400 <= exc.status < 500:
             log.warning("outbound call refused by Twilio (%s %s): %s", exc.status, exc.code, exc.msg)
@@ -236,8 +251,6 @@ async def place(runtime: Runtime, request: OutboundRequest, public_base: str) ->
             f"status_{status}": _now(),
         },
     )
-    if key is not None:
-        await store.set_idempotency_key(key, call_sid, IDEMPOTENCY_TTL_S)
     runtime.metrics.outbound_calls.labels("placed").inc()
     log.info("outbound call placed to a %d-digit number", len(request.to) - 1, extra={"call_sid": call_sid})
     return Placed(201, {"call_sid": call_sid, "status": "queued"})
