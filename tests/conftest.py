@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from relay.config import Settings
+from relay.sim import ulaw
 from relay.sim.caller import CallerConfig, SimulatedCaller
 from relay.sim.local import LocalRelay
 from relay.sim.realtime import RealtimeSimulator, SimConfig
@@ -243,6 +244,23 @@ def make_caller(relay: LocalRelay, **overrides: Any) -> SimulatedCaller:
     overrides.setdefault("auth_token", AUTH_TOKEN)
     config = CallerConfig(base_url=relay.base_url, **overrides)
     return SimulatedCaller(config)
+
+
+async def greeted(relay: LocalRelay, *, heard_ms: int = 200, **overrides: Any) -> SimulatedCaller:
+    """A caller on the line who has heard the whole greeting (at least `heard_ms` of it)."""
+    caller = make_caller(relay, **overrides)
+    await caller.connect()
+    assert await caller.wait_for_audio(heard_ms, timeout=5)
+    assert await caller.wait_idle(timeout=5)
+    return caller
+
+
+async def talk(caller: SimulatedCaller, ms: int = 600, seed: int = 0) -> None:
+    """One caller turn and the assistant's whole answer."""
+    before = caller.played_bytes
+    await caller.say_and_wait(ulaw.synth_speech(ms, seed=seed))
+    await caller.wait_for_audio(before // 8 + 300, timeout=10)
+    await caller.wait_idle(timeout=10)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 import websockets
-from conftest import AUTH_TOKEN, make_caller, relay_settings, wait_for
+from conftest import AUTH_TOKEN, greeted, make_caller, relay_settings, wait_for
 from tools_support import (
     ACCOUNT_SID,
     TWILIO_AUTH,
@@ -33,7 +33,6 @@ from relay.agent_settings import AgentSettings
 from relay.config import Settings
 from relay.runtime import WHISPER_TTL_S, Runtime
 from relay.sim import ulaw
-from relay.sim.caller import SimulatedCaller
 from relay.sim.local import LocalRelay
 from relay.sim.realtime import RealtimeSimulator, SimConfig
 from relay.twilio.rest import TwilioControl
@@ -113,14 +112,6 @@ def control_sim(calls: list[tuple[str, str]], **config: Any) -> RealtimeSimulato
     config.setdefault("greeting_reply_ms", 200)
     config.setdefault("reply_ms", 300)
     return RealtimeSimulator(SimConfig(function_calls_on_text={"entered 5 #": calls}, **config))
-
-
-async def greeted(relay: LocalRelay, **config: Any) -> SimulatedCaller:
-    caller = make_caller(relay, **config)
-    await caller.connect()
-    assert await caller.wait_for_audio(200, timeout=5)
-    assert await caller.wait_idle(timeout=5)
-    return caller
 
 
 async def end_reason(relay: LocalRelay, call_sid: str) -> str:

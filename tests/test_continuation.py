@@ -26,14 +26,13 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import AUTH_TOKEN, make_caller, relay_settings, wait_for
+from conftest import AUTH_TOKEN, greeted, make_caller, relay_settings, talk, wait_for
 from tools_support import ACCOUNT_SID, TwilioApiRecorder, outputs
 from twilio.request_validator import RequestValidator
 
 from relay.config import Settings
 from relay.metrics import usage_cost
 from relay.realtime.dialect import flatten_usage
-from relay.sim import ulaw
 from relay.sim.caller import TWILIO_RECONNECT_S, CallerConfig, SimulatedCaller, TwilioCall
 from relay.sim.local import LocalRelay
 from relay.sim.realtime import RealtimeSimulator, SimConfig
@@ -70,14 +69,6 @@ def twilio_call(relay: LocalRelay, delay_s: float = TWILIO_RECONNECT_S) -> Twili
     """A call Twilio carries through the TwiML, all its requests to this one relay."""
     config = CallerConfig(base_url=relay.base_url, auth_token=AUTH_TOKEN)
     return TwilioCall(config, [relay.base_url], reconnect_delay_s=delay_s)
-
-
-async def greeted(relay: LocalRelay, **config: Any) -> SimulatedCaller:
-    caller = make_caller(relay, **config)
-    await caller.connect()
-    assert await caller.wait_for_audio(200, timeout=5)
-    assert await caller.wait_idle(timeout=5)
-    return caller
 
 
 async def test_the_stream_is_followed_by_a_redirect_to_the_continuation_webhook(sim: RealtimeSimulator) -> None:
@@ -191,14 +182,6 @@ async def test_a_dead_store_still_gives_the_caller_the_apology(sim: RealtimeSimu
             answered = await client.post(url, data=form, headers={"X-Twilio-Signature": signature})
     assert answered.status_code == 200
     assert verbs(answered.text) == apology_then(FALLBACK)
-
-
-async def talk(caller: SimulatedCaller, ms: int, seed: int) -> None:
-    """One caller turn and the assistant's whole answer."""
-    before = caller.played_bytes
-    await caller.say_and_wait(ulaw.synth_speech(ms, seed=seed))
-    await caller.wait_for_audio(before // 8 + 300, timeout=10)
-    await caller.wait_idle(timeout=10)
 
 
 async def test_a_lost_stream_resumes_on_another_instance_with_its_conversation(

@@ -17,8 +17,10 @@ from conftest import (
     RedisProcess,
     assert_relayed_across_sessions,
     free_port,
+    greeted,
     make_caller,
     relay_settings,
+    talk,
     wait_for,
 )
 from ops_support import API_TOKEN as OPS_API_TOKEN
@@ -32,23 +34,6 @@ from relay.sim.realtime import RealtimeSimulator
 from relay.store import hash_number
 
 API_TOKEN = "test-api-token-abcdef0123456789abcdef"
-
-
-async def greeted_caller(relay: LocalRelay) -> SimulatedCaller:
-    """A caller on the line who has heard the whole greeting."""
-    caller = make_caller(relay)
-    await caller.connect()
-    assert await caller.wait_for_audio(300, timeout=5)
-    await caller.wait_idle(timeout=5)
-    return caller
-
-
-async def talk(caller: SimulatedCaller, ms: int = 600, seed: int = 0) -> None:
-    """One caller turn and the assistant's whole answer."""
-    before = caller.played_bytes
-    await caller.say_and_wait(ulaw.synth_speech(ms, seed=seed))
-    await caller.wait_for_audio(before // 8 + 300, timeout=10)
-    await caller.wait_idle(timeout=10)
 
 
 async def test_full_call_is_recorded_in_redis_in_order_with_ttls(
@@ -109,7 +94,7 @@ async def test_long_conversation_is_summarized_out_of_band_and_trimmed(
         sim.url, redis_url=redis_url, redis_prefix=store_prefix, summary_max_turns=4, summary_keep_turns=2
     )
     async with LocalRelay(settings) as relay:
-        caller = await greeted_caller(relay)
+        caller = await greeted(relay, heard_ms=300)
         for turn in range(3):
             await talk(caller, 400, seed=turn)
         assert await wait_for(lambda: relay.runtime.calls[caller.call_sid].call.summary is not None, timeout=5)
@@ -327,7 +312,7 @@ async def test_dropped_realtime_socket_resumes_on_a_new_seeded_session(sim: Real
     sim.config.reply_ms = 500
     settings = relay_settings(sim.url, summary_max_turns=3, summary_keep_turns=2)
     async with LocalRelay(settings) as relay:
-        caller = await greeted_caller(relay)
+        caller = await greeted(relay, heard_ms=300)
         await talk(caller, 400, seed=1)
         await talk(caller, 400, seed=2)
         bridge = relay.runtime.calls[caller.call_sid]
@@ -365,7 +350,7 @@ async def test_a_turn_the_lost_session_took_is_not_heard_again_by_the_new_one(si
     sim.config.reply_ms = 400
     sim.config.function_calls_on_turn = {1: [("lookup_order", '{"order_id": "10042"}')]}
     async with LocalRelay(relay_settings(sim.url)) as relay:
-        caller = await greeted_caller(relay)
+        caller = await greeted(relay, heard_ms=300)
         caller.say(ulaw.synth_speech(500, seed=4))
         assert await wait_for(lambda: sim.sessions[0].turns == 1, timeout=5)
         # the relay has read that turn's speech_stopped (a drop can lose an event still in flight,
@@ -399,7 +384,7 @@ async def test_an_utterance_cut_by_a_dropped_session_is_heard_whole_by_the_new_o
     sim.config.greeting_reply_ms = 300
     sim.config.reply_ms = 400
     async with LocalRelay(relay_settings(sim.url)) as relay:
-        caller = await greeted_caller(relay)
+        caller = await greeted(relay, heard_ms=300)
         heard = caller.played_bytes
         caller.say(ulaw.synth_speech(1000, seed=6))
         assert await wait_for(lambda: bool(sim.sessions[0].speech_started_at), timeout=5)

@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Annotated, Any, Literal
 
 import pytest
-from conftest import make_caller, relay_settings, wait_for
+from conftest import greeted, relay_settings, wait_for
 from tools_support import (
     after_last_output,
     errors_sent,
@@ -449,21 +449,13 @@ def tool_sim(**config: Any) -> RealtimeSimulator:
     return RealtimeSimulator(SimConfig(**config))
 
 
-async def greeted_caller(relay: LocalRelay, **config: Any) -> Any:
-    caller = make_caller(relay, **config)
-    await caller.connect()
-    assert await caller.wait_for_audio(200, timeout=5)
-    assert await caller.wait_idle(timeout=5)
-    return caller
-
-
 @pytest.mark.parametrize("dialect", ["ga", "beta"])
 async def test_slow_tool_runs_beside_the_audio_and_one_response_follows(tool_module: ModuleType, dialect: str) -> None:
     sim = tool_sim(function_calls_on_text={"entered 5 #": [("slow_lookup", '{"order_id": "10042"}')]})
     await sim.start()
     try:
         async with LocalRelay(tool_settings(sim, tool_module, dialect=dialect)) as relay:
-            caller = await greeted_caller(relay)
+            caller = await greeted(relay)
             heard_before = caller.played_bytes
             await caller.enter("5#")
             session = only_session(sim)
@@ -504,7 +496,7 @@ async def test_two_calls_in_one_response_then_one_response_create(tool_module: M
     await sim.start()
     try:
         async with LocalRelay(tool_settings(sim, tool_module)) as relay:
-            caller = await greeted_caller(relay)
+            caller = await greeted(relay)
             await caller.say_and_wait(ulaw.synth_speech(400) + ulaw.silence(700))
             session = only_session(sim)
             assert await wait_for(lambda: len(outputs(session)) == 2, timeout=6)
@@ -543,7 +535,7 @@ async def test_failing_tools_give_the_model_an_error_and_the_call_goes_on(
     await sim.start()
     try:
         async with LocalRelay(tool_settings(sim, tool_module)) as relay:
-            caller = await greeted_caller(relay)
+            caller = await greeted(relay)
             heard_before = caller.played_bytes
             await caller.enter("5#")
             session = only_session(sim)
