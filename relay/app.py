@@ -109,13 +109,9 @@ async def _signed_form(request: Request, what: str) -> dict[str, str] | Response
     return form
 
 
-async def _call_form(request: Request, what: str) -> dict[str, str] | Response:
-    """A signed webhook about one call (its CallSid checked and bound to the log lines), or the refusal.
-
-    A draining instance answers 503, not "all lines busy": another instance can take the call. The
-    proxy retries the next upstream on it (infra/nginx.conf) and, if every one refuses, Twilio
-    fetches the number's fallback URL."""
-    runtime: Runtime = request.app.state.runtime
+async def _callback_form(request: Request, what: str) -> dict[str, str] | Response:
+    """A signed Twilio callback about one call. Unlike the voice webhooks it is taken while draining:
+    it only records what happened to a call."""
     form = await _signed_form(request, what)
     if isinstance(form, Response):
         return form
@@ -123,6 +119,20 @@ async def _call_form(request: Request, what: str) -> dict[str, str] | Response:
     if not _SID.fullmatch(call_sid):
         return PlainTextResponse("missing or invalid CallSid", status_code=400)
     logs.bind_call(call_sid)
+    return form
+
+
+async def _call_form(request: Request, what: str) -> dict[str, str] | Response:
+    """A signed webhook about one call (its CallSid checked and bound to the log lines), or the refusal.
+
+    A draining instance answers 503, not "all lines busy": another instance can take the call. The
+    proxy retries the next upstream on it (infra/nginx.conf) and, if every one refuses, Twilio
+    fetches the number's fallback URL."""
+    runtime: Runtime = request.app.state.runtime
+    form = await _callback_form(request, what)
+    if isinstance(form, Response):
+        return form
+    call_sid = form["CallSid"]
     if runtime.draining:
         runtime.metrics.calls_refused.labels("draining").inc()
         log.warning("%s refused with 503: instance draining", what, extra={"call_sid": call_sid})
@@ -335,19 +345,6 @@ async def place_call(request: Request) -> Response:
         log.warning("outbound call not placed: state store unavailable (%s)", type(exc).__name__)
         return JSONResponse({"error": "state store unavailable"}, status_code=503)
     return JSONResponse(placed.body, status_code=placed.status)
-
-
-async def _callback_form(request: Request, what: str) -> dict[str, str] | Response:
-    """A signed Twilio callback about one call. Unlike the voice webhooks it is taken while draining:
-    it only records what happened to a call."""
-    form = await _signed_form(request, what)
-    if isinstance(form, Response):
-        return form
-    call_sid = form.get("CallSid", "")
-    if not _SID.fullmatch(call_sid):
-        return PlainTextResponse("missing or invalid CallSid", status_code=400)
-    logs.bind_call(call_sid)
-    return form
 
 
 async def _stored(

@@ -10,6 +10,7 @@ Redis shared by two instances.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -18,7 +19,7 @@ import textwrap
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
 from types import ModuleType
@@ -316,17 +317,14 @@ def configured(session: Any) -> bool:
 RESUME_LINE = "Sorry about that, the line dropped for a moment. Where were we?"
 
 
-async def resumed_on_another_instance(
-    sim: RealtimeSimulator, redis_url: str, store_prefix: str, profiles: str | None
-) -> tuple[SimulatedCaller, int]:
-    """A greeted call whose stream is lost, resumed on a second instance; returns the new stream's
-    caller once the new session is configured, with the bytes it had heard by then."""
-    shared: dict[str, Any] = {
-        "redis_url": redis_url,
-        "redis_prefix": store_prefix,
-        "public_url": PUBLIC,
-        "profiles_file": profiles,
-    }
+@contextlib.asynccontextmanager
+async def lost_then_resumed(
+    sim: RealtimeSimulator, redis_url: str, store_prefix: str, **settings: Any
+) -> AsyncIterator[tuple[LocalRelay, LocalRelay, SimulatedCaller, SimulatedCaller]]:
+    """Two instances sharing Redis; a call greeted on the first with one answered turn, whose stream is
+    then lost and resumed on the second: yields (first, second, lost caller, resumed caller) once the
+    new session is configured."""
+    shared: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": store_prefix, "public_url": PUBLIC, **settings}
     async with (
         LocalRelay(relay_settings(sim.url, **shared)) as first,
         LocalRelay(relay_settings(sim.url, **shared)) as second,
@@ -341,6 +339,14 @@ async def resumed_on_another_instance(
         resumed = make_caller(second, public_url=PUBLIC, call_sid=caller.call_sid)
         await resumed.connect(resumed.parse_twiml(body))
         assert await wait_for(lambda: len(sim.sessions) == 2 and configured(sim.sessions[1]), timeout=8)
+        yield first, second, caller, resumed
+
+
+async def resumed_on_another_instance(
+    sim: RealtimeSimulator, redis_url: str, store_prefix: str, profiles: str | None
+) -> tuple[SimulatedCaller, int]:
+    """The resumed caller once it heard what the new session says by itself, with the bytes it heard."""
+    async with lost_then_resumed(sim, redis_url, store_prefix, profiles_file=profiles) as (_, second, _, resumed):
         await resumed.wait_for_audio(300, timeout=3)  # whatever the new session says by itself
         await resumed.wait_idle(timeout=5)
         heard = resumed.played_bytes
@@ -473,26 +479,12 @@ async def test_a_resumed_calls_record_adds_up_both_streams(
     caplog.set_level(logging.INFO, logger="relay")
     sim.config.greeting_reply_ms = 300
     sim.config.reply_ms = 400
-    shared: dict[str, Any] = {
-        "redis_url": redis_url,
-        "redis_prefix": store_prefix,
-        "public_url": PUBLIC,
-        "price_per_1k_tokens": PRICES,
-    }
-    async with (
-        LocalRelay(relay_settings(sim.url, **shared)) as first,
-        LocalRelay(relay_settings(sim.url, **shared)) as second,
+    async with lost_then_resumed(sim, redis_url, store_prefix, price_per_1k_tokens=PRICES) as (
+        _,
+        second,
+        caller,
+        resumed,
     ):
-        caller = await greeted(first, public_url=PUBLIC)
-        await talk(caller, 400, seed=1)
-        assert await first.runtime.store.flush(2.0)
-        await caller.drop()
-        assert await wait_for(lambda: not first.runtime.calls, timeout=5)
-        caller.config.base_url = second.base_url
-        _, body = await caller.continuation()
-        resumed = make_caller(second, public_url=PUBLIC, call_sid=caller.call_sid)
-        await resumed.connect(resumed.parse_twiml(body))
-        assert await wait_for(lambda: len(sim.sessions) == 2 and configured(sim.sessions[1]), timeout=8)
         await talk(resumed, 400, seed=2)
         await resumed.hangup()
         assert await wait_for(lambda: not second.runtime.calls, timeout=5)
