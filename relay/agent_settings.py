@@ -86,3 +86,4 @@ class AgentSettings:
     whisper_summary: bool = False
     name: str = "default"
     model: str | None = None  # None: Settings.model (OPENAI_REALTIME_MODEL / AZURE_OPENAI_DEPLOYMENT)
+    webhook_url: str | None = None  # post-call webhook; None: RELAY_WEBHOOK_URL, "": none for this profile

@@ -27,6 +27,7 @@ from relay.security import parse_expiry
 from relay.store import Store, make_store
 from relay.tools import ToolRegistry, whisper_text
 from relay.twilio.rest import TwilioControl
+from relay.webhooks import Webhooks
 
 log = logging.getLogger("relay.runtime")
 DRAIN_GOODBYE = "Sorry, we have to end this call for maintenance. Please call back. Goodbye."
@@ -70,6 +71,7 @@ def check_configuration(
     profiles = profiles or load_profiles(settings.profiles_file, settings.agent, dialect=settings.dialect)
     profiles.check_tools(tools.tools)
     profiles.check_dialect(settings.dialect)
+    profiles.check_webhooks(bool(settings.webhook_secret))
     return tools, profiles
 
 
@@ -164,6 +166,8 @@ class Runtime:
                 settings.twilio_account_sid, settings.twilio_auth_token, api_base=settings.twilio_api_base
             )
         self.twilio_control = twilio_control
+        # the post-call webhook: runtime.webhooks.call_ended(sid) / .recording_completed(sid, fields)
+        self.webhooks = Webhooks(settings, self.store, self.profiles, self.metrics)
         self.calls: dict[str, LiveStream] = {}
         # Media Stream sockets accepted and waiting for their start message, the longest-waiting first
         self.pending_streams: dict[WaitingStream, None] = {}
@@ -184,6 +188,7 @@ class Runtime:
         self.started = True
         self._metrics_task = asyncio.create_task(self._periodic(), name="runtime-periodic")
         self.ownership.start()
+        self.webhooks.start()
         if self.store.kind == "redis":
             self._store_watch_task = asyncio.create_task(self._watch_store(), name="store-watch")
 
@@ -193,6 +198,7 @@ class Runtime:
                 task.cancel()
         self._metrics_task = self._store_watch_task = None
         await self.ownership.stop()
+        await self.webhooks.stop()
         await self.store.close()
         self.metrics.sync_store(self.store.queue_depth, self.store.dropped_writes)
         self.started = False

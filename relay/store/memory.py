@@ -27,6 +27,7 @@ from .base import (
     hash_number,
     is_listed,
 )
+from .webhook_queue import MemoryWebhookQueue
 
 __all__ = ["MemoryStore"]
 
@@ -81,6 +82,7 @@ class MemoryStore:
         self._live_calls: dict[str, tuple[LiveCallRecord, float]] = {}  # call SID -> (record, expires at)
         self._instances: dict[str, tuple[InstanceRecord, float]] = {}  # instance id -> (heartbeat, expires at)
         self._present: dict[str, int] = {}  # instance id -> how many keep_presence() of it run
+        self._webhooks = MemoryWebhookQueue()
         self._writes = 0
         self._rejected = 0
         self._rejected_logged = False
@@ -286,6 +288,9 @@ class MemoryStore:
             del self._live[call_sid]
             return None
         return held[0]
+
+    def webhook_queue(self) -> MemoryWebhookQueue:
+        return self._webhooks
 
     async def ping(self) -> bool:
         return True

@@ -23,6 +23,7 @@ from .base import CallRecord, InstanceRecord, LiveCall, LiveCallRecord, StoreUna
 from .redis_keys import RedisKeys, describe, text
 from .redis_live import RedisOwnership
 from .redis_writer import BatchWriter
+from .webhook_queue import RedisWebhookQueue
 
 __all__ = ["RedisStore"]
 
@@ -89,6 +90,7 @@ class RedisStore:
         )
         self._redis: Redis = Redis.from_pool(pool)
         self._ownership = RedisOwnership(self._redis, self._keys)
+        self._webhooks = RedisWebhookQueue(self._redis, self._keys)
         self._writer = BatchWriter(
             self._redis,
             self._keys,
@@ -270,6 +272,9 @@ class RedisStore:
 
     async def live_calls(self) -> list[LiveCall]:
         return await self._read("live_calls", self._ownership.calls)
+
+    def webhook_queue(self) -> RedisWebhookQueue:
+        return self._webhooks
 
     async def ping(self) -> bool:
         if self._closed:

@@ -48,6 +48,9 @@ DISPOSITION_TIMEOUT_S = 1.0
 RESUME_READ_TIMEOUT_S = 1.0
 HANDOFF_FLUSH_TIMEOUT_S = 1.0
 RESUME_ENTRIES = 40  # the latest stored entries a resumed call's conversation is seeded with
+# A stream lost without a disposition (the connection dropped) may be resumed by the continuation
+# webhook: its call.completed webhook waits this long, and is not sent if another stream took the call.
+LOST_STREAM_SETTLE_S = 30.0
 
 
 class MediaStreamCall(LiveHold):
@@ -78,6 +81,7 @@ class MediaStreamCall(LiveHold):
         self._skipped_note = ""
         self._effect_failures = RepeatLimiter(self.log)  # per kind of effect, bounded log lines
         self._hold: CallHold | None = None  # the call's one live stream across instances (relay/ownership.py)
+        self._over = False  # a disposition was recorded: no other stream will carry the call on
 
     def twilio_open(self) -> bool:
         return self.twilio.open
@@ -370,6 +374,7 @@ class MediaStreamCall(LiveHold):
         """Record, before the stream closes, how the call goes on (``ended``: it is over;
         ``unavailable``: the Realtime API is not reachable), for the continuation webhook on whichever
         instance Twilio reaches; bounded, since the caller waits on it."""
+        self._over = True
         try:
             async with asyncio.timeout(DISPOSITION_TIMEOUT_S):
                 await self.runtime.store.set_disposition(self.call_sid, disposition)
@@ -469,6 +474,8 @@ class MediaStreamCall(LiveHold):
         await self.twilio.close(CLOSE_NORMAL, "call ended")
         ended = self._record_end(call, reason)
         await self._release_call()
+        if reason not in ("handed_off", "superseded"):  # else the call goes on on another stream
+            self.runtime.webhooks.call_ended(self.call_sid, settle_s=0.0 if self._over else LOST_STREAM_SETTLE_S)
         self.log.info("call ended", extra=ended)
 
     def _record_end(self, call: Call, reason: str) -> dict[str, object]:
