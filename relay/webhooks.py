@@ -116,6 +116,16 @@ def _number(raw: str | None) -> float | None:
         return None
 
 
+def _duration_s(meta: Mapping[str, str]) -> float | None:
+    """From the call's start to its end, across all its streams (a stream's own duration_s covers only
+    the last one after a hand-off or a resume)."""
+    try:
+        elapsed = datetime.fromisoformat(meta["ended"]) - datetime.fromisoformat(meta["started"])
+    except (KeyError, ValueError, TypeError):
+        return _number(meta.get("duration_s"))
+    return round(elapsed.total_seconds(), 1)
+
+
 def _tool_calls(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each tool call with its result (``result`` None when none was recorded), in call order."""
     calls: dict[str, dict[str, Any]] = {}
@@ -158,7 +168,7 @@ def call_completed_document(record: CallRecord, now: float) -> dict[str, Any]:
         "profile": meta.get("profile") or None,
         "started": meta.get("started") or None,
         "ended": meta.get("ended") or None,
-        "duration_s": _number(meta.get("duration_s")),
+        "duration_s": _duration_s(meta),
         "end_reason": meta.get("end_reason") or None,
         "outcome": outcome(meta),
         "transcript": record.entries,

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import signal
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +172,8 @@ async def test_a_call_sends_one_signed_call_completed_document_of_its_stored_rec
     assert data["call_sid"] == call_sid and data["direction"] == "inbound"
     assert (data["from"], data["to"], data["profile"]) == ("+15550001111", "+15550002222", "default")
     assert (data["started"], data["ended"]) == (meta["started"], meta["ended"])
-    assert data["duration_s"] == float(meta["duration_s"]) and data["duration_s"] > 0
+    elapsed = datetime.fromisoformat(meta["ended"]) - datetime.fromisoformat(meta["started"])
+    assert data["duration_s"] == round(elapsed.total_seconds(), 1) and data["duration_s"] > 0
     assert (data["end_reason"], data["outcome"]) == ("caller_hung_up", "caller_hung_up")
     assert data["transcript"] == record.entries
     assert [e["kind"] for e in data["transcript"]].count("tool_call") == 1
@@ -342,6 +345,46 @@ async def test_a_restart_between_attempts_loses_nothing(
     )
 
 
+async def test_an_instance_killed_mid_delivery_leaves_the_event_to_another_once_its_lease_ends(
+    fast_sim: RealtimeSimulator, redis_url: str, store_prefix: str
+) -> None:
+    script = Script(hold_s=60.0)  # A's POST is held until A is gone
+    async with Receiver(script) as receiver:
+        env = {
+            "REDIS_URL": redis_url,
+            "RELAY_REDIS_PREFIX": store_prefix,
+            "RELAY_WEBHOOK_URL": receiver.url,
+            "RELAY_WEBHOOK_SECRET": SECRET,
+            "RELAY_WEBHOOK_TIMEOUT": "3",  # the lease: 3 + 5 s
+        }
+        a = await RelayProcess(fast_sim.url, **env).start()
+        b = RelayProcess(fast_sim.url, **env)
+        try:
+            caller = caller_for(a)
+            await caller.connect()
+            assert await caller.wait_for_audio(200, timeout=5)
+            await caller.hangup()
+            assert await wait_for(lambda: len(receiver.deliveries) == 1, timeout=10)
+            a.signal(signal.SIGKILL)
+            assert await a.wait(10) == -signal.SIGKILL
+            script.hold_s = 0.0
+            await b.start()
+            assert await wait_for(lambda: len(receiver.deliveries) == 2, timeout=15)
+            assert await receiver.wait(2)
+            await asyncio.sleep(0.6)
+        finally:
+            await a.close()
+            if b.proc is not None:
+                b.signal()
+                await b.wait(15)
+            await b.close()
+    first, second = receiver.deliveries
+    assert first.id == second.id == event_id(CALL_COMPLETED, caller.call_sid)
+    assert first.verified and second.verified and second.status == 200
+    assert 7.0 <= second.at - first.at < 10.0  # not before A's lease ran out
+    assert any(line.get("msg") == "call.completed webhook delivered (attempt 2)" for line in b.lines)
+
+
 def _event(n: int, url: str) -> QueuedEvent:
     body = orjson.dumps({"type": RECORDING_COMPLETED, "timestamp": "t", "data": {"call_sid": f"CA{n:032d}"}})
     return QueuedEvent(event_id(RECORDING_COMPLETED, f"CA{n:032d}"), RECORDING_COMPLETED, url, body, time.time())
@@ -435,11 +478,16 @@ async def test_a_handed_off_stream_sends_nothing_only_the_calls_final_end_does(
             await call.hangup()
             assert await receiver.wait(1)
             await asyncio.sleep(0.6)
+            record = await other.runtime.store.get_call(call.call_sid)
     assert after_hand_off == 0
+    assert record is not None and record.meta["streams"] == "2" and "handed_off" in record.meta
     (delivery,) = receiver.deliveries
     data = delivery.document["data"]
     assert delivery.verified and data["call_sid"] == call.call_sid
     assert (data["end_reason"], data["outcome"]) == ("caller_hung_up", "caller_hung_up")
+    elapsed = datetime.fromisoformat(record.meta["ended"]) - datetime.fromisoformat(record.meta["started"])
+    # from the call's start to its end: both streams, more than the last stream's own duration
+    assert data["duration_s"] == round(elapsed.total_seconds(), 1) > float(record.meta["duration_s"])
 
 
 async def test_without_a_webhook_url_nothing_is_queued(fast_sim: RealtimeSimulator) -> None:

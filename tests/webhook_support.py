@@ -46,7 +46,8 @@ class Delivery:
 
 @dataclass
 class Script:
-    """What the receiver answers: `statuses` in order (then `then`), each after `hold_s`."""
+    """What the receiver answers: `statuses` in order (then `then`), each after holding the request
+    `hold_s` (read while it holds, so a test may release held requests by setting it to 0)."""
 
     statuses: list[int | tuple[int, dict[str, str]]] = field(default_factory=list)
     then: int = 200
@@ -85,8 +86,9 @@ class Receiver:
         self.in_flight[msg_id] += 1
         self.max_in_flight[msg_id] = max(self.max_in_flight[msg_id], self.in_flight[msg_id])
         try:
-            if self.script.hold_s:
-                await asyncio.sleep(self.script.hold_s)
+            held = time.monotonic()
+            while time.monotonic() - held < self.script.hold_s:  # a test may end the hold early (hold_s = 0)
+                await asyncio.sleep(0.02)
             answer = self.script.statuses.pop(0) if self.script.statuses else self.script.then
         finally:
             self.in_flight[msg_id] -= 1
