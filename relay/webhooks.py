@@ -10,9 +10,10 @@ Other code emits events through the runtime's ``Webhooks`` (``runtime.webhooks``
 - ``recording_completed(call_sid, fields)`` queues ``recording.completed`` with the recording's
   ``recording_sid`` / ``recording_url`` / ``recording_duration`` (from `fields`, else the record).
 
-Each event is queued once (its id is derived from the call, so a second emission is a no-op) in the
-store's webhook queue (relay/store/webhook_queue.py): on Redis it outlives the instance and any
-instance delivers it. Every instance runs one delivery task: it leases the due events, POSTs each to
+Each event is queued once (its id is derived from the call and claimed in the store, so a second
+emission, on any instance and even after the first was delivered, is a no-op) in the store's
+webhook queue (relay/store/webhook_queue.py): on Redis it outlives the instance and any instance
+delivers it. Every instance runs one delivery task: it leases the due events, POSTs each to
 its URL signed the Standard Webhooks way (relay/webhook_signing.py) and settles it. Timeouts,
 connection errors, 408, 429 and 5xx are retried with exponential backoff and jitter
 (``RELAY_WEBHOOK_BACKOFF`` doubling up to ``RELAY_WEBHOOK_BACKOFF_MAX``; a ``Retry-After`` is
@@ -321,11 +322,20 @@ class Webhooks:
             log.exception("could not queue the recording.completed webhook", extra=extra)
 
     async def _enqueue(self, event: QueuedEvent) -> None:
+        """Queue the event unless it was queued before (across instances, also when already delivered)."""
+
+        async def claim() -> bool:
+            async with asyncio.timeout(STORE_TIMEOUT_S):
+                return await self.store.claim_once(f"webhook:{event.id}", self.settings.state_ttl_s)
+
         async def put() -> bool:
             async with asyncio.timeout(STORE_TIMEOUT_S):
                 return await self.queue.enqueue(event, event.created)
 
         call_sid = orjson.loads(event.body)["data"]["call_sid"]
+        if not await self._with_retries(claim, call_sid, f"claim the {event.type} webhook"):
+            log.info("%s webhook was queued before; not again", event.type, extra={"call_sid": call_sid})
+            return
         if await self._with_retries(put, call_sid, f"queue the {event.type} webhook"):
             log.info("%s webhook queued", event.type, extra={"call_sid": call_sid, "webhook_id": event.id})
             self._wake.set()
