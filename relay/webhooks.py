@@ -77,7 +77,7 @@ ENQUEUE_RETRY_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # the store unreachable when
 RETRYABLE_STATUSES = frozenset({408, 429})
 MACHINE_ANSWERS = frozenset({"machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other"})
 RECORDING_FIELDS = ("recording_sid", "recording_url", "recording_duration")
-LATENCY_PREFIX = "m2e_"  # mouth-to-ear figures in the call's record, e.g. m2e_played_p50_ms
+LATENCY_PREFIX = "m2e_"  # mouth-to-ear figures in the call's record: m2e_{sent,played}_{p50_ms,max_ms,count}
 
 
 def event_id(event_type: str, call_sid: str, key: str = "") -> str:
@@ -115,6 +115,12 @@ def _number(raw: str | None) -> float | None:
         return float(raw) if raw not in (None, "") else None
     except ValueError:
         return None
+
+
+def _whole(raw: str) -> int | float | None:
+    """A stored figure as a JSON number: an integer when it is one (milliseconds, counts)."""
+    value = _number(raw)
+    return int(value) if value is not None and value.is_integer() else value
 
 
 def _duration_s(meta: Mapping[str, str]) -> float | None:
@@ -178,7 +184,7 @@ def call_completed_document(record: CallRecord, now: float) -> dict[str, Any]:
         "usage": record.usage,
         "cost_usd": _number(meta.get("cost_usd")),
     }
-    latency = {k.removeprefix(LATENCY_PREFIX): _number(v) for k, v in meta.items() if k.startswith(LATENCY_PREFIX)}
+    latency = {k.removeprefix(LATENCY_PREFIX): _whole(v) for k, v in meta.items() if k.startswith(LATENCY_PREFIX)}
     if latency:
         data["mouth_to_ear"] = dict(sorted(latency.items()))
     if meta.get("answered_by"):

@@ -169,6 +169,7 @@ async def test_a_call_sends_one_signed_call_completed_document_of_its_stored_rec
         "tool_calls",
         "usage",
         "cost_usd",
+        "mouth_to_ear",
     }
     assert data["call_sid"] == call_sid and data["direction"] == "inbound"
     assert (data["from"], data["to"], data["profile"]) == ("+15550001111", "+15550002222", "default")
@@ -184,6 +185,11 @@ async def test_a_call_sends_one_signed_call_completed_document_of_its_stored_rec
     assert tool["result"]["ok"] is True and orjson.loads(tool["result"]["output"])["status"] == "shipped"
     assert data["usage"] == record.usage and data["usage"]["total"] > 0
     assert data["cost_usd"] == float(meta["cost_usd"]) and data["cost_usd"] > 0
+    # the greeting and the answer to the caller's turn, each measured from where the caller's wait began
+    latency = data["mouth_to_ear"]
+    assert latency == {k.removeprefix("m2e_"): int(v) for k, v in meta.items() if k.startswith("m2e_")}
+    assert (latency["sent_count"], latency["played_count"]) == (2, 2)
+    assert 0 < latency["sent_p50_ms"] <= latency["sent_max_ms"] <= latency["played_max_ms"]
 
 
 def test_the_document_carries_amd_recording_and_latency_when_the_record_has_them() -> None:
@@ -202,13 +208,14 @@ def test_the_document_carries_amd_recording_and_latency_when_the_record_has_them
         "recording_url": "https://api.twilio.com/2010-04-01/Accounts/AC1/Recordings/RE0123",
         "recording_duration": "58",
         "m2e_played_p50_ms": "640",
+        "m2e_played_count": "3",
     }
     record = CallRecord("CA1", meta=meta, entries=[], summary=None, usage={})
     data = call_completed_document(record, 0.0)["data"]
     assert data["direction"] == "outbound" and data["outcome"] == "voicemail"
     assert data["answered_by"] == "machine_end_beep"
     assert data["recording"] == {"sid": "RE0123", "url": meta["recording_url"], "duration_s": 58.0}
-    assert data["mouth_to_ear"] == {"played_p50_ms": 640.0}
+    assert data["mouth_to_ear"] == {"played_count": 3, "played_p50_ms": 640}
 
 
 @pytest.mark.parametrize(
@@ -470,8 +477,8 @@ async def test_a_handed_off_stream_sends_nothing_only_the_calls_final_end_does(
             origin, other = (first, second) if call.call_sid in first.runtime.calls else (second, first)
             call.balancer.instances = [other.base_url]  # as a draining instance leaves the balancer
             assert await origin.runtime.calls[call.call_sid].hand_off(1.0) is True
-            assert await call.wait_legs(2, timeout=10)
-            assert await wait_for(lambda: call.call_sid in other.runtime.calls, timeout=5)
+            assert await call.wait_legs(2, timeout=10), (call.outcome, call.errors, call.events)
+            assert await wait_for(lambda: call.call_sid in other.runtime.calls, timeout=5), call.events
             await asyncio.sleep(1.0)  # the hand-off's teardown is long done: nothing was sent for it
             after_hand_off = len(receiver.deliveries)
             await call.leg.say_and_wait(ulaw.synth_speech(400, seed=2))  # the call goes on, no second greeting
@@ -480,7 +487,7 @@ async def test_a_handed_off_stream_sends_nothing_only_the_calls_final_end_does(
             assert await receiver.wait(1)
             await asyncio.sleep(0.6)
             record = await other.runtime.store.get_call(call.call_sid)
-    assert after_hand_off == 0
+    assert after_hand_off == 0, [d.document["data"]["end_reason"] for d in receiver.deliveries]
     assert record is not None and record.meta["streams"] == "2" and "handed_off" in record.meta
     (delivery,) = receiver.deliveries
     data = delivery.document["data"]

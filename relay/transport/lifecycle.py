@@ -82,6 +82,7 @@ class MediaStreamCall(LiveHold):
         self._effect_failures = RepeatLimiter(self.log)  # per kind of effect, bounded log lines
         self._hold: CallHold | None = None  # the call's one live stream across instances (relay/ownership.py)
         self._over = False  # a disposition was recorded: no other stream will carry the call on
+        self._m2e: dict[str, list[float]] = {"sent": [], "played": []}  # mouth-to-ear seconds of this stream
 
     def twilio_open(self) -> bool:
         return self.twilio.open
@@ -254,6 +255,8 @@ class MediaStreamCall(LiveHold):
         metrics = self.runtime.metrics
         if isinstance(effect, Metric):
             metrics.observe(effect.name, effect.value, effect.label)
+            if effect.name in ("mouth_to_ear_sent_seconds", "mouth_to_ear_played_seconds"):
+                self._m2e[effect.name.split("_")[3]].append(effect.value)
         elif isinstance(effect, Entry):
             store.add_entry(self.call_sid, {"kind": effect.kind, "t": time.time(), **effect.data})
         elif isinstance(effect, UsageReport):
@@ -478,6 +481,18 @@ class MediaStreamCall(LiveHold):
             self.runtime.webhooks.call_ended(self.call_sid, settle_s=0.0 if self._over else LOST_STREAM_SETTLE_S)
         self.log.info("call ended", extra=ended)
 
+    def _latency_fields(self) -> dict[str, str]:
+        """Mouth-to-ear latency of this stream's answers for the call's record (the post-call webhook
+        reports them): median and worst, ms, per stage (sent to Twilio, heard by the caller)."""
+        fields: dict[str, str] = {}
+        for stage, values in self._m2e.items():
+            if values:
+                ordered = sorted(values)
+                fields[f"m2e_{stage}_p50_ms"] = str(round(ordered[(len(ordered) - 1) // 2] * 1000))
+                fields[f"m2e_{stage}_max_ms"] = str(round(ordered[-1] * 1000))
+                fields[f"m2e_{stage}_count"] = str(len(ordered))
+        return fields
+
     def _record_end(self, call: Call, reason: str) -> dict[str, object]:
         """The call's record and metrics at its end; returns the fields of its last log line."""
         duration = time.monotonic() - self.started_at
@@ -494,6 +509,7 @@ class MediaStreamCall(LiveHold):
                     "frames_in": str(call.frames_in),
                     "frames_out": str(call.frames_out),
                     "cost_usd": f"{self.cost_usd:.4f}",
+                    **self._latency_fields(),
                 },
             )
         self.runtime.metrics.call_ended(reason, duration)
