@@ -100,3 +100,4 @@ class AgentSettings:
     outbound_greeting: str | None = None
     recording: str | None = None
     recording_disclosure: str | None = None
+    webhook_url: str | None = None  # post-call webhook; None: RELAY_WEBHOOK_URL, "": none for this profile

@@ -33,11 +33,13 @@ from relay.env import (
     read_bool,
     read_choice,
     read_float,
+    read_http_url,
     read_int,
     read_port,
     read_redis_url,
 )
 from relay.realtime import models
+from relay.webhook_signing import SecretError, decode_secret
 
 Dialect = Literal["ga", "beta"]
 Provider = Literal["openai", "azure"]
@@ -117,6 +119,35 @@ def _provider_settings(env: Mapping[str, str], dialect: str) -> dict[str, object
 def derive_caller_key_secret(stream_secret: bytes) -> bytes:
     """The caller-key secret when none is configured: the same on every instance sharing the stream secret."""
     return hmac.new(stream_secret, b"relay-caller-key", hashlib.sha256).digest()
+
+
+def _webhook_settings(env: Mapping[str, str]) -> dict[str, object]:
+    """RELAY_WEBHOOK_* (the post-call webhook, relay/webhooks.py): a URL needs a secret to sign with."""
+    raw_url = (env.get("RELAY_WEBHOOK_URL") or "").strip()
+    url = read_http_url(raw_url, "RELAY_WEBHOOK_URL") if raw_url else None
+    raw_secret = env.get("RELAY_WEBHOOK_SECRET") or ""
+    secret = b""
+    if raw_secret:
+        try:
+            secret = decode_secret(raw_secret)
+        except SecretError as exc:
+            raise ConfigError(f"RELAY_WEBHOOK_SECRET {exc}") from None
+    if url and not secret:
+        raise ConfigError(
+            "RELAY_WEBHOOK_URL needs RELAY_WEBHOOK_SECRET to sign the deliveries with "
+            "(whsec_ followed by `openssl rand -base64 32`)"
+        )
+    backoff = read_float(env, "RELAY_WEBHOOK_BACKOFF", 10.0, 0.01)
+    backoff_max = read_float(env, "RELAY_WEBHOOK_BACKOFF_MAX", 1800.0, 0.01)
+    if backoff_max < backoff:
+        raise ConfigError(f"RELAY_WEBHOOK_BACKOFF_MAX ({backoff_max:g}) must be >= RELAY_WEBHOOK_BACKOFF ({backoff:g})")
+    return {
+        "webhook_url": url,
+        "webhook_secret": secret,
+        "webhook_timeout_s": read_float(env, "RELAY_WEBHOOK_TIMEOUT", 5.0, 0.1),
+        "webhook_backoff_s": backoff,
+        "webhook_backoff_max_s": backoff_max,
+    }
 
 
 def _drain_mode(env: Mapping[str, str]) -> str:
@@ -217,6 +248,11 @@ class Settings:
     twilio_ping_timeout_s: float = 20.0
     price_per_1k_tokens: Mapping[str, float] = field(default_factory=dict)
     metrics_enabled: bool = True
+    webhook_url: str | None = None  # the post-call webhook (a profile's webhook_url overrides it)
+    webhook_secret: bytes = b""  # its signing key (decoded from whsec_<base64>, or the raw secret's bytes)
+    webhook_timeout_s: float = 5.0
+    webhook_backoff_s: float = 10.0  # the first retry's delay; doubled per attempt, with jitter
+    webhook_backoff_max_s: float = 1800.0  # no retry waits longer (Retry-After included)
 
     def transcription_notice(self) -> str | None:
         """The start-up INFO line for Azure without a transcription deployment, else None."""
@@ -395,4 +431,5 @@ class Settings:
             twilio_ping_timeout_s=read_float(env, "RELAY_TWILIO_PING_TIMEOUT", 20.0, 0.05),
             price_per_1k_tokens=prices,
             metrics_enabled=read_bool(env, "RELAY_METRICS", True),
+            **_webhook_settings(env),  # type: ignore[arg-type]
         )

@@ -74,6 +74,7 @@ SECRET_ENV: dict[str, int] = {
     "RELAY_STREAM_SECRET": 32,
     "RELAY_API_TOKEN": 32,
     "RELAY_CALLER_KEY_SECRET": 32,
+    "RELAY_WEBHOOK_SECRET": 32,
 }
 _PLACEHOLDER_WORDS = ("replaceme", "changeme", "changeit", "yourkey", "yoursecret", "yourtoken", "placeholder")
 _PLACEHOLDER_VALUES = frozenset({"", "secret", "password", "token", "todo", "tbd", "none", "null", "test", "example"})
@@ -110,6 +111,21 @@ def check_secrets(env: Mapping[str, str]) -> None:
     """Refuse every secret in ``SECRET_ENV`` that is set to a placeholder or is shorter than its minimum."""
     for name, min_bytes in SECRET_ENV.items():
         _secret(env, name, min_bytes)
+
+
+def read_http_url(value: str, name: str) -> str:
+    """An http:// or https:// URL with a host (a webhook's target), as given; ConfigError naming `name`."""
+    url = value.strip()
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        raise ConfigError(f"{name} is not a valid URL, got {url[:64]!r}") from None
+    if parts.username or parts.password:
+        raise ConfigError(f"{name} must not carry credentials in the URL (the deliveries are signed instead)")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name} must be an http:// or https:// URL with a host, got {url[:64]!r}")
+    return url
 
 
 def read_port(env: Mapping[str, str], name: str = "PORT", default: int = 8000) -> int:

@@ -254,6 +254,27 @@ class Metrics:
             multiprocess_mode="liveall",
         )
         self.process_start_time.set(time.time() - time.monotonic() + _MONOTONIC_AT_IMPORT)
+        self.webhooks_delivered = Counter(
+            "relay_webhooks_delivered_total", "Webhook events delivered (a 2xx answer), by type", ["type"], registry=r
+        )
+        self.webhook_retries = Counter(
+            "relay_webhook_retries_total",
+            "Failed webhook delivery attempts to be retried, by failure (timeout, connect_error, status_503, ...)",
+            ["reason"],
+            registry=r,
+        )
+        self.webhooks_abandoned = Counter(
+            "relay_webhooks_abandoned_total",
+            "Webhook events given up: refused with a status that is not retried (status_400, ...) or expired",
+            ["reason"],
+            registry=r,
+        )
+        self.webhook_queue_depth = Gauge(
+            "relay_webhook_queue_depth",
+            "Webhook events queued (due, waiting for a retry, or being delivered); shared by every instance on Redis",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.build_info = Gauge(
             "relay_build_info",
             "Always 1; the labels say what is running",
@@ -267,6 +288,7 @@ class Metrics:
         self._reasons = _LabelGuard()
         self._statuses = _LabelGuard(20)
         self._models = _LabelGuard(5)
+        self._webhook_reasons = _LabelGuard(20)
         # In multiprocess mode a gauge's series exists from its creation, at 0: fill in the real values
         # at once, so a scrape before the first periodic sync never shows a worker with no CPU time.
         self.sample_process()
@@ -294,6 +316,15 @@ class Metrics:
         self.calls_ended.labels(self._reasons(reason)).inc()
         if duration_s is not None:
             self.call_duration.observe(max(0.0, duration_s))
+
+    def webhook_delivered(self, event_type: str) -> None:
+        self.webhooks_delivered.labels(self._webhook_reasons(event_type)).inc()
+
+    def webhook_retried(self, reason: str) -> None:
+        self.webhook_retries.labels(self._webhook_reasons(reason)).inc()
+
+    def webhook_abandoned(self, reason: str) -> None:
+        self.webhooks_abandoned.labels(self._webhook_reasons(reason)).inc()
 
     def set_build_info(self, dialect: str, model: str) -> None:
         """What this process runs: package version, Python version, Realtime dialect and default model."""

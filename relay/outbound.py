@@ -270,14 +270,17 @@ async def call_status(runtime: Runtime, form: Mapping[str, str]) -> None:
         update["answered_by"] = form["AnsweredBy"][:32]
     record = await store.get_call(call_sid)
     meta = record.meta if record is not None else {}
+    never_streamed = "started" not in meta
     if status in FINAL_STATUSES:
         ref = meta.get("outbound_ref")
         if ref:
             await store.outbound_done(ref)
-        if status in UNANSWERED_END and "started" not in meta:
-            update.update({"ended": _now(), "end_reason": UNANSWERED_END[status]})
+        if never_streamed and not meta.get("ended"):
+            update.update({"ended": _now(), "end_reason": UNANSWERED_END.get(status, "completed")})
     store.call_updated(call_sid, update)
     log.info("call status %s", status, extra={"call_sid": call_sid})
+    if status in FINAL_STATUSES and never_streamed and meta.get("direction") == "outbound":
+        runtime.webhooks.call_ended(call_sid)  # no stream ended it: this is the call's end
 
 
 async def amd_status(runtime: Runtime, form: Mapping[str, str]) -> None:
@@ -321,5 +324,10 @@ async def recording_status(runtime: Runtime, form: Mapping[str, str]) -> None:
     }
     if form.get("RecordingDuration", "").isdigit():
         update["recording_duration_s"] = form["RecordingDuration"]
-    runtime.store.call_updated(call_sid, {k: v for k, v in update.items() if v})
+    stored = {k: v for k, v in update.items() if v}
+    runtime.store.call_updated(call_sid, stored)
     log.info("recording %s", update["recording_status"] or "status", extra={"call_sid": call_sid})
+    record = await runtime.store.get_call(call_sid)
+    if record is not None and record.meta.get("ended") and update["recording_status"] == "completed":
+        # The call's call.completed may have gone out without it: the recording follows on its own.
+        runtime.webhooks.recording_completed(call_sid, stored)

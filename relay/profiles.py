@@ -21,6 +21,7 @@ Every profile starts from the environment's agent settings (``RELAY_INSTRUCTIONS
     whisper_summary = true                # the human hears a short summary before being connected
     transcription_model = "gpt-transcribe"
     noise_reduction = "near_field"        # or far_field, off
+    webhook_url = "https://crm.example.com/hooks/relay"  # post-call webhook for this number ("" = none)
     [profiles.support.vad]
     type = "semantic_vad"                 # server_vad, semantic_vad or none
     eagerness = "low"
@@ -71,7 +72,7 @@ from typing import Any
 import yaml
 
 from relay.agent_settings import AgentSettings, check_dtmf, check_resume_line, check_voice
-from relay.env import ConfigError
+from relay.env import ConfigError, read_http_url
 
 _NUMBER = (int, float)
 _PROFILE_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -93,6 +94,7 @@ _PROFILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "outbound_greeting": str,
     "recording": str,
     "recording_disclosure": str,
+    "webhook_url": str,
 }
 _VAD_KEYS: dict[str, type | tuple[type, ...]] = {
     "type": str,
@@ -241,6 +243,10 @@ def _profile(name: str, data: Any, base: AgentSettings, env: Mapping[str, str], 
             raise ConfigError(f"{where}.{key} is longer than {MAX_LINE_CHARS} characters")
     resume_line = data.get("resume_line", base.resume_line or "").strip()
     check_resume_line(resume_line, f"{where}.resume_line")
+    webhook_url = base.webhook_url
+    if "webhook_url" in data:
+        raw_url = data["webhook_url"]
+        webhook_url = read_http_url(raw_url, f"{where}.webhook_url") if raw_url.strip() else ""
     noise = data.get("noise_reduction", base.noise_reduction)
     if noise not in (None, "near_field", "far_field", "off"):
         raise ConfigError(f"{where}.noise_reduction must be near_field, far_field or off, got {noise!r}")
@@ -265,6 +271,7 @@ def _profile(name: str, data: Any, base: AgentSettings, env: Mapping[str, str], 
         outbound_greeting=data.get("outbound_greeting", base.outbound_greeting),
         recording=recording,
         recording_disclosure=data.get("recording_disclosure", base.recording_disclosure) or None,
+        webhook_url=webhook_url,
     )
 
 
@@ -299,6 +306,16 @@ class Profiles:
                 raise ConfigError(
                     f"profiles.{profile.name}: lists transfer_call but has no transfer_numbers "
                     "(and allow_any_transfer_number is false)"
+                )
+
+    def check_webhooks(self, has_secret: bool) -> None:
+        """A profile's webhook_url is signed with RELAY_WEBHOOK_SECRET: without it, refuse to start."""
+        if has_secret:
+            return
+        for profile in self._all():
+            if profile.webhook_url:
+                raise ConfigError(
+                    f"profiles.{profile.name}.webhook_url needs RELAY_WEBHOOK_SECRET to sign the deliveries with"
                 )
 
     def check_dialect(self, dialect: str) -> None:

@@ -33,6 +33,7 @@ from relay.store import Store, make_store
 from relay.store.base import LIVE_HEARTBEAT_S, LIVE_TTL_S
 from relay.tools import ToolRegistry, whisper_text
 from relay.twilio.rest import TwilioControl
+from relay.webhooks import Webhooks
 
 log = logging.getLogger("relay.runtime")
 DRAIN_GOODBYE = "Sorry, we have to end this call for maintenance. Please call back. Goodbye."
@@ -83,6 +84,7 @@ def check_configuration(
     profiles = profiles or load_profiles(settings.profiles_file, settings.agent, dialect=settings.dialect)
     profiles.check_tools(tools.tools)
     profiles.check_dialect(settings.dialect)
+    profiles.check_webhooks(bool(settings.webhook_secret))
     return tools, profiles
 
 
@@ -183,6 +185,8 @@ class Runtime:
                 settings.twilio_account_sid, settings.twilio_auth_token, api_base=settings.twilio_api_base
             )
         self.twilio_control = twilio_control
+        # the post-call webhook: runtime.webhooks.call_ended(sid) / .recording_completed(sid, fields)
+        self.webhooks = Webhooks(settings, self.store, self.profiles, self.metrics)
         self.calls: dict[str, LiveStream] = {}
         self._commands: set[asyncio.Task[None]] = set()  # tell_call commands running on this instance's calls
         # Media Stream sockets accepted and waiting for their start message, the longest-waiting first
@@ -205,6 +209,7 @@ class Runtime:
         self.started = True
         self._metrics_task = asyncio.create_task(self._periodic(), name="runtime-periodic")
         self.ownership.start(self._call_message)
+        self.webhooks.start()
         if self.store.kind == "redis":
             self._store_watch_task = asyncio.create_task(self._watch_store(), name="store-watch")
 
@@ -215,6 +220,7 @@ class Runtime:
         self._metrics_task = self._store_watch_task = None
         await self.later_memory.stop()
         await self.ownership.stop()
+        await self.webhooks.stop()
         await self.store.close()
         self.metrics.sync_store(self.store.queue_depth, self.store.dropped_writes)
         self.started = False

@@ -14,6 +14,7 @@ and exits once they have all stopped.
 
 from __future__ import annotations
 
+import base64
 import functools
 import logging
 import os
@@ -86,6 +87,9 @@ def secrets_of(settings: Settings) -> list[str | None]:
         settings.stream_secret.hex() if settings.stream_secret else None,
         settings.caller_key_secret.decode(errors="ignore") if settings.caller_key_secret else None,
         settings.caller_key_secret.hex() if settings.caller_key_secret else None,
+        settings.webhook_secret.decode(errors="ignore") if settings.webhook_secret else None,
+        base64.b64encode(settings.webhook_secret).decode() if settings.webhook_secret else None,
+        settings.webhook_secret.hex() if settings.webhook_secret else None,
     ]
 
 

@@ -12,9 +12,12 @@ import hmac
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import orjson
+
+if TYPE_CHECKING:
+    from .webhook_queue import WebhookQueue
 
 __all__ = [
     "ENTRY_KINDS",
@@ -386,6 +389,11 @@ class Store(Protocol):
     async def live_calls(self) -> list[LiveCall]:
         """Every live-call record across instances, by call SID, orphaned where its instance is not
         live (`live_instances`: its heartbeat expired, or its process is gone)."""
+        ...
+
+    def webhook_queue(self) -> WebhookQueue:
+        """The outgoing webhook queue (relay/store/webhook_queue.py): shared and durable on Redis,
+        this process's own on the in-process store."""
         ...
 
     async def ping(self) -> bool:

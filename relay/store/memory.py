@@ -29,6 +29,7 @@ from .base import (
     hash_number,
     is_listed,
 )
+from .webhook_queue import MemoryWebhookQueue
 
 __all__ = ["MemoryStore"]
 
@@ -88,6 +89,7 @@ class MemoryStore:
         self._outbound_rate: tuple[float, int] = (0.0, 0)  # (window start, calls placed in it)
         self._idempotency: dict[str, tuple[str, float]] = {}  # key -> (call SID or "", expires at)
         self._outbound_refs: dict[str, tuple[str, float]] = {}  # reference -> (call SID, expires at)
+        self._webhooks = MemoryWebhookQueue()
         self._writes = 0
         self._rejected = 0
         self._rejected_logged = False
@@ -358,6 +360,9 @@ class MemoryStore:
             del self._live[call_sid]
             return None
         return held[0]
+
+    def webhook_queue(self) -> MemoryWebhookQueue:
+        return self._webhooks
 
     async def ping(self) -> bool:
         return True

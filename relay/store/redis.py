@@ -24,6 +24,7 @@ from .redis_keys import RedisKeys, describe, text
 from .redis_live import RedisOwnership
 from .redis_outbound import RedisOutbound
 from .redis_writer import BatchWriter
+from .webhook_queue import RedisWebhookQueue
 
 # Compare-and-delete: the disposition goes only if it is still the one expected.
 _TAKE_DISPOSITION = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -95,6 +96,7 @@ class RedisStore:
         self._ownership = RedisOwnership(self._redis, self._keys)
         self._outbound = RedisOutbound(self._redis, self._keys)
         self._take_disposition = self._redis.register_script(_TAKE_DISPOSITION)
+        self._webhooks = RedisWebhookQueue(self._redis, self._keys)
         self._writer = BatchWriter(
             self._redis,
             self._keys,
@@ -313,6 +315,9 @@ class RedisStore:
 
     async def live_calls(self) -> list[LiveCall]:
         return await self._read("live_calls", self._ownership.calls)
+
+    def webhook_queue(self) -> RedisWebhookQueue:
+        return self._webhooks
 
     async def ping(self) -> bool:
         if self._closed:

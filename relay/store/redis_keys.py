@@ -36,6 +36,14 @@ Key layout (P is the prefix, default ``relay:``; every value is UTF-8)::
     P outbound:key:{hash}  string  an idempotency key's call SID ("" while it is being placed); one day
     P presence:{id}        channel subscribed by instance {id} for as long as its process lives (PUBSUB
                                    NUMSUB 0: the process is gone; nothing is published on it)
+    P webhooks:events      hash    outgoing webhook event id -> the queued event (JSON: id, type, url, body,
+                                   created); HSETNX, deleted once delivered or given up
+    P webhooks:due         zset    event ids scored by when each is due (epoch ms): its next attempt, or the
+                                   end of the lease of the attempt under way
+    P webhooks:attempts    hash    event id -> attempts leased so far (HINCRBY; the lease's fence)
+
+The webhook keys have no TTL: an event stays until it is delivered or given up (relay/webhooks.py,
+at most a day); relay/store/webhook_queue.py has the scripts that lease and settle them.
 
 The two sorted sets are indexes so listing needs no SCAN; each has a LIVE_RECORD_TTL_S TTL renewed
 with every write, and its members outlive the keys they name by at most that (readers drop older ones).
@@ -100,6 +108,18 @@ class RedisKeys:
     @property
     def instances(self) -> str:
         return f"{self.prefix}instances"
+
+    @property
+    def webhooks_events(self) -> str:
+        return f"{self.prefix}webhooks:events"
+
+    @property
+    def webhooks_due(self) -> str:
+        return f"{self.prefix}webhooks:due"
+
+    @property
+    def webhooks_attempts(self) -> str:
+        return f"{self.prefix}webhooks:attempts"
 
 
 def describe(exc: BaseException) -> str:

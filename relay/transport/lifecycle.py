@@ -93,6 +93,11 @@ def _first_start(earlier: CallRecord | None, fallback: datetime) -> datetime:
     return began if began.tzinfo is not None else fallback
 
 
+# A stream lost without a disposition (the connection dropped) may be resumed by the continuation
+# webhook: its call.completed webhook waits this long, and is not sent if another stream took the call.
+LOST_STREAM_SETTLE_S = 30.0
+
+
 class MediaStreamCall(LiveHold):
     """A call's Media Stream; ``await MediaStreamCall(runtime, websocket).run()`` serves it."""
 
@@ -128,6 +133,8 @@ class MediaStreamCall(LiveHold):
         self._hold: CallHold | None = None  # the call's one live stream across instances (relay/ownership.py)
         self._tool_tasks: set[asyncio.Task[Any]] = set()
         self._results_for_next_stream = False  # a hand-off waits for the running tools (see hand_off)
+        self._over = False  # an ending was recorded (not a hand-off): no other stream will carry the call on
+        self._m2e: dict[str, list[float]] = {"sent": [], "played": []}  # mouth-to-ear seconds of this stream
 
     def twilio_open(self) -> bool:
         return self.twilio.open
@@ -347,6 +354,8 @@ class MediaStreamCall(LiveHold):
         metrics = self.runtime.metrics
         if isinstance(effect, Metric):
             metrics.observe(effect.name, effect.value, effect.label)
+            if effect.name in ("mouth_to_ear_sent_seconds", "mouth_to_ear_played_seconds"):
+                self._m2e[effect.name.split("_")[3]].append(effect.value)
         elif isinstance(effect, Entry):
             store.add_entry(self.call_sid, {"kind": effect.kind, "t": time.time(), **effect.data})
         elif isinstance(effect, UsageReport):
@@ -482,6 +491,7 @@ class MediaStreamCall(LiveHold):
         ``unavailable``: the Realtime API is not reachable; ``handed_off``: resume it elsewhere), for
         the continuation webhook on whichever instance Twilio reaches; bounded, since the caller
         waits on it."""
+        self._over = disposition != "handed_off"
         try:
             async with asyncio.timeout(DISPOSITION_TIMEOUT_S):
                 await self.runtime.store.set_disposition(self.call_sid, disposition)
@@ -637,7 +647,21 @@ class MediaStreamCall(LiveHold):
         await self.twilio.close(CLOSE_NORMAL, "call ended")
         ended = self._record_end(call, reason)
         await self._release_call()
+        if reason not in GOES_ON:  # else the call goes on on another stream
+            self.runtime.webhooks.call_ended(self.call_sid, settle_s=0.0 if self._over else LOST_STREAM_SETTLE_S)
         self.log.info("call ended", extra=ended)
+
+    def _latency_fields(self) -> dict[str, str]:
+        """Mouth-to-ear latency of this stream's answers for the call's record (the post-call webhook
+        reports them): median and worst, ms, per stage (sent to Twilio, heard by the caller)."""
+        fields: dict[str, str] = {}
+        for stage, values in self._m2e.items():
+            if values:
+                ordered = sorted(values)
+                fields[f"m2e_{stage}_p50_ms"] = str(round(ordered[(len(ordered) - 1) // 2] * 1000))
+                fields[f"m2e_{stage}_max_ms"] = str(round(ordered[-1] * 1000))
+                fields[f"m2e_{stage}_count"] = str(len(ordered))
+        return fields
 
     def _record_end(self, call: Call, reason: str) -> dict[str, object]:
         """The call's record and metrics at this stream's end; returns the fields of its last log line.
@@ -656,7 +680,12 @@ class MediaStreamCall(LiveHold):
             call_duration = max(duration, (now - self.call_began).total_seconds())
             store.call_updated(
                 self.call_sid,
-                {"ended": now.isoformat(), "end_reason": reason, "duration_s": f"{call_duration:.1f}"},
+                {
+                    "ended": now.isoformat(),
+                    "end_reason": reason,
+                    "duration_s": f"{call_duration:.1f}",
+                    **self._latency_fields(),
+                },
             )
         self.runtime.metrics.call_ended(reason, duration)
         if self.settings.price_per_1k_tokens:
