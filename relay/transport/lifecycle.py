@@ -53,10 +53,11 @@ RESUME_ENTRIES = 40  # the latest stored entries a resumed call's conversation i
 class MediaStreamCall(LiveHold):
     """A call's Media Stream; ``await MediaStreamCall(runtime, websocket).run()`` serves it."""
 
-    def __init__(self, runtime: Runtime, websocket: WebSocket) -> None:
+    def __init__(self, runtime: Runtime, websocket: WebSocket | None, *, twilio: TwilioSocket | None = None) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
-        self.twilio = TwilioSocket(websocket)
+        # a SIP call (relay/transport/sideband.py) has no caller socket: it passes its stand-in
+        self.twilio = twilio if twilio is not None else TwilioSocket(websocket)  # type: ignore[arg-type]
         self.log = logs.call_logger("", "")
         self.call: Call | None = None
         self.call_sid = ""
@@ -439,6 +440,7 @@ class MediaStreamCall(LiveHold):
             await self._record_disposition("ended")
         if (
             self.memory_on
+            and not self._final_summary.is_set()  # a SIP call asks for it before hanging up
             and reason != "handed_off"  # the call goes on elsewhere: its last instance writes the memory
             and self.upstream is not None
             and call.session_ready

@@ -53,6 +53,10 @@ class LiveHold(ABC):
     @abstractmethod
     async def hand_off(self, max_wait_s: float) -> bool: ...
 
+    def _profile_name(self) -> str:
+        """The profile the live-call listing shows (a Media Stream's is its called number's)."""
+        return self.runtime.profile_for(self.called).name
+
     def _phase(self) -> str:
         """What the live-call listing shows for this call (read with every beat)."""
         if self.end.ending:
@@ -78,7 +82,7 @@ class LiveHold(ABC):
         while True:
             self._hold = runtime.ownership.hold(
                 self.call_sid,
-                profile=runtime.profile_for(self.called).name,
+                profile=self._profile_name(),
                 direction="inbound",
                 phase=self._phase,
                 on_superseded=lambda: self._end("superseded"),

@@ -73,9 +73,9 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-class InProcessServer(DrainingServer):
-    """A DrainingServer inside another program (the demo, pytest, the benchmark): it leaves the host
-    program's signal handlers alone and is started and stopped by that program."""
+class _Embedded(uvicorn.Server):
+    """A uvicorn.Server inside another program: it leaves the host program's signal handlers alone
+    and is started and stopped by that program."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -96,6 +96,15 @@ class InProcessServer(DrainingServer):
         except TimeoutError:
             self.force_exit = True
             await serving
+
+
+class InProcessServer(_Embedded, DrainingServer):
+    """A DrainingServer inside another program (the demo, pytest, the benchmark)."""
+
+
+class EmbeddedServer(_Embedded):
+    """A plain server inside another program, with no runtime to drain (the simulated SIP connector's
+    REST API, relay/sim/sip)."""
 
 
 def listening_socket(config: uvicorn.Config) -> socket.socket:
