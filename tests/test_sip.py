@@ -211,6 +211,17 @@ async def test_over_capacity_the_call_is_rejected_with_486(
         await ended(relay)
 
 
+async def test_a_draining_instance_rejects_with_486(sip_sim: SipSimulator, redis_url: str, store_prefix: str) -> None:
+    settings = sip_settings(sip_sim, redis_url, store_prefix, drain_seconds=0.5, drain_mode="goodbye")
+    async with LocalRelay(settings) as relay:
+        drain = relay.runtime.start_drain()  # what SIGTERM does
+        call = await sip_sim.offer(webhook(relay))
+        assert await wait_for(lambda: call.state == "rejected", timeout=5)
+        assert call.requests == [("reject", {"status_code": 486})]
+        assert call.sessions == []
+        await drain
+
+
 # ---- the call on the sideband -------------------------------------------------------------------
 
 
@@ -398,3 +409,20 @@ async def test_a_sip_call_is_stored_as_a_media_stream_call_is(
     assert media_record.summary is not None and media_record.summary == media_memory
     assert sip_record.meta["end_reason"] == media_record.meta["end_reason"] == "assistant_ended"
     assert sip_record.meta["stream_sid"] == "" and sip_record.meta["frames_in"] == "0"
+
+
+async def test_at_the_drain_deadline_a_sip_call_hears_the_goodbye_and_is_hung_up(
+    sip_sim: SipSimulator, redis_url: str, store_prefix: str
+) -> None:
+    settings = sip_settings(sip_sim, redis_url, store_prefix, drain_seconds=0.3, drain_mode="goodbye")
+    async with LocalRelay(settings) as relay:
+        call = await accepted(sip_sim, relay)
+        await greeted(call)
+        await relay.runtime.start_drain()
+        await ended(relay)
+        record = await relay.runtime.store.get_call(call.call_id)
+    assert [action for action, _ in call.requests] == ["accept", "hangup"]
+    assert len(call.stopped_at) == 2  # the greeting, then the goodbye, played before the hang-up
+    assert call.ended_at is not None and call.ended_at >= call.stopped_at[-1]
+    assert record is not None and record.meta["end_reason"] == "shutdown"
+    assert [e["event"] for e in record.entries if e["kind"] == "system"] == ["drain_goodbye", "call_ended"]

@@ -183,7 +183,12 @@ class RealtimeSession:
             timed_out = closing is SessionClose.CONFIGURATION_TIMEOUT
             delay = policy.session_lost(became_ready=became_ready, timed_out=timed_out)
             reason = "session.update timeout" if timed_out else f"closed with {upstream.close_code}"
-            self.log.warning("Realtime session lost (%s); reconnecting (attempt %d)", reason, policy.failures)
+            if self._call_gone is not None and upstream.close_code == 1000 and closing is None:
+                # a sideband the service closed normally: most often the call ended, which the
+                # reconnect's refusal tells (call_gone); else the call goes on with a new socket
+                self.log.info("Realtime sideband closed by the service; reconnecting to see whether the call goes on")
+            else:
+                self.log.warning("Realtime session lost (%s); reconnecting (attempt %d)", reason, policy.failures)
             if delay is None:
                 await self._finish("realtime_unavailable")
                 return
