@@ -252,17 +252,20 @@ async def test_end_call_hangs_up_once_the_goodbye_has_played(
     sip_sim: SipSimulator, redis_url: str, store_prefix: str
 ) -> None:
     sip_sim.config.function_calls_on_turn = {1: [("end_call", '{"reason": "done"}')]}
-    sip_sim.config.speech_before_calls_ms = 1600  # the goodbye: 200 ms of playback at 8x
+    sip_sim.config.speech_before_calls_ms = 1600  # the goodbye, generated in 200 ms (8x)
     async with LocalRelay(sip_settings(sip_sim, redis_url, store_prefix)) as relay:
         call = await accepted(sip_sim, relay)
         await greeted(call)
+        call.playback_factor = 2.0  # and played in 800 ms: its response is done long before
         await sip_sim.caller_says(call, 600)
         assert await wait_for(lambda: call.state == "ended", timeout=8)
         await ended(relay)
         record = await relay.runtime.store.get_call(call.call_id)
     assert [action for action, _ in call.requests] == ["accept", "hangup"]
     assert len(call.stopped_at) == 2  # the greeting's, then the goodbye's
-    assert call.ended_at is not None and call.ended_at >= call.stopped_at[-1]
+    goodbye_done, played, hung_up = call.responses_done_at[-1], call.stopped_at[-1], call.request_times[-1]
+    assert played - goodbye_done >= 0.5
+    assert 0 <= hung_up - played < 0.1
     assert record is not None and record.meta["end_reason"] == "assistant_ended"
 
 

@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from relay.runtime import Runtime
 
 KEYPAD_POLL_S = 0.05  # a keypad entry's pause is noticed within this
-GOODBYE_SETTLE_S = 0.2  # for the goodbye's output_audio_buffer.started to arrive before waiting on it
 # Ends after which nobody else would: the session cannot be controlled any more, or we are stopping
 _HANGS_UP = ("shutdown", "realtime_unavailable", "realtime_error:")
 
@@ -266,7 +265,8 @@ class SipCall(MediaStreamCall):
                 await asyncio.wait_for(self._final_summary.wait(), max(0.0, deadline - time.monotonic()))
 
     async def _goodbye_played(self) -> None:
-        await asyncio.sleep(GOODBYE_SETTLE_S)
+        """Until OpenAI has played everything: the response that called the tool is done (its audio
+        came before the call) and its output buffer stopped; at most RELAY_END_CALL_TIMEOUT."""
         timeout = self.settings.end_call_mark_timeout_s
         if not await self.wait_playback_idle(timeout):
             self.log.info("no output_audio_buffer.stopped within %.1f s; hanging up", timeout)

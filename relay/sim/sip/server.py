@@ -60,8 +60,11 @@ class SimCall:
     state: str = "ringing"  # accepted, rejected, referred, ended
     accepted: JSON | None = None
     requests: list[tuple[str, JSON]] = field(default_factory=list)  # (action, body) in order
+    request_times: list[float] = field(default_factory=list)  # monotonic arrival of each of them
     sessions: list[SimSession] = field(default_factory=list)  # its sideband connections
     playback_stops: bool = True  # False: OpenAI never reports output_audio_buffer.stopped
+    playback_factor: float | None = None  # how much faster than real time it plays (None: realtime_factor)
+    responses_done_at: list[float] = field(default_factory=list)  # monotonic times of response.done
     stopped_at: list[float] = field(default_factory=list)  # monotonic times of .stopped
     ended_at: float | None = None
 
@@ -105,6 +108,8 @@ class SipOutbox(Outbox):
             return
         super().emit(event)
         if kind == "response.done":
+            if self.call is not None:
+                self.call.responses_done_at.append(time.monotonic())
             response = event["response"]
             response_id = response["id"]
             started = self._first_audio.get(response_id)
@@ -115,7 +120,7 @@ class SipOutbox(Outbox):
                 return
             if self.call is not None and not self.call.playback_stops:
                 return
-            factor = self.cfg.realtime_factor or 1.0
+            factor = (self.call.playback_factor if self.call is not None else None) or self.cfg.realtime_factor or 1.0
             delay = max(0.0, started + self._audio_ms[response_id] / 1000.0 / factor - time.monotonic())
             loop = asyncio.get_running_loop()
             self._stops[response_id] = loop.call_later(delay, self._played_out, response_id)
@@ -322,6 +327,7 @@ class SipSimulator(RealtimeSimulator):
                 {"error": {"message": f"Call {call_id} not found", "code": "not_found"}}, status_code=404
             )
         call.requests.append((action, body))
+        call.request_times.append(time.monotonic())
         if action == "accept":
             if call.state != "ringing":
                 return JSONResponse({"error": {"message": "call already accepted"}}, status_code=409)
