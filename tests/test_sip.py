@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -198,6 +199,24 @@ async def test_the_accept_carries_the_media_stream_session_of_the_profile_chosen
         await ended(relay)
 
 
+async def test_a_caller_gone_before_the_accept_costs_an_info_line_and_nothing_else(
+    sip_sim: SipSimulator, redis_url: str, store_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with LocalRelay(sip_settings(sip_sim, redis_url, store_prefix)) as relay:
+        call = sip_sim.new_call()
+        await sip_sim.caller_hangs_up(call)  # hung up while the webhook was on its way
+        with caplog.at_level(logging.INFO):
+            assert await sip_sim.deliver(webhook(relay), call) == 200
+            assert await wait_for(lambda: bool(sip_sim.rest), timeout=5)
+            await ended(relay)
+        record = await relay.runtime.store.get_call(call.call_id)
+    assert [path for _, path, _ in sip_sim.rest] == [f"/v1/realtime/calls/{call.call_id}/accept"]
+    assert call.sessions == [] and record is None
+    mine = [r for r in caplog.records if getattr(r, "call_sid", "") == call.call_id]
+    assert [r.levelname for r in mine if r.levelno >= logging.WARNING] == []
+    assert "SIP call gone before it was accepted (404); nothing to do" in [r.getMessage() for r in mine]
+
+
 async def test_over_capacity_the_call_is_rejected_with_486(
     sip_sim: SipSimulator, redis_url: str, store_prefix: str
 ) -> None:
@@ -385,6 +404,11 @@ async def test_a_sip_call_is_stored_as_a_media_stream_call_is(
             await ended(relay)
             sip_record = await relay.runtime.store.get_call(call.call_id)
             sip_memory = await relay.runtime.store.get_caller_memory("+15550007777")
+            async with httpx.AsyncClient() as client:
+                served = await client.get(
+                    f"{relay.base_url}/calls/{call.call_id}", headers={"Authorization": f"Bearer {API_TOKEN}"}
+                )
+            assert served.status_code == 200 and served.json()["meta"]["end_reason"] == "assistant_ended"
         media_settings = relay_settings(
             media_sim.url, redis_url=redis_url, redis_prefix=store_prefix, caller_memory=True
         )

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 KEYPAD_POLL_S = 0.05  # a keypad entry's pause is noticed within this
 # Ends after which nobody else would: the session cannot be controlled any more, or we are stopping
-_HANGS_UP = ("shutdown", "realtime_unavailable", "realtime_error:")
+_HANGS_UP = ("shutdown", "realtime_unavailable", "realtime_error:", "sideband_failed")
 
 
 log = logging.getLogger(logs.TRANSPORT_LOGGER)
@@ -182,6 +182,9 @@ class SipCall(MediaStreamCall):
         stopped = asyncio.create_task(self._stopped.wait(), name=f"stopped-{self.call_sid}")
         try:
             await asyncio.wait({upstream, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if upstream.done() and not upstream.cancelled() and (exc := upstream.exception()) is not None:
+                self.log.error("the call's sideband task failed", exc_info=exc)
+                await self._end("sideband_failed")
         finally:
             stopped.cancel()
             keypad.cancel()
