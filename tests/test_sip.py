@@ -158,7 +158,12 @@ async def test_the_accept_carries_the_media_stream_session_of_the_profile_chosen
         settings,
         {
             "profiles": {
-                "sales": {"instructions": "You sell.", "voice": "cedar", "tools": ["lookup_order", "end_call"]},
+                "sales": {
+                    "instructions": "You sell.",
+                    "voice": "cedar",
+                    "tools": ["lookup_order", "end_call"],
+                    "mcp_servers": [{"server_label": "crm", "server_url": "https://crm.example.com/mcp"}],
+                },
                 "vip": {"instructions": "You serve VIPs.", "allow_sip_profile_header": True},
                 "internal": {"instructions": "Internal only."},
             },
@@ -174,7 +179,17 @@ async def test_the_accept_carries_the_media_stream_session_of_the_profile_chosen
         assert body["instructions"] == "You sell."
         assert body["audio"]["output"]["voice"] == "cedar"
         assert body["audio"]["input"]["format"] == {"type": "audio/pcmu"}
-        assert [tool["name"] for tool in body["tools"]] == ["lookup_order", "end_call"]
+        assert [tool.get("name") or tool["server_label"] for tool in body["tools"]] == [
+            "lookup_order",
+            "end_call",
+            "crm",
+        ]
+        assert body["tools"][2] == {
+            "type": "mcp",
+            "server_label": "crm",
+            "server_url": "https://crm.example.com/mcp",
+            "require_approval": "never",
+        }
         # the very session a Media Stream's session.update configures (one function builds both)
         update = next(e for e in sent_to_sideband(call) if e["type"] == "session.update")
         assert update["session"] == body
