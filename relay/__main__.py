@@ -46,6 +46,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.sip:
+        from relay.demo_sip import run_sip_demo
+
+        return asyncio.run(run_sip_demo(verbose=args.verbose))
     if args.failover:
         from relay.demo_failover import run_failover_demo
 
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         help="two relay processes sharing Redis: the one carrying the call is killed mid-sentence, the other "
         "carries on (Redis from REDIS_URL, else a private redis-server)",
     )
+    demo.add_argument("--sip", action="store_true", help="one call in SIP mode, against a simulated SIP connector")
     demo.set_defaults(func=_demo)
     sim = sub.add_parser("simulator", help="run the offline Realtime API simulator on its own")
     sim.add_argument("--host", default="127.0.0.1")

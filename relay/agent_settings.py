@@ -93,6 +93,9 @@ class AgentSettings:
     transfer_numbers: Mapping[str, str] = field(default_factory=dict)
     allow_any_transfer_number: bool = False
     whisper_summary: bool = False
+    # SIP mode: a call may pick this profile with an ``X-Relay-Profile`` SIP header (headers are the
+    # SIP provider's to set, so only profiles that allow it)
+    allow_sip_profile_header: bool = False
     name: str = "default"
     model: str | None = None  # None: Settings.model (OPENAI_REALTIME_MODEL / AZURE_OPENAI_DEPLOYMENT)
     # outbound calls (POST /calls): what the assistant says first when the callee answers (None: the

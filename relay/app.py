@@ -14,6 +14,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import parse_qsl
 
+import openai
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -27,6 +28,8 @@ from relay.logbound import clip
 from relay.metrics import CONTENT_TYPE
 from relay.runtime import Runtime
 from relay.security import InvalidSignature, check_signature, mint_stream_token, public_request_url
+from relay.sip.headers import CALL_ID, MalformedWebhook, parse_incoming
+from relay.transport import sideband
 from relay.transport.lifecycle import MediaStreamCall
 from relay.twilio import twiml
 
@@ -35,6 +38,9 @@ _SID = re.compile(r"[A-Za-z0-9]{2,64}")
 XML = "application/xml"
 DRAIN_RETRY_AFTER_S = 1  # Retry-After of the 503 a draining instance answers the webhook with
 CONTINUATION_WINDOW_S = 60  # the loop guard counts a call's continuations per this many seconds
+WEBHOOK_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")  # Standard Webhooks (§15)
+WEBHOOK_DEDUPE_TTL_S = 24 * 3600  # OpenAI retries a delivery for well under a day
+WEBHOOK_DEDUPE_TIMEOUT_S = 1.0
 CONTINUATION_STORE_TIMEOUT_S = 1.0  # Twilio waits for the continuation's TwiML; the caller hears nothing meanwhile
 
 
@@ -58,9 +64,8 @@ async def _read_limited(request: Request, limit: int) -> bytes | None:
     return bytes(body)
 
 
-async def _signed_form(request: Request, what: str) -> dict[str, str] | Response:
-    """The form of a webhook from Twilio, read within the body limits and its signature checked;
-    else the response that refuses it."""
+async def _webhook_body(request: Request, what: str) -> bytes | Response:
+    """A webhook's raw body, read within the body limits and the idle timeout; else the refusal."""
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
     try:
@@ -87,6 +92,17 @@ async def _signed_form(request: Request, what: str) -> dict[str, str] | Response
             "too_large", logging.WARNING, "%s body over %d bytes refused", what, settings.max_webhook_body_bytes
         )
         return PlainTextResponse("request body too large", status_code=413)
+    return body
+
+
+async def _signed_form(request: Request, what: str) -> dict[str, str] | Response:
+    """The form of a webhook from Twilio, read within the body limits and its signature checked;
+    else the response that refuses it."""
+    runtime: Runtime = request.app.state.runtime
+    settings = runtime.settings
+    body = await _webhook_body(request, what)
+    if isinstance(body, Response):
+        return body
     try:
         form = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False))
     except UnicodeDecodeError:
@@ -254,6 +270,56 @@ async def continue_call(request: Request) -> Response:
     return Response(twiml.apology(settings.apology_say, settings.fallback_number), media_type=XML)
 
 
+async def openai_webhook(request: Request) -> Response:
+    """OpenAI's project webhook (SIP mode): a signed ``realtime.call.incoming`` is answered at once and
+    its call accepted or rejected by a task of the runtime's; each delivery's ``webhook-id`` is acted
+    on once across instances (OpenAI retries with the same id)."""
+    runtime: Runtime = request.app.state.runtime
+    sip = runtime.sip
+    if sip is None:
+        return PlainTextResponse("SIP mode is off (no OPENAI_WEBHOOK_SECRET)", status_code=404)
+    body = await _webhook_body(request, "OpenAI webhook")
+    if isinstance(body, Response):
+        return body
+    missing = [name for name in WEBHOOK_HEADERS if not request.headers.get(name)]
+    if missing:
+        runtime.metrics.calls_refused.labels("bad_signature").inc()
+        runtime.request_refusals.log(
+            "webhook_unsigned", logging.WARNING, "OpenAI webhook refused: no %s header", ", ".join(missing)
+        )
+        return PlainTextResponse("missing webhook signature headers", status_code=400)
+    try:
+        sip.verify(body, request.headers)
+    except openai.InvalidWebhookSignatureError as exc:
+        runtime.metrics.calls_refused.labels("bad_signature").inc()
+        runtime.request_refusals.log("webhook_signature", logging.WARNING, "OpenAI webhook refused: %s", exc)
+        return PlainTextResponse("invalid signature", status_code=401)
+    except ValueError as exc:  # a header the verifier cannot read, a body that is not UTF-8
+        runtime.request_refusals.log("webhook_malformed", logging.WARNING, "OpenAI webhook refused: %s", exc)
+        return PlainTextResponse("malformed webhook", status_code=400)
+    try:
+        kind, incoming = parse_incoming(body)
+    except MalformedWebhook as exc:
+        runtime.request_refusals.log("webhook_body", logging.WARNING, "OpenAI webhook refused: %s", exc)
+        return PlainTextResponse("malformed event", status_code=400)
+    if incoming is None:
+        log.info("OpenAI webhook %s ignored", clip(kind, 100))
+        return Response(status_code=200)
+    webhook_id = request.headers["webhook-id"][:200]
+    try:
+        first = await asyncio.wait_for(
+            runtime.store.claim_once(f"openai-webhook:{webhook_id}", WEBHOOK_DEDUPE_TTL_S), WEBHOOK_DEDUPE_TIMEOUT_S
+        )
+    except Exception as exc:  # without the store each instance still acts on a delivery once
+        log.warning("could not check the webhook for a repeat (%s); acting on it", type(exc).__name__)
+        first = True
+    if not first:
+        log.info("OpenAI webhook delivered again; already acted on", extra={"call_sid": incoming.call_id})
+        return Response(status_code=200)
+    runtime.start_sip_call(sideband.answer(runtime, incoming), incoming.call_id)
+    return Response(status_code=200)
+
+
 async def media_stream(websocket: WebSocket) -> None:
     runtime: Runtime = websocket.app.state.runtime
     await MediaStreamCall(runtime, websocket).run()
@@ -380,7 +446,7 @@ async def get_call(request: Request) -> Response:
     if refused is not None:
         return refused
     call_sid = request.path_params["call_sid"]
-    if not _SID.fullmatch(call_sid):
+    if not (_SID.fullmatch(call_sid) or CALL_ID.fullmatch(call_sid)):  # Twilio's CA…, OpenAI's rtc_…
         return JSONResponse({"error": "invalid call SID"}, status_code=400)
     try:
         record = await runtime.store.get_call(call_sid)
@@ -407,6 +473,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         Route("/incoming-call", incoming_call, methods=["POST"]),
         Route(twiml.CONTINUE_PATH, continue_call, methods=["POST"]),
         WebSocketRoute("/media-stream", media_stream),
+        Route("/openai/webhook", openai_webhook, methods=["POST"]),
         Route("/transfer-whisper", transfer_whisper, methods=["POST", "GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),

@@ -116,6 +116,16 @@ def _provider_settings(env: Mapping[str, str], dialect: str) -> dict[str, object
     }
 
 
+def _api_base(env: Mapping[str, str]) -> str:
+    """OPENAI_API_BASE: where the SIP calls' REST requests go (https://, or http:// on loopback)."""
+    base = (env.get("OPENAI_API_BASE") or "https://api.openai.com/v1").rstrip("/")
+    if not base.startswith(("https://", "http://")) or not urlsplit(base).hostname:
+        raise ConfigError(f"OPENAI_API_BASE must be an https:// URL like https://api.openai.com/v1, got {base!r}")
+    if base.startswith("http://") and not _is_loopback(base):
+        raise ConfigError(f"OPENAI_API_BASE must use https:// (plain http only on loopback), got {base!r}")
+    return base
+
+
 def derive_caller_key_secret(stream_secret: bytes) -> bytes:
     """The caller-key secret when none is configured: the same on every instance sharing the stream secret."""
     return hmac.new(stream_secret, b"relay-caller-key", hashlib.sha256).digest()
@@ -186,6 +196,10 @@ class Settings:
     azure_api_key: str | None = None
     azure_ad_token: str | None = None
     azure_api_version: str = AZURE_API_VERSION  # preview (beta dialect) only
+    # SIP mode (relay/sip): OpenAI's REST API for accept/reject/refer/hangup, and the secret its
+    # project webhook (POST /openai/webhook) is signed with; without the secret SIP mode is off
+    openai_api_base: str = "https://api.openai.com/v1"
+    openai_webhook_secret: str | None = None
     redis_url: str | None = None
     redis_prefix: str = "relay:"
     twilio_account_sid: str | None = None
@@ -372,6 +386,8 @@ class Settings:
         return cls(
             dialect=dialect,  # type: ignore[arg-type]
             **upstream,  # type: ignore[arg-type]
+            openai_api_base=_api_base(env),
+            openai_webhook_secret=env.get("OPENAI_WEBHOOK_SECRET") or None,
             redis_url=read_redis_url(env),
             redis_prefix=env.get("RELAY_REDIS_PREFIX", "relay:"),
             twilio_account_sid=env.get("TWILIO_ACCOUNT_SID") or None,

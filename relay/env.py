@@ -75,6 +75,7 @@ SECRET_ENV: dict[str, int] = {
     "RELAY_API_TOKEN": 32,
     "RELAY_CALLER_KEY_SECRET": 32,
     "RELAY_WEBHOOK_SECRET": 32,
+    "OPENAI_WEBHOOK_SECRET": 24,  # Standard Webhooks: at least 24 random bytes
 }
 _PLACEHOLDER_WORDS = ("replaceme", "changeme", "changeit", "yourkey", "yoursecret", "yourtoken", "placeholder")
 _PLACEHOLDER_VALUES = frozenset({"", "secret", "password", "token", "todo", "tbd", "none", "null", "test", "example"})

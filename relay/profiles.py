@@ -19,6 +19,7 @@ Every profile starts from the environment's agent settings (``RELAY_INSTRUCTIONS
     transfer_numbers = { billing = "+15550003333" }
     allow_any_transfer_number = false     # true: the model may also dial an E.164 number it was told
     whisper_summary = true                # the human hears a short summary before being connected
+    allow_sip_profile_header = false      # SIP mode: true lets an X-Relay-Profile SIP header pick this profile
     transcription_model = "gpt-transcribe"
     noise_reduction = "near_field"        # or far_field, off
     webhook_url = "https://crm.example.com/hooks/relay"  # post-call webhook for this number ("" = none)
@@ -86,6 +87,7 @@ _PROFILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "transfer_numbers": dict,
     "allow_any_transfer_number": bool,
     "whisper_summary": bool,
+    "allow_sip_profile_header": bool,
     "transcription_model": str,
     "noise_reduction": str,
     "vad": dict,
@@ -264,6 +266,7 @@ def _profile(name: str, data: Any, base: AgentSettings, env: Mapping[str, str], 
         transfer_numbers=transfers or dict(base.transfer_numbers),
         allow_any_transfer_number=data.get("allow_any_transfer_number", base.allow_any_transfer_number),
         whisper_summary=data.get("whisper_summary", base.whisper_summary),
+        allow_sip_profile_header=data.get("allow_sip_profile_header", base.allow_sip_profile_header),
         transcription_model=data.get("transcription_model", base.transcription_model),
         noise_reduction=None if noise == "off" else noise,
         mcp_servers=tuple(mcp) if "mcp_servers" in data else base.mcp_servers,

@@ -11,9 +11,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from datetime import date
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlencode, urlsplit
 
 import orjson
@@ -29,6 +29,7 @@ from relay.profiles import Profiles, load_profiles
 from relay.realtime.dialect import Dialect, get_dialect
 from relay.realtime.models import shutdown_notice
 from relay.security import parse_expiry
+from relay.sip.calls import SipCalls
 from relay.store import Store, make_store
 from relay.store.base import LIVE_HEARTBEAT_S, LIVE_TTL_S
 from relay.tools import ToolRegistry, whisper_text
@@ -187,6 +188,9 @@ class Runtime:
         self.twilio_control = twilio_control
         # the post-call webhook: runtime.webhooks.call_ended(sid) / .recording_completed(sid, fields)
         self.webhooks = Webhooks(settings, self.store, self.profiles, self.metrics)
+        # SIP mode (relay/sip): on with OPENAI_WEBHOOK_SECRET; each call runs in a task of its own
+        self.sip: SipCalls | None = SipCalls(settings) if settings.openai_webhook_secret else None
+        self.sip_tasks: set[asyncio.Task[None]] = set()
         self.calls: dict[str, LiveStream] = {}
         self._commands: set[asyncio.Task[None]] = set()  # tell_call commands running on this instance's calls
         # Media Stream sockets accepted and waiting for their start message, the longest-waiting first
@@ -219,6 +223,12 @@ class Runtime:
                 task.cancel()
         self._metrics_task = self._store_watch_task = None
         await self.later_memory.stop()
+        if self.sip_tasks:  # calls still being accepted or served when the server stops
+            for sip_task in list(self.sip_tasks):
+                sip_task.cancel()
+            await asyncio.gather(*self.sip_tasks, return_exceptions=True)
+        if self.sip is not None:
+            await self.sip.close()
         await self.ownership.stop()
         await self.webhooks.stop()
         await self.store.close()
@@ -275,6 +285,19 @@ class Runtime:
                 time.monotonic() - down_since,
                 extra={"redis": where},
             )
+
+    def start_sip_call(self, call: Coroutine[Any, Any, None], call_id: str) -> asyncio.Task[None]:
+        """Serve a SIP call OpenAI offers (relay/transport/sideband.py) in a task of the runtime's: the
+        webhook is answered at once, and the task is cancelled when the runtime stops."""
+        task = asyncio.create_task(call, name=f"sip-{call_id}")
+        self.sip_tasks.add(task)
+        task.add_done_callback(self._sip_task_done)
+        return task
+
+    def _sip_task_done(self, task: asyncio.Task[None]) -> None:
+        self.sip_tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("SIP call task %s failed", task.get_name(), exc_info=exc)
 
     def profile_for(self, called: str) -> AgentSettings:
         return self.profiles.for_number(called) if called else self.profiles.default

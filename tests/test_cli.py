@@ -55,3 +55,28 @@ def test_help_lists_the_commands() -> None:
     assert result.returncode == 0
     for command in ("serve", "demo", "simulator"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"OPENAI_WEBHOOK_SECRET": "changeme"}, "OPENAI_WEBHOOK_SECRET is a placeholder"),
+        ({"OPENAI_WEBHOOK_SECRET": "whsec_short"}, "OPENAI_WEBHOOK_SECRET is 11 bytes"),
+        ({"OPENAI_API_BASE": "ftp://api.example.com/v1"}, "OPENAI_API_BASE must be an https:// URL"),
+        ({"OPENAI_API_BASE": "http://api.example.com/v1"}, "OPENAI_API_BASE must use https://"),
+    ],
+)
+def test_sip_mode_settings_are_checked_at_start_up(env: dict[str, str], message: str) -> None:
+    result = run_serve({"RELAY_INSECURE_DEV": "1", **env})
+    assert result.returncode == 2
+    assert f"configuration error: {message}" in result.stderr
+
+
+def test_the_sip_demo_runs_one_call_offline() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "TWILIO_", "OPENAI_", "AZURE_OPENAI_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "demo", "--sip"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "  REST requests: accept, hangup\n" in result.stdout
+    assert "  ended: assistant_ended\n" in result.stdout

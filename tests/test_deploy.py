@@ -606,7 +606,7 @@ def test_deploy_md_resources_match_the_deployment() -> None:
     assert "cpu" in resources["requests"]
 
 
-def test_the_example_ingress_publishes_only_what_twilio_calls() -> None:
+def test_the_example_ingress_publishes_only_what_twilio_and_openai_call() -> None:
     (ingress,) = k8s_docs("ingress.yaml")
     paths = [(p["path"], p["pathType"]) for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
     assert sorted(paths) == [
@@ -615,6 +615,7 @@ def test_the_example_ingress_publishes_only_what_twilio_calls() -> None:
         ("/continue-call", "Exact"),
         ("/incoming-call", "Exact"),
         ("/media-stream", "Exact"),
+        ("/openai/webhook", "Exact"),  # SIP mode's project webhook
         ("/recording-status", "Exact"),
         ("/transfer-whisper", "Exact"),
     ]

@@ -166,6 +166,7 @@ async def test_a_machine_with_leave_message_hears_the_message_after_the_beep(fas
         sid = (await post(relay, body)).json()["call_sid"]
         call = api.calls[sid]
         assert await wait_for(lambda: call.completed_by_rest, timeout=20)
+        assert await wait_for(lambda: sid not in relay.runtime.calls, timeout=5)
         stored = await meta(relay, sid)
         session = fast.sessions[0]
     (_, _, form) = api.requests[0]
@@ -311,6 +312,8 @@ async def test_the_amd_result_reaching_another_instance_is_acted_on_where_the_st
             call = api.calls[sid]
             assert await wait_for(lambda: sid in a.runtime.calls, timeout=8)
             assert await wait_for(lambda: call.completed_by_rest, timeout=20)
+            assert await wait_for(lambda: sid not in a.runtime.calls, timeout=5)
+            assert await a.runtime.store.flush(2.0)  # the stream's end, written by a
             stored = await meta(b, sid)
     assert stored["end_reason"] == "voicemail" and stored["instance"] == a.runtime.instance_id
     assert "Call us back about order 42." in creates(fast.sessions[0])[-1]["response"]["instructions"]

@@ -281,6 +281,21 @@ class Dialect:
         tools: Sequence[Mapping[str, Any]] = (),
     ) -> dict[str, Any]:
         """The ``session.update`` client event configuring µ-law both ways, voice, VAD and tools."""
+        return {
+            "type": "session.update",
+            "session": self.session_config(agent, model=model, instructions=instructions, tools=tools),
+        }
+
+    def session_config(
+        self,
+        agent: AgentSettings,
+        *,
+        model: str,
+        instructions: str,
+        tools: Sequence[Mapping[str, Any]] = (),
+    ) -> dict[str, Any]:
+        """A call's session: µ-law both ways, voice, VAD, transcription, noise reduction and tools. The
+        ``session`` of a Media Stream's ``session.update`` and (GA) the body of a SIP call's accept."""
         detection = _turn_detection(agent.vad)
         voice = agent.voice or DEFAULT_VOICE[self.name]
         tool_list = [dict(t) for t in tools]
@@ -324,7 +339,7 @@ class Dialect:
             if tool_list:
                 session["tools"] = tool_list
                 session["tool_choice"] = "auto"
-        return {"type": "session.update", "session": session}
+        return session
 
     def response_create(
         self,

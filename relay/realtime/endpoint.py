@@ -50,3 +50,14 @@ def auth_headers(settings: Settings) -> dict[str, str]:
 def connect_target(settings: Settings, dialect: Dialect, model: str) -> tuple[str, dict[str, str]]:
     """URL and handshake headers for one Realtime connection."""
     return realtime_url(settings, model), dialect.headers(auth_headers(settings))
+
+
+def sideband_target(settings: Settings, dialect: Dialect, call_id: str) -> tuple[str, dict[str, str]]:
+    """URL and handshake headers of a SIP call's sideband connection: ``?call_id=…`` and no model
+    (the call's session was configured by its accept), authenticated as any Realtime connection."""
+    if settings.provider == "azure":
+        base = f"{_ws_scheme(settings.azure_endpoint or '')}/openai/v1/realtime"
+    else:
+        base = settings.realtime_url
+    sep = "&" if "?" in base else "?"
+    return f"{base}{sep}{urlencode({'call_id': call_id})}", dialect.headers(auth_headers(settings))

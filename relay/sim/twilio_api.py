@@ -34,7 +34,7 @@ from relay.env import E164
 from relay.sim import ulaw
 from relay.sim.caller import CallerConfig, SimulatedCaller
 from relay.sim.caller.webhook import parse_twiml, post_redirect
-from relay.uvicorn_internals.server import SideServer
+from relay.uvicorn_internals.server import EmbeddedServer
 
 __all__ = ["OutboundCall", "TwilioApiSimulator"]
 
@@ -110,11 +110,12 @@ class TwilioApiSimulator:
                 Route(f"{base}/Calls/{{sid}}/Recordings.json", self._record, methods=["POST"]),
             ]
         )
-        self._server = SideServer(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self._server = EmbeddedServer(uvicorn.Config(app, log_level="warning", lifespan="off"))
         self._serving: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> TwilioApiSimulator:
-        self._serving = await self._server.start([self._sock])
+        self._serving = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="twilio-api-sim")
+        await self._server.wait_started(self._serving)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -125,7 +126,7 @@ class TwilioApiSimulator:
             if call.callee is not None:
                 await call.callee.hangup()
         if self._serving is not None:
-            await self._server.stop(self._serving)
+            await self._server.stop(self._serving, timeout_s=5)
         self._sock.close()
 
     # ------------------------------------------------------------------ the REST API

@@ -101,10 +101,11 @@ LOST_STREAM_SETTLE_S = 30.0
 class MediaStreamCall(LiveHold):
     """A call's Media Stream; ``await MediaStreamCall(runtime, websocket).run()`` serves it."""
 
-    def __init__(self, runtime: Runtime, websocket: WebSocket) -> None:
+    def __init__(self, runtime: Runtime, websocket: WebSocket | None, *, twilio: TwilioSocket | None = None) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
-        self.twilio = TwilioSocket(websocket)
+        # a SIP call (relay/transport/sideband.py) has no caller socket: it passes its stand-in
+        self.twilio = twilio if twilio is not None else TwilioSocket(websocket)  # type: ignore[arg-type]
         self.log = logs.call_logger("", "")
         self.call: Call | None = None
         self.call_sid = ""
@@ -617,6 +618,7 @@ class MediaStreamCall(LiveHold):
         self.memory_later = reason in MAY_RESUME
         if (
             self.memory_on
+            and not self._final_summary.is_set()  # a SIP call asks for it before hanging up
             and reason not in GOES_ON  # another stream carries the call on and writes the memory at its end
             and self.upstream is not None
             and call.session_ready

@@ -60,6 +60,10 @@ class LiveHold(ABC):
     @abstractmethod
     async def command(self, name: str, args: Mapping[str, str]) -> None: ...
 
+    def _profile_name(self) -> str:
+        """The profile the live-call listing shows."""
+        return self.agent.name
+
     def _phase(self) -> str:
         """What the live-call listing shows for this call (read with every beat)."""
         if self.end.ending:
@@ -85,7 +89,7 @@ class LiveHold(ABC):
         while True:
             self._hold = runtime.ownership.hold(
                 self.call_sid,
-                profile=self.agent.name,
+                profile=self._profile_name(),
                 direction=self.direction,
                 phase=self._phase,
                 on_superseded=lambda: self._end("superseded"),

@@ -73,6 +73,8 @@ class RealtimeSession:
         metrics: Metrics,
         finish: Callable[[str], Awaitable[None]],
         spawn: Spawn,
+        target: Callable[[], tuple[str, dict[str, str]]] | None = None,
+        call_gone: Callable[[Exception], bool] | None = None,
     ) -> None:
         self.call = call
         self.output = output
@@ -83,6 +85,10 @@ class RealtimeSession:
         self.metrics = metrics
         self._finish = finish  # end the call for a reason
         self._spawn = spawn
+        # A SIP call's sideband (relay/transport/sideband.py) connects by call id, and a refused
+        # connection there can mean the call itself is over rather than a failure
+        self._target = target
+        self._call_gone = call_gone
         self.closing: SessionClose | None = None
         self.fatal: UpstreamFailed | None = None
         self._reader_waiting = False
@@ -91,7 +97,10 @@ class RealtimeSession:
 
     async def connect(self) -> ClientConnection:
         settings = self.settings
-        url, headers = connect_target(settings, self.dialect, self.call.model)
+        if self._target is not None:
+            url, headers = self._target()
+        else:
+            url, headers = connect_target(settings, self.dialect, self.call.model)
         return await websockets.connect(
             url,
             additional_headers=headers,
@@ -130,6 +139,10 @@ class RealtimeSession:
             try:
                 upstream = await self.connect()
             except Exception as exc:
+                if self._call_gone is not None and self._call_gone(exc):
+                    self.log.info("the call is over: its Realtime connection was refused (%s)", str(exc)[:200])
+                    await self._finish("caller_hung_up")
+                    return
                 self.log.warning("Realtime connection failed (%s: %s)", type(exc).__name__, str(exc)[:200])
                 delay = policy.connect_failed()
                 if delay is None:
@@ -170,7 +183,12 @@ class RealtimeSession:
             timed_out = closing is SessionClose.CONFIGURATION_TIMEOUT
             delay = policy.session_lost(became_ready=became_ready, timed_out=timed_out)
             reason = "session.update timeout" if timed_out else f"closed with {upstream.close_code}"
-            self.log.warning("Realtime session lost (%s); reconnecting (attempt %d)", reason, policy.failures)
+            if self._call_gone is not None and upstream.close_code == 1000 and closing is None:
+                # a sideband the service closed normally: most often the call ended, which the
+                # reconnect's refusal tells (call_gone); else the call goes on with a new socket
+                self.log.info("Realtime sideband closed by the service; reconnecting to see whether the call goes on")
+            else:
+                self.log.warning("Realtime session lost (%s); reconnecting (attempt %d)", reason, policy.failures)
             if delay is None:
                 await self._finish("realtime_unavailable")
                 return

@@ -73,9 +73,9 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-class InProcessServer(DrainingServer):
-    """A DrainingServer inside another program (the demo, pytest, the benchmark): it leaves the host
-    program's signal handlers alone and is started and stopped by that program."""
+class _Embedded(uvicorn.Server):
+    """A uvicorn.Server inside another program: it leaves the host program's signal handlers alone
+    and is started and stopped by that program."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -98,26 +98,13 @@ class InProcessServer(DrainingServer):
             await serving
 
 
-class SideServer(uvicorn.Server):
-    """A plain uvicorn server inside another program, for the simulators that stand in for other
-    services (no drain, the host's signal handlers left alone)."""
+class InProcessServer(_Embedded, DrainingServer):
+    """A DrainingServer inside another program (the demo, pytest, the benchmark)."""
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
-    async def start(self, sockets: list[socket.socket]) -> asyncio.Task[None]:
-        """Serve on `sockets` from a task; returns it once the server listens."""
-        serving = asyncio.create_task(self.serve(sockets=sockets), name="side-server")
-        while not self.started:
-            if serving.done():
-                serving.result()
-            await asyncio.sleep(0.01)
-        return serving
-
-    async def stop(self, serving: asyncio.Task[None]) -> None:
-        self.should_exit = True
-        await serving
+class EmbeddedServer(_Embedded):
+    """A plain server inside another program, with no runtime to drain (the simulated SIP connector's
+    REST API, relay/sim/sip)."""
 
 
 def listening_socket(config: uvicorn.Config) -> socket.socket:

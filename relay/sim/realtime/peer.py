@@ -40,10 +40,12 @@ log = logging.getLogger(__name__)
 class Peer:
     """Protocol state of one connection (the server side of one Realtime session)."""
 
+    outbox = Outbox  # a SIP call's sideband (relay/sim/sip) has one that knows OpenAI plays the audio
+
     def __init__(self, ws: ServerConnection, rec: SimSession, config: Callable[[], SimConfig]) -> None:
         self.ws = ws
         self.rec = rec
-        self.out = Outbox(rec, config)
+        self.out = self.outbox(rec, config)
         self.tasks: set[asyncio.Task[None]] = set()
         self.finished = asyncio.Event()
         self.conversation = Conversation(self.out)
