@@ -14,7 +14,6 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import parse_qsl
 
-import openai
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -28,6 +27,7 @@ from relay.logbound import clip
 from relay.metrics import CONTENT_TYPE
 from relay.runtime import Runtime
 from relay.security import InvalidSignature, check_signature, mint_stream_token, public_request_url
+from relay.sip.errors import WebhookSignatureInvalid
 from relay.sip.headers import CALL_ID, MalformedWebhook, parse_incoming
 from relay.transport import sideband
 from relay.transport.lifecycle import MediaStreamCall
@@ -290,7 +290,7 @@ async def openai_webhook(request: Request) -> Response:
         return PlainTextResponse("missing webhook signature headers", status_code=400)
     try:
         sip.verify(body, request.headers)
-    except openai.InvalidWebhookSignatureError as exc:
+    except WebhookSignatureInvalid as exc:
         runtime.metrics.calls_refused.labels("bad_signature").inc()
         runtime.request_refusals.log("webhook_signature", logging.WARNING, "OpenAI webhook refused: %s", exc)
         return PlainTextResponse("invalid signature", status_code=401)

@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import Coroutine, Mapping
 from datetime import date
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlencode, urlsplit
 
 import orjson
@@ -29,12 +29,14 @@ from relay.profiles import Profiles, load_profiles
 from relay.realtime.dialect import Dialect, get_dialect
 from relay.realtime.models import shutdown_notice
 from relay.security import parse_expiry
-from relay.sip.calls import SipCalls
 from relay.store import Store, make_store
 from relay.store.base import LIVE_HEARTBEAT_S, LIVE_TTL_S
 from relay.tools import ToolRegistry, whisper_text
 from relay.twilio.rest import TwilioControl
 from relay.webhooks import Webhooks
+
+if TYPE_CHECKING:
+    from relay.sip.calls import SipCalls
 
 log = logging.getLogger("relay.runtime")
 DRAIN_GOODBYE = "Sorry, we have to end this call for maintenance. Please call back. Goodbye."
@@ -189,7 +191,11 @@ class Runtime:
         # the post-call webhook: runtime.webhooks.call_ended(sid) / .recording_completed(sid, fields)
         self.webhooks = Webhooks(settings, self.store, self.profiles, self.metrics)
         # SIP mode (relay/sip): on with OPENAI_WEBHOOK_SECRET; each call runs in a task of its own
-        self.sip: SipCalls | None = SipCalls(settings) if settings.openai_webhook_secret else None
+        self.sip: SipCalls | None = None
+        if settings.openai_webhook_secret:
+            from relay.sip.calls import SipCalls  # the openai package, only for SIP mode (relay/sip/errors.py)
+
+            self.sip = SipCalls(settings)
         self.sip_tasks: set[asyncio.Task[None]] = set()
         self.calls: dict[str, LiveStream] = {}
         self._commands: set[asyncio.Task[None]] = set()  # tell_call commands running on this instance's calls

@@ -12,14 +12,13 @@ import openai
 
 from relay.config import Settings
 from relay.realtime.endpoint import OFFLINE_KEY
+from relay.sip.errors import CallGone, WebhookSignatureInvalid
+
+__all__ = ["CallGone", "SipCalls"]
 
 REST_TIMEOUT_S = 10.0
 REST_RETRIES = 2  # the openai client's own retries (connection errors, 408, 429, 5xx), with its backoff
 WEBHOOK_TOLERANCE_S = 300  # OpenAI's and the reference library's 5 minutes, past or future
-
-
-class CallGone(Exception):
-    """The call is no longer there to act on (OpenAI answered 404: the caller hung up)."""
 
 
 class SipCalls:
@@ -42,9 +41,12 @@ class SipCalls:
         )
 
     def verify(self, body: bytes, headers: Mapping[str, str]) -> None:
-        """Raises ``openai.InvalidWebhookSignatureError`` for a bad signature or a stale timestamp and
+        """Raises ``WebhookSignatureInvalid`` for a bad signature or a stale timestamp and
         ``ValueError`` for missing headers (or no secret)."""
-        self.client.webhooks.verify_signature(body, dict(headers), tolerance=WEBHOOK_TOLERANCE_S)
+        try:
+            self.client.webhooks.verify_signature(body, dict(headers), tolerance=WEBHOOK_TOLERANCE_S)
+        except openai.InvalidWebhookSignatureError as exc:
+            raise WebhookSignatureInvalid(str(exc)) from None
 
     async def accept(self, call_id: str, session: Mapping[str, Any]) -> None:
         body = {key: value for key, value in session.items() if key != "type"}

@@ -29,7 +29,7 @@ from relay.agent_settings import AgentSettings
 from relay.call import Call
 from relay.realtime.endpoint import sideband_target
 from relay.security import frame_caller_notes
-from relay.sip.calls import CallGone, SipCalls
+from relay.sip.errors import CallGone
 from relay.sip.headers import IncomingCall, choose_profile
 from relay.store.base import caller_memory_refusal
 from relay.transport.lifecycle import FINAL_SUMMARY_WAIT_S, MediaStreamCall
@@ -39,6 +39,7 @@ from relay.transport.twilio_socket import TwilioSide, TwilioSocket
 
 if TYPE_CHECKING:
     from relay.runtime import Runtime
+    from relay.sip.calls import SipCalls
 
 KEYPAD_POLL_S = 0.05  # a keypad entry's pause is noticed within this
 # Ends after which nobody else would: the session cannot be controlled any more, or we are stopping
