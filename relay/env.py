@@ -73,6 +73,7 @@ SECRET_ENV: dict[str, int] = {
     "TWILIO_AUTH_TOKEN": 0,
     "RELAY_STREAM_SECRET": 32,
     "RELAY_API_TOKEN": 32,
+    "RELAY_CONSOLE_TOKEN": 32,
     "RELAY_CALLER_KEY_SECRET": 32,
 }
 _PLACEHOLDER_WORDS = ("replaceme", "changeme", "changeit", "yourkey", "yoursecret", "yourtoken", "placeholder")
