@@ -46,6 +46,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.console:
+        from relay.demo_console import run_console_demo
+
+        try:
+            return asyncio.run(run_console_demo(verbose=args.verbose))
+        except KeyboardInterrupt:  # Ctrl-C is how it ends
+            return 0
     if args.failover:
         from relay.demo_failover import run_failover_demo
 
@@ -90,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="two relay processes sharing Redis: the one carrying the call is killed mid-sentence, the other "
         "carries on (Redis from REDIS_URL, else a private redis-server)",
+    )
+    demo.add_argument(
+        "--console",
+        action="store_true",
+        help="the operations console on a relay with a few simulated calls; prints its URL and a sign-in token",
     )
     demo.set_defaults(func=_demo)
     sim = sub.add_parser("simulator", help="run the offline Realtime API simulator on its own")

@@ -4,7 +4,10 @@ in, history; in a real browser (Playwright driving Debian's Chromium) and over p
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +19,7 @@ from conftest import API_KEY, AUTH_TOKEN, make_caller, relay_settings, wait_for
 from playwright import async_api as playwright_api
 
 from relay.config import Settings
+from relay.demo_console import DEMO_CALLS
 from relay.sim import ulaw
 from relay.sim.local import LocalRelay
 from relay.sim.realtime import RealtimeSimulator
@@ -238,3 +242,30 @@ def test_the_console_token_is_a_secret_with_the_usual_strength_rules() -> None:
             Settings.from_env({**base, "RELAY_CONSOLE_TOKEN": weak})
     assert Settings.from_env({**base, "RELAY_CONSOLE_TOKEN": CONSOLE_TOKEN}).console_token == CONSOLE_TOKEN
     assert Settings.from_env(base).console_token is None
+
+
+async def test_the_console_demo_prints_a_url_and_a_token_that_signs_in_to_live_simulated_calls() -> None:
+    demo = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "demo", "--console", stdout=asyncio.subprocess.PIPE, env=os.environ.copy()
+    )
+    assert demo.stdout is not None
+    try:
+        url_line = (await asyncio.wait_for(demo.stdout.readline(), 20)).decode()
+        token_line = (await asyncio.wait_for(demo.stdout.readline(), 5)).decode()
+        assert url_line.startswith("console: http://127.0.0.1:") and url_line.endswith("/console\n")
+        assert token_line.startswith("sign-in token (this run only): ")
+        url, token = url_line.split(" ", 1)[1].strip(), token_line.rsplit(" ", 1)[1].strip()
+        base = url.removesuffix("/console")
+        async with httpx.AsyncClient(base_url=base) as http:
+            assert (await http.post("/console", data={"token": token})).status_code == 303
+
+            async def live_calls() -> int:
+                return (await http.get("/console/live?fragment=1")).text.count("<tr data-call=")
+
+            deadline = time.monotonic() + 10
+            while await live_calls() < DEMO_CALLS and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert await live_calls() == DEMO_CALLS  # the demo keeps this many calls going
+    finally:
+        demo.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(demo.wait(), 20) == 0
