@@ -17,7 +17,9 @@ import httpx
 import pytest
 from conftest import API_KEY, AUTH_TOKEN, make_caller, relay_settings, wait_for
 from playwright import async_api as playwright_api
+from tools_support import ACCOUNT_SID, TwilioApiRecorder
 
+from relay.agent_settings import AgentSettings
 from relay.config import Settings
 from relay.demo_console import DEMO_CALLS
 from relay.sim import ulaw
@@ -269,3 +271,32 @@ async def test_the_console_demo_prints_a_url_and_a_token_that_signs_in_to_live_s
     finally:
         demo.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(demo.wait(), 20) == 0
+
+
+async def test_a_transfer_from_the_console_dials_only_a_destination_of_the_calls_profile(
+    fast_sim: RealtimeSimulator,
+) -> None:
+    agent = AgentSettings(transfer_numbers={"billing": "+15550003333"})
+    with TwilioApiRecorder() as api:
+        settings = console_settings(fast_sim.url, agent=agent, twilio_account_sid=ACCOUNT_SID, twilio_api_base=api.url)
+        async with LocalRelay(settings) as relay, httpx.AsyncClient(base_url=relay.base_url) as http:
+            caller = make_caller(relay)
+            await caller.connect()
+            assert await caller.wait_for_audio(200, timeout=5)
+            csrf = await signed_in_client(http)
+            page = await http.get(f"/console/calls/{caller.call_sid}")
+            assert '<select id="destination" name="destination"><option>billing</option></select>' in page.text
+            form, path = {"action": "transfer", "csrf": csrf}, f"/console/calls/{caller.call_sid}"
+            elsewhere = await http.post(path, data={**form, "destination": "+15559999999"})
+            assert elsewhere.status_code == 400
+            done = await http.post(path, data={**form, "destination": "billing"})
+            assert done.headers["location"] == f"/console/calls/{caller.call_sid}?done=transfer-sent"
+            assert await caller.wait_closed(timeout=5) == 1000
+            assert await wait_for(lambda: not relay.runtime.calls, timeout=5)
+            record = await relay.runtime.store.get_call(caller.call_sid)
+    (redirect,) = api.requests
+    assert redirect.path == f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls/{caller.call_sid}.json"
+    assert "<Dial><Number>+15550003333</Number></Dial>" in redirect.form["Twiml"][0]
+    assert record is not None and record.meta["end_reason"] == "transferred"
+    (audit,) = [e for e in record.entries if e["kind"] == "console"]
+    assert (audit["action"], audit["destination"], audit["delivered"]) == ("transfer", "billing", True)

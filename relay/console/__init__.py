@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from relay.agent_settings import AgentSettings
 from relay.console.auth import (
     COOKIE,
     CSRF_FIELD,
@@ -140,6 +141,13 @@ class Console:
     async def is_live(self, call_sid: str) -> bool:
         live = await self.runtime.ownership.live_calls()
         return any(call.record.call_sid == call_sid and not call.orphaned for call in live or [])
+
+
+def _profile(runtime: Runtime, meta: dict[str, str]) -> AgentSettings | None:
+    """The profile the call's record names (the default profile is not always listed by name)."""
+    name = meta.get("profile", "")
+    profiles = runtime.profiles
+    return profiles.by_name.get(name) or (profiles.default if profiles.default.name == name else None)
 
 
 def _cost(meta: dict[str, str]) -> str:
@@ -421,7 +429,7 @@ async def call_page(request: Request) -> Response:
     t0 = _epoch(meta.get("started", "")) or (float(record.entries[0].get("t", now)) if record.entries else now)
     t1 = now if live else (_epoch(meta.get("ended", "")) or now)
     number = meta.get("to" if meta.get("direction") == "outbound" else "from", "")
-    profile = console.runtime.profiles.by_name.get(meta.get("profile", ""))
+    profile = _profile(console.runtime, meta)
     context = {
         "call_sid": call_sid,
         "live": live,
@@ -476,7 +484,7 @@ async def call_action(request: Request) -> Response:
             record = await runtime.store.get_call(call_sid)
         except StoreUnavailable:
             return PlainTextResponse("state store unavailable", status_code=503)
-        profile = runtime.profiles.by_name.get(record.meta.get("profile", "")) if record else None
+        profile = _profile(runtime, record.meta) if record else None
         if profile is None or destination not in profile.transfer_numbers:
             return PlainTextResponse("not a transfer destination of the call's profile", status_code=400)
         args["destination"] = destination

@@ -131,6 +131,7 @@ class MediaStreamCall(LiveHold):
         self._hold: CallHold | None = None  # the call's one live stream across instances (relay/ownership.py)
         self._tool_tasks: set[asyncio.Task[Any]] = set()
         self._results_for_next_stream = False  # a hand-off waits for the running tools (see hand_off)
+        self._shown_phase = ""  # the phase the console was last told of (see _phase)
 
     def twilio_open(self) -> bool:
         return self.twilio.open
@@ -383,6 +384,14 @@ class MediaStreamCall(LiveHold):
         elif isinstance(effect, UpstreamFailed):
             assert self._session is not None, "effects come from a call that has a session"
             self._session.failed(effect)
+
+    def _phase(self) -> str:
+        """The phase the live-call listing shows (read with every heartbeat); a change is a console event."""
+        phase = super()._phase()
+        if phase != self._shown_phase:
+            self._shown_phase = phase
+            self._publish("phase", phase=phase)
+        return phase
 
     def _publish(self, kind: str, **data: Any) -> None:
         """A call event for the operations console (relay/console/), on any instance: queued by the
