@@ -4,6 +4,7 @@ in, history; in a real browser (Playwright driving Debian's Chromium) and over p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -14,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
+import redis
 from conftest import API_KEY, AUTH_TOKEN, make_caller, relay_settings, wait_for
 from playwright import async_api as playwright_api
 from tools_support import ACCOUNT_SID, TwilioApiRecorder
@@ -300,3 +303,48 @@ async def test_a_transfer_from_the_console_dials_only_a_destination_of_the_calls
     assert record is not None and record.meta["end_reason"] == "transferred"
     (audit,) = [e for e in record.entries if e["kind"] == "console"]
     assert (audit["action"], audit["destination"], audit["delivered"]) == ("transfer", "billing", True)
+
+
+async def test_the_consoles_of_one_instance_share_one_subscription_and_each_gets_every_event(
+    fast_sim: RealtimeSimulator, redis_url: str, store_prefix: str
+) -> None:
+    """Each console on its own subscription would hold one of the store's pooled connections, which
+    the calls' own reads need: an instance has one however many consoles follow it."""
+    settings = console_settings(fast_sim.url, redis_url=redis_url, redis_prefix=store_prefix)
+    channel = f"{store_prefix}console:events"
+    plain = redis.Redis.from_url(redis_url)
+    async with LocalRelay(settings) as carrier, LocalRelay(settings) as serving:
+        async with httpx.AsyncClient(base_url=serving.base_url, timeout=10) as http:
+            await signed_in_client(http)
+            async with contextlib.AsyncExitStack() as streams:
+                lines = []
+                for _ in range(3):
+                    response = await streams.enter_async_context(http.stream("GET", "/console/events"))
+                    assert response.headers["content-type"].startswith("text/event-stream")
+                    lines.append(response.aiter_lines())
+                for stream in lines:  # each is subscribed once it says it is ready
+                    while await anext(stream) != "event: ready":
+                        pass
+                    assert await anext(stream) == "data: {}"
+                assert plain.pubsub_numsub(channel) == [(channel.encode(), 1)]
+                caller = make_caller(carrier)
+                await caller.connect()
+
+                async def started(stream: Any) -> dict[str, Any]:
+                    while True:
+                        line = await anext(stream)
+                        if line.startswith("data: "):
+                            event: dict[str, Any] = orjson.loads(line.removeprefix("data: "))
+                            if event["kind"] == "started":
+                                return event
+
+                for stream in lines:
+                    event = await asyncio.wait_for(started(stream), 5)
+                    assert (event["call_sid"], event["direction"], "from" in event) == (
+                        caller.call_sid,
+                        "inbound",
+                        False,
+                    )
+                await caller.hangup()
+        assert await wait_for(lambda: plain.pubsub_numsub(channel) == [(channel.encode(), 0)], timeout=5)
+    plain.close()

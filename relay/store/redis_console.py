@@ -30,6 +30,7 @@ log = logging.getLogger("relay.store")
 FEED_QUEUE_MAX = 2000  # events (and ended-call index updates) waiting to be published
 FEED_BATCH_MAX = 200
 FEED_READ_S = 5.0
+FEED_READER_MAX = 1000  # events waiting for one console's event stream before it misses some
 
 
 def client_key(client: str) -> str:
@@ -47,6 +48,9 @@ class RedisConsole:
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
         self._closing = False
+        self._readers: set[asyncio.Queue[bytes | None]] = set()  # this process's console event streams
+        self._reader: asyncio.Task[None] | None = None  # their one subscription
+        self._ready: asyncio.Future[None] | None = None
 
     def start(self) -> None:
         if self._task is None:
@@ -55,6 +59,9 @@ class RedisConsole:
     async def close(self, flush_timeout: float) -> None:
         """Publish what is queued within `flush_timeout`, then stop (a send is never cut in half:
         that would leave a pooled connection mid-reply)."""
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
         task, self._task = self._task, None
         if task is None:
             return
@@ -112,18 +119,55 @@ class RedisConsole:
 
     async def events(self) -> AsyncIterator[bytes]:
         """Every event published from now on, by any instance, until the caller stops iterating;
-        raises RedisError / OSError when the subscription is lost."""
+        the first item is b"" once subscribed. Raises ConnectionError when the feed is lost.
+
+        A process has one subscription however many consoles follow it (each would otherwise hold a
+        pooled connection the calls' reads need): it starts with the first reader, fans out to
+        each reader's bounded queue (a slow reader misses events, nobody waits for it) and stops
+        with the last."""
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=FEED_READER_MAX)
+        if self._reader is None or self._reader.done():
+            self._ready = asyncio.get_running_loop().create_future()
+            self._reader = asyncio.create_task(self._read_feed(self._ready), name="console-feed-reader")
+        ready = self._ready
+        assert ready is not None
+        self._readers.add(queue)
+        try:
+            await asyncio.shield(ready)
+            yield b""  # subscribed: what is published from here on arrives
+            while True:
+                item = await queue.get()
+                if item is None:
+                    raise ConnectionError("the console feed's subscription was lost")
+                yield item
+        finally:
+            self._readers.discard(queue)
+            if not self._readers and self._reader is not None:
+                self._reader.cancel()
+                self._reader = None
+
+    async def _read_feed(self, ready: asyncio.Future[None]) -> None:
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self._keys.console_events)
-            yield b""  # subscribed: what is published from here on arrives
+            ready.set_result(None)
             while True:
                 message = await pubsub.get_message(timeout=FEED_READ_S)
-                if message is not None and message.get("type") == "message":
-                    data = message.get("data")
-                    if isinstance(data, bytes):
-                        yield data
+                if message is None or message.get("type") != "message":
+                    continue
+                data = message.get("data")
+                if isinstance(data, bytes):
+                    for queue in self._readers:
+                        if queue.qsize() < FEED_READER_MAX - 1:  # room kept for the end-of-feed marker
+                            queue.put_nowait(data)
+        except (RedisError, OSError) as exc:
+            if not ready.done():
+                ready.set_exception(ConnectionError(describe(exc)))
+            for queue in self._readers:
+                queue.put_nowait(None)  # each reader ends; its console reconnects
         finally:
+            if not ready.done():
+                ready.cancel()
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
