@@ -50,6 +50,13 @@ def _demo(args: argparse.Namespace) -> int:
         from relay.demo_sip import run_sip_demo
 
         return asyncio.run(run_sip_demo(verbose=args.verbose))
+    if args.console:
+        from relay.demo_console import run_console_demo
+
+        try:
+            return asyncio.run(run_console_demo(verbose=args.verbose))
+        except KeyboardInterrupt:  # Ctrl-C is how it ends
+            return 0
     if args.failover:
         from relay.demo_failover import run_failover_demo
 
@@ -96,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         "carries on (Redis from REDIS_URL, else a private redis-server)",
     )
     demo.add_argument("--sip", action="store_true", help="one call in SIP mode, against a simulated SIP connector")
+    demo.add_argument(
+        "--console",
+        action="store_true",
+        help="the operations console on a relay with a few simulated calls; prints its URL and a sign-in token",
+    )
     demo.set_defaults(func=_demo)
     sim = sub.add_parser("simulator", help="run the offline Realtime API simulator on its own")
     sim.add_argument("--host", default="127.0.0.1")

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from relay import logs, outbound
+from relay import console, logs, outbound
 from relay.config import Settings
 from relay.logbound import clip
 from relay.metrics import CONTENT_TYPE
@@ -484,6 +484,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         Route(outbound.AMD_STATUS_PATH, amd_status, methods=["POST"]),
         Route(outbound.RECORDING_STATUS_PATH, recording_status, methods=["POST"]),
         Route("/calls/{call_sid}", get_call, methods=["GET"]),
+        *console.routes(),  # the operations console (404 unless RELAY_CONSOLE_TOKEN is set)
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     if runtime is not None:

@@ -239,6 +239,8 @@ class Settings:
     outbound_ring_timeout_s: int = 30  # how long an outbound call rings before it is no-answer
     recording: str = "off"  # "dual": every call is recorded, one channel per party (a profile may differ)
     relay_api_token: str | None = None
+    console_token: str | None = None  # RELAY_CONSOLE_TOKEN: the operations console's sign-in (off without it)
+    console_session_s: int = 8 * 3600  # how long a console sign-in lasts
     state_ttl_s: int = 7 * 24 * 3600
     caller_memory: bool = True
     caller_memory_ttl_s: int = 30 * 24 * 3600
@@ -424,6 +426,8 @@ class Settings:
             drain_mode=_drain_mode(env),
             handoff_max_wait_s=read_float(env, "RELAY_HANDOFF_MAX_WAIT", 3.0, 0.0),
             relay_api_token=env.get("RELAY_API_TOKEN") or None,
+            console_token=env.get("RELAY_CONSOLE_TOKEN") or None,
+            console_session_s=read_int(env, "RELAY_CONSOLE_SESSION_TTL", 8 * 3600, 60),
             state_ttl_s=read_int(env, "RELAY_STATE_TTL", 7 * 24 * 3600, 60),
             caller_memory=read_bool(env, "RELAY_CALLER_MEMORY", True),
             caller_memory_ttl_s=read_int(env, "RELAY_CALLER_MEMORY_TTL", 30 * 24 * 3600, 60),

@@ -73,6 +73,7 @@ SECRET_ENV: dict[str, int] = {
     "TWILIO_AUTH_TOKEN": 0,
     "RELAY_STREAM_SECRET": 32,
     "RELAY_API_TOKEN": 32,
+    "RELAY_CONSOLE_TOKEN": 32,
     "RELAY_CALLER_KEY_SECRET": 32,
     "RELAY_WEBHOOK_SECRET": 32,
     "OPENAI_WEBHOOK_SECRET": 24,  # Standard Webhooks: at least 24 random bytes

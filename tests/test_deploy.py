@@ -519,11 +519,13 @@ def test_deploy_md_describes_the_state_redis_really_holds() -> None:
     text = (INFRA / "DEPLOY.md").read_text()
     redis_section = " ".join(text.split("## Redis (managed)", 1)[1].split("\n## ", 1)[0].split())
     assert "active-calls registry" not in redis_section
-    # the one pub/sub use is each instance's presence channel, which also carries commands to its calls
+    # two pub/sub uses: each instance's presence channel, which also carries commands to its calls,
+    # and the console's event feed
     assert "one pub/sub subscription open (`{prefix}presence:{id}`)" in redis_section
+    assert "publish their events on `{prefix}console:events`" in redis_section
     store_code = "\n".join(p.read_text() for p in (ROOT / "relay" / "store").glob("*.py"))
-    assert store_code.count(".publish(") == 1
-    assert store_code.count(".subscribe(") == 1
+    assert store_code.count(".publish(") == 2
+    assert store_code.count(".subscribe(") == 2
 
 
 def test_deploy_md_describes_the_live_stream_registry_and_an_eviction_policy_that_keeps_it() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -158,6 +158,24 @@ class LiveCall:
 
     record: LiveCallRecord
     orphaned: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EndedCall:
+    """An ended call as the console's history lists it: when it ended (epoch s) and its metadata."""
+
+    call_sid: str
+    ended_at: float
+    meta: dict[str, str]
+
+
+EVENT_TEXT_MAX = 2000  # characters of one string field of a console event
+
+
+def encode_event(event: Mapping[str, Any]) -> bytes:
+    """A console event as published: JSON, its long strings clipped (a tool's output may be large)."""
+    clipped = {str(k): (v[:EVENT_TEXT_MAX] if isinstance(v, str) else v) for k, v in event.items()}
+    return orjson.dumps(clipped, default=str, option=orjson.OPT_NON_STR_KEYS)
 
 
 def encode_entry(entry: Mapping[str, Any]) -> bytes:
@@ -394,6 +412,30 @@ class Store(Protocol):
     def webhook_queue(self) -> WebhookQueue:
         """The outgoing webhook queue (relay/store/webhook_queue.py): shared and durable on Redis,
         this process's own on the in-process store."""
+        ...
+
+    # the operations console (relay/console/): its live feed across instances, the index of ended
+    # calls (written when a call's record gets its "ended" field) and failed sign-ins per client
+    def publish_event(self, event: Mapping[str, Any]) -> None:
+        """Publish a small call event ({"call_sid", "kind", "t", ...}) to every console; queued, never
+        awaits, never raises; dropped when the queue is full."""
+        ...
+
+    def console_events(self) -> AsyncIterator[bytes]:
+        """The events published from now on by any instance, each JSON; the first item is b"" once
+        subscribed. Raises StoreUnavailable when the feed is lost."""
+        ...
+
+    async def ended_calls(self, since: float, until: float, limit: int) -> list[EndedCall]:
+        """Calls that ended between `since` and `until` (epoch s), the latest first, at most `limit`."""
+        ...
+
+    async def count_signin_failure(self, client: str, window_s: int) -> int:
+        """Count a failed console sign-in from `client`; returns how many in its current window."""
+        ...
+
+    async def signin_failures(self, client: str) -> int:
+        """Failed console sign-ins from `client` in its current window."""
         ...
 
     async def ping(self) -> bool:

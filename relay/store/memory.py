@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,10 +21,12 @@ from .base import (
     LIVE_RECORD_TTL_S,
     OUTBOUND_STALE_S,
     CallRecord,
+    EndedCall,
     InstanceRecord,
     LiveCall,
     LiveCallRecord,
     encode_entry,
+    encode_event,
     format_total,
     hash_number,
     is_listed,
@@ -34,6 +36,7 @@ from .webhook_queue import MemoryWebhookQueue
 __all__ = ["MemoryStore"]
 
 _SWEEP_EVERY = 1000  # writes between sweeps of expired state
+_FEED_QUEUE_MAX = 2000  # console events waiting for one slow reader before it misses some
 
 
 @dataclass(slots=True)
@@ -90,6 +93,9 @@ class MemoryStore:
         self._idempotency: dict[str, tuple[str, float]] = {}  # key -> (call SID or "", expires at)
         self._outbound_refs: dict[str, tuple[str, float]] = {}  # reference -> (call SID, expires at)
         self._webhooks = MemoryWebhookQueue()
+        self._feeds: set[asyncio.Queue[bytes]] = set()  # the console's readers in this process
+        self._ended: dict[str, float] = {}  # call SID -> when it ended (epoch s): the console's history
+        self._signins: dict[str, tuple[int, float]] = {}  # client -> (failed sign-ins, window ends at)
         self._writes = 0
         self._rejected = 0
         self._rejected_logged = False
@@ -109,6 +115,8 @@ class MemoryStore:
 
     def call_updated(self, call_sid: str, meta: Mapping[str, str]) -> None:
         self._apply(lambda: self._merge_meta(call_sid, meta))
+        if isinstance(meta, Mapping) and meta.get("ended"):
+            self._ended[call_sid] = time.time()
 
     def add_entry(self, call_sid: str, entry: Mapping[str, Any]) -> None:
         def apply() -> None:
@@ -364,6 +372,52 @@ class MemoryStore:
     def webhook_queue(self) -> MemoryWebhookQueue:
         return self._webhooks
 
+    # the console ------------------------------------------------------------------------------------
+
+    def publish_event(self, event: Mapping[str, Any]) -> None:
+        encoded: list[bytes] = []
+        self._apply(lambda: encoded.append(encode_event(event)))
+        if not encoded:
+            return
+        data = encoded[0]
+        for feed in self._feeds:
+            if feed.qsize() < _FEED_QUEUE_MAX:
+                feed.put_nowait(data)
+
+    async def console_events(self) -> AsyncIterator[bytes]:
+        feed: asyncio.Queue[bytes] = asyncio.Queue()
+        self._feeds.add(feed)
+        try:
+            yield b""
+            while True:
+                yield await feed.get()
+        finally:
+            self._feeds.discard(feed)
+
+    async def ended_calls(self, since: float, until: float, limit: int) -> list[EndedCall]:
+        found: list[EndedCall] = []
+        for sid, ended in sorted(self._ended.items(), key=lambda item: item[1], reverse=True):
+            if len(found) >= limit:
+                break
+            call = self._live_call(sid)
+            if call is None:
+                continue
+            if since <= ended <= until:
+                found.append(EndedCall(sid, ended, dict(call.meta)))
+        return found
+
+    async def count_signin_failure(self, client: str, window_s: int) -> int:
+        now = self._clock()
+        count, ends = self._signins.get(client, (0, 0.0))
+        if ends <= now:
+            count, ends = 0, now + window_s
+        self._signins[client] = (count + 1, ends)
+        return count + 1
+
+    async def signin_failures(self, client: str) -> int:
+        count, ends = self._signins.get(client, (0, 0.0))
+        return count if ends > self._clock() else 0
+
     async def ping(self) -> bool:
         return True
 
@@ -439,6 +493,10 @@ class MemoryStore:
             del self._dispositions[sid]
         for sid in [s for s, (_, ends) in self._continuations.items() if ends <= now]:
             del self._continuations[sid]
+        for sid in [s for s in self._ended if s not in self._calls]:
+            del self._ended[sid]
+        for key in [k for k, (_, ends) in self._signins.items() if ends <= now]:
+            del self._signins[key]
         for sid in [s for s, (_, exp) in self._live.items() if exp <= now]:
             del self._live[sid]
         for sid in [s for s, (_, exp) in self._live_calls.items() if exp <= now]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -19,7 +20,17 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from .base import CallRecord, InstanceRecord, LiveCall, LiveCallRecord, StoreUnavailable, hash_number
+from .base import (
+    CallRecord,
+    EndedCall,
+    InstanceRecord,
+    LiveCall,
+    LiveCallRecord,
+    StoreUnavailable,
+    encode_event,
+    hash_number,
+)
+from .redis_console import RedisConsole
 from .redis_keys import RedisKeys, describe, text
 from .redis_live import RedisOwnership
 from .redis_outbound import RedisOutbound
@@ -111,6 +122,7 @@ class RedisStore:
             backoff_cap_s=backoff_cap_s,
             logger=self._log,
         )
+        self._console = RedisConsole(self._redis, self._keys, state_ttl_s)
         self._closed = False
 
     # lifecycle -----------------------------------------------------------------------------------
@@ -120,12 +132,14 @@ class RedisStore:
         if self._closed:
             raise RuntimeError("store is closed")
         self._writer.start()
+        self._console.start()
 
     async def close(self, flush_timeout: float = 2.0) -> None:
         """Flush within `flush_timeout`, stop the writer, report lost writes, close the pool."""
         if self._closed:
             return
         await self._writer.close(flush_timeout)
+        await self._console.close(0.5)
         self._closed = True
         await self._redis.aclose()
 
@@ -140,6 +154,8 @@ class RedisStore:
             # A finished call is read right away (GET /calls/{sid}, the next call's memory):
             # its last writes go out now instead of waiting out the linger.
             self._writer.write_now()
+            if meta["ended"]:
+                self._console.index_ended(call_sid, time.time())
 
     def add_entry(self, call_sid: str, entry: Mapping[str, Any]) -> None:
         self._writer.put_entry(call_sid, entry)
@@ -318,6 +334,33 @@ class RedisStore:
 
     def webhook_queue(self) -> RedisWebhookQueue:
         return self._webhooks
+
+    # the console: its live feed, the index of ended calls, failed sign-ins
+
+    def publish_event(self, event: Mapping[str, Any]) -> None:
+        try:
+            self._console.queue_event(encode_event(event))
+        except Exception as exc:
+            self._writer.reject(exc)
+
+    async def console_events(self) -> AsyncIterator[bytes]:
+        if self._closed:
+            raise StoreUnavailable("store is closed")
+        try:
+            async for message in self._console.events():
+                yield message
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis console feed lost: {describe(exc)}") from exc
+
+    async def ended_calls(self, since: float, until: float, limit: int) -> list[EndedCall]:
+        found = await self._read("ended_calls", lambda: self._console.ended_calls(since, until, limit))
+        return [EndedCall(sid, ended, meta) for sid, ended, meta in found]
+
+    async def count_signin_failure(self, client: str, window_s: int) -> int:
+        return await self._read("count_signin_failure", lambda: self._console.count_signin_failure(client, window_s))
+
+    async def signin_failures(self, client: str) -> int:
+        return await self._read("signin_failures", lambda: self._console.signin_failures(client))
 
     async def ping(self) -> bool:
         if self._closed:

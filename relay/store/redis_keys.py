@@ -34,6 +34,15 @@ Key layout (P is the prefix, default ``relay:``; every value is UTF-8)::
     P outbound:rate        string  outbound calls placed in the current minute (SET EX 60, then INCR)
     P outbound:ref:{ref}   string  the call SID of the outbound call whose stream token names {ref}
     P outbound:key:{hash}  string  an idempotency key's call SID ("" while it is being placed); one day
+    P console:events       channel the console's live feed: one JSON event per message ({"call_sid", "kind",
+                                   "t", ...}: started, transcript lines, interruptions, keypad entries,
+                                   tool calls and results, latency, console actions, ended), published
+                                   by the instance holding the call, read by every console
+    P console:ended        zset    call SIDs of ended calls, scored by their end (epoch s): the console's
+                                   history; members older than state_ttl_s are dropped on each add,
+                                   TTL state_ttl_s
+    P console:signin:{h}   string  failed console sign-ins of one client address ({h}: SHA-256 of it),
+                                   in the current window (SET NX EX window, then INCR)
     P presence:{id}        channel subscribed by instance {id} for as long as its process lives (PUBSUB
                                    NUMSUB 0: the process is gone; nothing is published on it)
     P webhooks:events      hash    outgoing webhook event id -> the queued event (JSON: id, type, url, body,
@@ -98,6 +107,17 @@ class RedisKeys:
 
     def outbound_idempotency(self, key: str) -> str:
         return f"{self.prefix}outbound:key:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    @property
+    def console_events(self) -> str:
+        return f"{self.prefix}console:events"
+
+    @property
+    def ended_calls(self) -> str:
+        return f"{self.prefix}console:ended"
+
+    def console_signin(self, client_hash: str) -> str:
+        return f"{self.prefix}console:signin:{client_hash}"
 
     def presence(self, instance_id: str) -> str:
         return f"{self.prefix}presence:{instance_id}"

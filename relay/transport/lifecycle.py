@@ -54,6 +54,9 @@ RESUME_READ_TIMEOUT_S = 1.0
 HANDOFF_FLUSH_TIMEOUT_S = 1.0
 RESUME_ENTRIES = 40  # the latest stored entries a resumed call's conversation is seeded with
 VOICEMAIL_MESSAGE_MAX_S = 60.0  # a voicemail message longer than this is cut by the hang-up
+CONSOLE_COMMANDS = frozenset({"console_hangup", "console_transfer", "console_instruct"})
+CONSOLE_INSTRUCTION_MAX = 1000  # characters of an operator's instruction
+CONSOLE_INSTRUCTION_PREFIX = "An operator supervising this call tells you, and you act on it now in what you say next: "
 
 
 def _stored_context(raw: str) -> dict[str, str]:
@@ -136,6 +139,7 @@ class MediaStreamCall(LiveHold):
         self._results_for_next_stream = False  # a hand-off waits for the running tools (see hand_off)
         self._over = False  # an ending was recorded (not a hand-off): no other stream will carry the call on
         self._m2e: dict[str, list[float]] = {"sent": [], "played": []}  # mouth-to-ear seconds of this stream
+        self._shown_phase = ""  # the phase the console was last told of (see _phase)
 
     def twilio_open(self) -> bool:
         return self.twilio.open
@@ -267,6 +271,7 @@ class MediaStreamCall(LiveHold):
                 "caller_memory": "1" if memory else "0",
             },
         )
+        self._publish("started", direction=self.direction, profile=self.agent.name, resumed=grant.resumes)
         self.log.log(
             logging.WARNING if self._skipped_note else logging.INFO,
             "call started%s",
@@ -357,8 +362,16 @@ class MediaStreamCall(LiveHold):
             metrics.observe(effect.name, effect.value, effect.label)
             if effect.name in ("mouth_to_ear_sent_seconds", "mouth_to_ear_played_seconds"):
                 self._m2e[effect.name.split("_")[3]].append(effect.value)
+            if effect.name == "mouth_to_ear_played_seconds":  # once per answer: the turn's latency, recorded
+                latency = {"kind": "latency", "t": time.time(), "mouth_to_ear_ms": round(effect.value * 1000)}
+                store.add_entry(self.call_sid, latency)
+                store.publish_event({"call_sid": self.call_sid, **latency})
+            elif effect.name == "realtime_errors":
+                self._publish("error", code=effect.label)
         elif isinstance(effect, Entry):
-            store.add_entry(self.call_sid, {"kind": effect.kind, "t": time.time(), **effect.data})
+            now = time.time()
+            store.add_entry(self.call_sid, {"kind": effect.kind, "t": now, **effect.data})
+            store.publish_event({"call_sid": self.call_sid, "kind": effect.kind, "t": now, **effect.data})
         elif isinstance(effect, UsageReport):
             store.add_usage(self.call_sid, effect.usage)
             cost = metrics.record_usage(effect.usage, self.settings.price_per_1k_tokens)
@@ -381,6 +394,19 @@ class MediaStreamCall(LiveHold):
         elif isinstance(effect, UpstreamFailed):
             assert self._session is not None, "effects come from a call that has a session"
             self._session.failed(effect)
+
+    def _phase(self) -> str:
+        """The phase the live-call listing shows (read with every heartbeat); a change is a console event."""
+        phase = super()._phase()
+        if phase != self._shown_phase:
+            self._shown_phase = phase
+            self._publish("phase", phase=phase)
+        return phase
+
+    def _publish(self, kind: str, **data: Any) -> None:
+        """A call event for the operations console (relay/console/), on any instance: queued by the
+        store, never awaited. Entries are published where they are recorded (`_perform`)."""
+        self.runtime.store.publish_event({"call_sid": self.call_sid, "kind": kind, "t": time.time(), **data})
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=f"{name}-{self.call_sid}")
@@ -556,11 +582,15 @@ class MediaStreamCall(LiveHold):
 
     async def command(self, name: str, args: Mapping[str, str]) -> None:
         """What another part of the service (any instance: Runtime.tell_call) asks of this stream:
-        the voicemail policy of an outbound call once answering-machine detection has answered."""
+        the voicemail policy of an outbound call once answering-machine detection has answered, and an
+        operator's step from the console (hang up, transfer to one of the profile's destinations,
+        an instruction the assistant acts on in its next words)."""
         call = self.call
         if call is None or self.end.ending:
             return
-        if name == "voicemail_hangup":
+        if name in CONSOLE_COMMANDS:
+            await self._console_command(call, name, args)
+        elif name == "voicemail_hangup":
             self.log.info("answering machine (%s): hanging up", args.get("answered_by", "?"))
             call.note_event("voicemail", policy="hangup", answered_by=args.get("answered_by", ""))
             call.stop_speaking()
@@ -580,6 +610,36 @@ class MediaStreamCall(LiveHold):
             await self.end_call("voicemail")
         else:
             self.log.warning("unknown call command %r ignored", name[:40])
+
+    async def _console_command(self, call: Call, name: str, args: Mapping[str, str]) -> None:
+        """An operator's step; the console has written it to the call's record with who and when."""
+        by = args.get("by", "")[:80]
+        if name == "console_hangup":
+            self.log.info("hung up from the console", extra={"by": by})
+            call.stop_speaking()
+            await self._flush()
+            await self.end_call("console_hangup")
+        elif name == "console_transfer":
+            destination = args.get("destination", "")
+            number = self.agent.transfer_numbers.get(destination)
+            if number is None:
+                self.log.warning("console transfer to %r refused: not a destination of the profile", destination[:40])
+                return
+            self.log.info("transferred from the console to %s", destination, extra={"by": by})
+            call.stop_speaking()
+            await self._flush()
+            try:
+                await self.transfer_call(number)
+            except Exception as exc:
+                self.log.warning("console transfer failed (%s)", type(exc).__name__)
+                self._publish("error", code="transfer_failed")
+        elif name == "console_instruct":
+            text = args.get("text", "").strip()[:CONSOLE_INSTRUCTION_MAX]
+            if not text:
+                return
+            self.log.info("instruction from the console", extra={"by": by})
+            call.say(f"{CONSOLE_INSTRUCTION_PREFIX}{text}")  # after what it is saying now
+            await self._flush()
 
     async def _message_played(self, timeout: float) -> bool:
         """Until the assistant started speaking, finished, and Twilio played it all (or the timeout)."""
@@ -678,6 +738,7 @@ class MediaStreamCall(LiveHold):
         store.add_totals(self.call_sid, {"frames_in": call.frames_in, "frames_out": call.frames_out, "cost_usd": 0.0})
         if reason == "handed_off":  # the call goes on elsewhere: its record is not ended
             store.call_updated(self.call_sid, {"handed_off": now.isoformat()})
+            self._publish("handed_off")
         else:
             call_duration = max(duration, (now - self.call_began).total_seconds())
             store.call_updated(
@@ -689,6 +750,7 @@ class MediaStreamCall(LiveHold):
                     **self._latency_fields(),
                 },
             )
+            self._publish("ended", reason=reason)
         self.runtime.metrics.call_ended(reason, duration)
         if self.settings.price_per_1k_tokens:
             self.runtime.metrics.call_cost.observe(self.cost_usd)
