@@ -16,7 +16,7 @@ Every profile starts from the environment's agent settings (``RELAY_INSTRUCTIONS
     speed = 1.0                           # 0.25 to 1.5
     model = "gpt-realtime-2.1"            # omitted = OPENAI_REALTIME_MODEL (on Azure: a deployment name)
     tools = ["lookup_order", "end_call", "transfer_call"]  # omitted = every loaded tool
-    transfer_numbers = { billing = "+15550003333" }
+    transfer_numbers = { billing = "+15550003333", desk = "sip:desk@pbx.example.com" }
     allow_any_transfer_number = false     # true: the model may also dial an E.164 number it was told
     whisper_summary = true                # the human hears a short summary before being connected
     allow_sip_profile_header = false      # SIP mode: true lets an X-Relay-Profile SIP header pick this profile
@@ -125,6 +125,10 @@ _MCP_KEYS: dict[str, type | tuple[type, ...]] = {
     "require_approval": str,
 }
 _LABEL = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SIP_URI = re.compile(
+    r"sip:[A-Za-z0-9._+-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?){0,10}(?::[0-9]{1,5})?(?:;transport=(?:tls|tcp|udp))?"
+)
 MAX_LINE_CHARS = 1000  # a spoken line (outbound greeting, recording disclosure)
 
 
@@ -158,6 +162,16 @@ def _e164(number: Any, where: str) -> str:
     if not (cleaned.startswith("+") and cleaned[1:].isdigit() and cleaned[1] != "0" and 8 <= len(cleaned) <= 16):
         raise ConfigError(f"{where}: {number!r} is not an E.164 number like +15550001111")
     return cleaned
+
+
+def _destination(value: Any, where: str) -> str:
+    """A transfer destination: an E.164 number, or a SIP URI (``sip:agent@pbx.example.com``, with an
+    optional port and transport), dialled as such on Media Streams and referred to over SIP."""
+    if isinstance(value, str) and value.startswith("sip:"):
+        if not _SIP_URI.fullmatch(value):
+            raise ConfigError(f"{where}: {value[:80]!r} is not a SIP URI like sip:agent@pbx.example.com")
+        return value
+    return _e164(value, where)
 
 
 def _mcp_server(where: str, server: Any, env: Mapping[str, str]) -> dict[str, Any]:
@@ -232,7 +246,9 @@ def _profile(name: str, data: Any, base: AgentSettings, env: Mapping[str, str], 
         duplicates = sorted({t for t in tools if tools.count(t) > 1})
         if duplicates:
             raise ConfigError(f"{where}.tools lists {', '.join(duplicates)} more than once")
-    transfers = {str(k): _e164(v, f"{where}.transfer_numbers.{k}") for k, v in data.get("transfer_numbers", {}).items()}
+    transfers = {
+        str(k): _destination(v, f"{where}.transfer_numbers.{k}") for k, v in data.get("transfer_numbers", {}).items()
+    }
     mcp = [_mcp_server(f"{where}.mcp_servers[{i}]", s, env) for i, s in enumerate(data.get("mcp_servers", []))]
     labels = [server["server_label"] for server in mcp]
     if len(set(labels)) != len(labels):

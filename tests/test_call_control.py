@@ -35,6 +35,7 @@ from relay.runtime import WHISPER_TTL_S, Runtime
 from relay.sim import ulaw
 from relay.sim.local import LocalRelay
 from relay.sim.realtime import RealtimeSimulator, SimConfig
+from relay.twilio import twiml
 from relay.twilio.rest import TwilioControl
 
 CALL_SID = "CA" + "fedcba9876543210" * 2
@@ -498,3 +499,10 @@ async def test_a_failed_transfer_is_an_error_the_model_hears_and_the_call_goes_o
     assert len(api.requests) == 1
     error = orjson.loads(outputs(session)[0]["output"])["error"]
     assert error == {"type": "tool_error", "message": "the transfer_call tool failed (TwilioRestException)"}
+
+
+def test_a_sip_destination_is_dialled_as_a_sip_uri() -> None:
+    assert twiml.dial("sip:desk@pbx.example.com", whisper_url="https://relay.example.com/w") == (
+        f'{XML_DECL}<Response><Dial><Sip method="POST" url="https://relay.example.com/w">'
+        "sip:desk@pbx.example.com</Sip></Dial></Response>"
+    )

@@ -152,6 +152,14 @@ def test_toml_and_yaml_files_load_to_the_same_profiles(tmp_path: Path) -> None:
         ({"profiles": {"a": {"voice": "robot"}}}, "profiles.a.voice: unknown voice 'robot'"),
         ({"profiles": {"a": {"transfer_numbers": {"sales": "555-1234"}}}}, "transfer_numbers.sales: '555-1234' is not"),
         ({"profiles": {"a": {"transfer_numbers": {"sales": 15550003333}}}}, "write the number as a quoted string"),
+        (
+            {"profiles": {"a": {"transfer_numbers": {"desk": "sip:desk@"}}}},
+            "transfer_numbers.desk: 'sip:desk@' is not a SIP URI like sip:agent@pbx.example.com",
+        ),
+        (
+            {"profiles": {"a": {"transfer_numbers": {"desk": "sip:desk@pbx.example.com>;x=<y"}}}},
+            "is not a SIP URI like sip:agent@pbx.example.com",
+        ),
         ({"profiles": {"a": {}}, "numbers": {"5550002222": "a"}}, "numbers.5550002222: '5550002222' is not an E.164"),
         ({"profiles": {"a": {}}, "numbers": {15550002222: "a"}}, "read as an integer"),
         ({"profiles": {"a": {}}, "numbers": {"+15550002222": "b"}}, "numbers.+15550002222: profile 'b' is not defined"),
@@ -356,3 +364,17 @@ async def test_the_called_number_selects_the_profile(tmp_path: Path, monkeypatch
     assert [t["name"] for t in default_session["tools"]] == ["end_call"]
     # the sessions were accepted as configured
     assert all(e["type"] != "error" for s in sim.sessions for e in s.sent)
+
+
+def test_a_transfer_destination_may_be_a_sip_uri(tmp_path: Path) -> None:
+    path = tmp_path / "profiles.toml"
+    path.write_text(
+        '[profiles.a]\ntransfer_numbers = { desk = "sip:desk@pbx.example.com:5061;transport=tls", '
+        'billing = "+15550003333" }\n',
+        encoding="utf-8",
+    )
+    profile = load_profiles(str(path), BASE).by_name["a"]
+    assert dict(profile.transfer_numbers) == {
+        "desk": "sip:desk@pbx.example.com:5061;transport=tls",
+        "billing": "+15550003333",
+    }

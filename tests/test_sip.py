@@ -321,20 +321,20 @@ async def test_end_call_hangs_up_at_the_timeout_when_playback_is_never_reported(
     assert call.ended_at is not None and call.ended_at - said >= 1.0
 
 
+@pytest.mark.parametrize(
+    ("destination", "target_uri"), [("billing", "tel:+15550004444"), ("desk", "sip:desk@pbx.example.com")]
+)
 async def test_transfer_call_refers_to_the_profile_destination_only(
-    sip_sim: SipSimulator, redis_url: str, store_prefix: str
+    sip_sim: SipSimulator, redis_url: str, store_prefix: str, destination: str, target_uri: str
 ) -> None:
     settings = sip_settings(sip_sim, redis_url, store_prefix)
+    transfers = {"billing": "+15550004444", "desk": "sip:desk@pbx.example.com"}
     profiles = profiles_for(
-        settings,
-        {
-            "profiles": {"support": {"transfer_numbers": {"billing": "+15550004444"}}},
-            "default_profile": "support",
-        },
+        settings, {"profiles": {"support": {"transfer_numbers": transfers}}, "default_profile": "support"}
     )
     sip_sim.config.function_calls_on_turn = {
         1: [("transfer_call", '{"destination": "sip:attacker@evil.example"}')],
-        2: [("transfer_call", '{"destination": "billing"}')],
+        2: [("transfer_call", f'{{"destination": "{destination}"}}')],
     }
     async with LocalRelay(settings, profiles=profiles) as relay:
         call = await accepted(sip_sim, relay)
@@ -350,9 +350,7 @@ async def test_transfer_call_refers_to_the_profile_destination_only(
         assert await wait_for(lambda: call.state == "referred", timeout=8)
         await ended(relay)
         record = await relay.runtime.store.get_call(call.call_id)
-    assert [request for request in call.requests if request[0] == "refer"] == [
-        ("refer", {"target_uri": "tel:+15550004444"})
-    ]
+    assert [request for request in call.requests if request[0] == "refer"] == [("refer", {"target_uri": target_uri})]
     assert record is not None and record.meta["end_reason"] == "transferred"
 
 

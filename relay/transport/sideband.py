@@ -282,15 +282,16 @@ class SipCall(MediaStreamCall):
         await self._end(reason)
 
     async def transfer_call(self, number: str, whisper: str | None = None) -> None:
-        """SIP REFER to one of the profile's destinations, as ``tel:+…``: the model names a
-        destination, never the URI (a number the profile does not list is refused here)."""
+        """SIP REFER to one of the profile's destinations, ``tel:+…`` for a number or the profile's own
+        ``sip:`` URI: the model names a destination, never the URI (one the profile does not list is
+        refused here)."""
         if number not in self.agent.transfer_numbers.values():
             raise RuntimeError("SIP transfers go only to the profile's transfer_numbers")
         await self._goodbye_played()
         await self._summary_before_end(time.monotonic() + FINAL_SUMMARY_WAIT_S)
         if whisper:
             self.log.info("SIP transfers carry no whisper; the colleague is connected directly")
-        await self.sip.refer(self.call_sid, f"tel:{number}")
+        await self.sip.refer(self.call_sid, number if number.startswith("sip:") else f"tel:{number}")
         await self._end("transferred")
 
     async def _end(self, reason: str) -> None:

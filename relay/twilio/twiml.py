@@ -66,15 +66,17 @@ def say_and_hangup(message: str) -> str:
 def dial(
     number: str, *, say_first: str | None = None, caller_id: str | None = None, whisper_url: str | None = None
 ) -> str:
-    """<Dial> a number; ``whisper_url`` serves TwiML played to the callee before they are connected."""
+    """<Dial> a number (``<Number>``) or a SIP URI (``<Sip>``); ``whisper_url`` serves TwiML played to
+    the callee before they are connected."""
     response = VoiceResponse()
     if say_first:
         response.say(say_first)
     dial_verb = Dial(caller_id=caller_id) if caller_id else Dial()
+    noun = dial_verb.sip if number.startswith("sip:") else dial_verb.number  # a SIP URI, or a phone number
     if whisper_url:
-        dial_verb.number(number, url=whisper_url, method="POST")
+        noun(number, url=whisper_url, method="POST")
     else:
-        dial_verb.number(number)
+        noun(number)
     response.append(dial_verb)
     return str(response.to_xml())
 
