@@ -27,6 +27,7 @@ __all__ = ["RedisConsole"]
 
 log = logging.getLogger("relay.store")
 
+FEED_LINGER_S = 0.05  # a console shows an event at most this much later; calls' events share round trips
 FEED_QUEUE_MAX = 2000  # events (and ended-call index updates) waiting to be published
 FEED_BATCH_MAX = 200
 FEED_READ_S = 5.0
@@ -90,6 +91,7 @@ class RedisConsole:
         failing = False
         while not self._closing:
             await self._wake.wait()
+            await asyncio.sleep(FEED_LINGER_S)  # the events of a moment go in one pipeline, not one each
             self._wake.clear()
             while self._queue:
                 batch = [self._queue.popleft() for _ in range(min(FEED_BATCH_MAX, len(self._queue)))]

@@ -140,6 +140,7 @@ class MediaStreamCall(LiveHold):
         self._over = False  # an ending was recorded (not a hand-off): no other stream will carry the call on
         self._m2e: dict[str, list[float]] = {"sent": [], "played": []}  # mouth-to-ear seconds of this stream
         self._shown_phase = ""  # the phase the console was last told of (see _phase)
+        self._feed = runtime.settings.console_token is not None  # the console's live feed (see _publish)
 
     def twilio_open(self) -> bool:
         return self.twilio.open
@@ -365,13 +366,15 @@ class MediaStreamCall(LiveHold):
             if effect.name == "mouth_to_ear_played_seconds":  # once per answer: the turn's latency, recorded
                 latency = {"kind": "latency", "t": time.time(), "mouth_to_ear_ms": round(effect.value * 1000)}
                 store.add_entry(self.call_sid, latency)
-                store.publish_event({"call_sid": self.call_sid, **latency})
+                if self._feed:
+                    store.publish_event({"call_sid": self.call_sid, **latency})
             elif effect.name == "realtime_errors":
                 self._publish("error", code=effect.label)
         elif isinstance(effect, Entry):
             now = time.time()
             store.add_entry(self.call_sid, {"kind": effect.kind, "t": now, **effect.data})
-            store.publish_event({"call_sid": self.call_sid, "kind": effect.kind, "t": now, **effect.data})
+            if self._feed:
+                store.publish_event({"call_sid": self.call_sid, "kind": effect.kind, "t": now, **effect.data})
         elif isinstance(effect, UsageReport):
             store.add_usage(self.call_sid, effect.usage)
             cost = metrics.record_usage(effect.usage, self.settings.price_per_1k_tokens)
@@ -405,8 +408,11 @@ class MediaStreamCall(LiveHold):
 
     def _publish(self, kind: str, **data: Any) -> None:
         """A call event for the operations console (relay/console/), on any instance: queued by the
-        store, never awaited. Entries are published where they are recorded (`_perform`)."""
-        self.runtime.store.publish_event({"call_sid": self.call_sid, "kind": kind, "t": time.time(), **data})
+        store, never awaited. Entries are published where they are recorded (`_perform`). Only with the
+        console on: the feed cost each call about a fifth of its CPU (bench at 100 calls: 4.09 against
+        3.35 ms per call-second without it), which a deployment without a console should not pay."""
+        if self._feed:
+            self.runtime.store.publish_event({"call_sid": self.call_sid, "kind": kind, "t": time.time(), **data})
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=f"{name}-{self.call_sid}")
