@@ -113,6 +113,8 @@ async def run_demo(
             detail = entry.get("text") or entry.get("digits") or entry.get("reason") or entry.get("event") or ""
             if entry["kind"] == "interruption":
                 detail = f"assistant cut at {entry['audio_end_ms']} ms"
+            elif entry["kind"] == "latency":
+                detail = f"{entry.get('mouth_to_ear_ms', '?')} ms mouth to ear"
             print(f"    {entry['kind']:<13} {detail}")
         print(f"  ended: {record_data.meta.get('end_reason')}")
     if record:
